@@ -1,0 +1,151 @@
+"""UNet building blocks as plain modules with diffusers' parameter names.
+
+Names matter more than structure here: a diffusers checkpoint must load into
+these modules with no key renaming, so every submodule keeps the attribute name
+diffusers gives it (``norm1``, ``time_emb_proj``, ``transformer_blocks``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, AttentionPlan
+
+
+def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0):
+    """Sinusoidal embedding of timesteps t [B] -> [B, dim] (float32), as in DDPM (Ho et al. 2020)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift))
+    args = t[:, None].float() * freqs[None]  # [B, half]
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin: int, cout: int, temb: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))  # [B, Cout, H, W]
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, size=None):
+        # An explicit size keeps odd latent sizes aligned with their skip connections.
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020), as the SD feed-forward uses."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is dropout in diffusers; an Identity keeps the checkpoint's ``net.2`` key.
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention, feed-forward; pre-LayerNorm with residuals."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, plan: AttentionPlan | None = None):
+        x = self.attn1(self.norm1(x), plan=plan) + x  # [B, N, C]
+        x = self.attn2(self.norm2(x), context, plan=plan) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+    """Spatial transformer: GroupNorm, project to tokens, transformer blocks, project back."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, depth: int, groups: int, linear: bool):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        if linear:
+            self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
+        )
+
+    def forward(self, x, context, plan: AttentionPlan | None = None):
+        b, c, h, w = x.shape  # [B, C, H, W]
+        hid = self.norm(x)
+        if self.linear:
+            hid = self.proj_in(hid.permute(0, 2, 3, 1).reshape(b, h * w, c))  # [B, HW, C]
+        else:
+            hid = self.proj_in(hid).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]
+        for block in self.transformer_blocks:
+            hid = block(hid, context, plan)
+        if self.linear:
+            hid = self.proj_out(hid).reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W]
+        else:
+            hid = self.proj_out(hid.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous())
+        return hid + x

@@ -1,0 +1,193 @@
+"""The pipeline object users hold: text encoding, the batched denoising step, VAE, generation.
+
+Every branch of a forward (unconditional and conditional rows today; source,
+edit and guidance rows for the editing methods) goes through one UNet call per
+timestep. Rows carry their own timestep ([B] tensor), so batches may mix rows
+at different timesteps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .images import to_output
+from .models.attention import AttentionPlan
+from .prompts import Conditioning, as_list, encode
+from .sampling import NoiseSchedule, SchedulerConfig, make_sampler, sample, sampler_name_for
+from .sampling.schedule import UnsupportedConfigError
+
+log = logging.getLogger("overpaint")
+
+
+@dataclass
+class Guidance:
+    """Conditioning of a classifier-free-guided batch: rows [uncond..., cond...]."""
+
+    cond: Conditioning  # [2B, ...] unconditional rows first, as diffusers orders them
+    time_ids: torch.Tensor | None  # [2B, 6] SDXL micro-conditioning
+    scale: float
+    rescale: float = 0.0
+
+
+class Pipeline:
+    """A loaded model: ``unet``, ``vae``, text encoders, tokenizers and the noise schedule."""
+
+    def __init__(self, components):
+        c = components
+        self.components = c
+        self.arch = c.arch  # "sd" or "sdxl"
+        self.unet = c.unet
+        self.vae = c.vae
+        self.text_encoders = [e for e in (c.text_encoder, c.text_encoder_2) if e is not None]
+        self.tokenizers = [t for t in (c.tokenizer, c.tokenizer_2) if t is not None]
+        self.scheduler_config = SchedulerConfig.from_dict(c.scheduler_config)
+        self.schedule = NoiseSchedule(self.scheduler_config)
+        self.model_index = c.model_index
+        self.vae_dtype = c.vae_dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        try:
+            self.default_sampler = sampler_name_for(self.scheduler_config)
+        except UnsupportedConfigError:
+            # e.g. SD1.5 ships PNDM, which we do not implement: DDIM is the usual stand-in.
+            self.default_sampler = "ddim"
+            log.info("no sampler for scheduler %s; using ddim", self.scheduler_config.class_name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def default_size(self) -> int:
+        return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+    # ---- text ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt, negative_prompt=None, num_images: int = 1,
+                      guidance: bool = True) -> tuple[Conditioning, Conditioning | None]:
+        """Encode prompts; returns (cond, uncond), each with ``num_images`` rows per prompt.
+
+        SDXL checkpoints with ``force_zeros_for_empty_prompt`` use zero embeddings for
+        the unconditional rows when no negative prompt is given, as diffusers does.
+        """
+        prompts = as_list(prompt)
+        cond = encode(self.text_encoders, self.tokenizers, prompts, self.device, self.dtype)
+        uncond = None
+        if guidance:
+            if negative_prompt is None and self.arch == "sdxl" and self.model_index.get("force_zeros_for_empty_prompt", True):
+                uncond = cond.zeros_like()
+            else:
+                neg = as_list("" if negative_prompt is None else negative_prompt, len(prompts), "negative_prompt")
+                uncond = encode(self.text_encoders, self.tokenizers, neg, self.device, self.dtype)
+            uncond = uncond.repeat(num_images)
+        return cond.repeat(num_images), uncond
+
+    def time_ids(self, n: int, height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
+                 target_size=None) -> torch.Tensor | None:
+        """SDXL micro-conditioning rows [n, 6]: original size, crop top-left, target size."""
+        if self.arch != "sdxl":
+            return None
+        ids = list(original_size or (height, width)) + list(crops_coords_top_left) + list(target_size or (height, width))
+        cfg = self.unet.config
+        expected = cfg.projection_class_embeddings_input_dim
+        got = cfg.addition_time_embed_dim * len(ids) + self.text_encoders[-1].config.projection_dim
+        if expected != got:
+            raise ValueError(f"UNet expects an added embedding of {expected} but text encoder 2 and time ids give {got}")
+        return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(n, 1)
+
+    # ---- the batched step ---------------------------------------------------------------
+    def model_fn(self, g: Guidance, plan: AttentionPlan | None = None):
+        """A function (x [B, C, h, w], t [B]) -> guided model output [B, C, h, w].
+
+        Unconditional and conditional rows run in one UNet call of 2B rows.
+        """
+        pooled = g.cond.pooled
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": g.time_ids}
+
+        def fn(x, t):
+            out = self.unet(torch.cat([x, x]), torch.cat([t, t]), g.cond.context, added, plan=plan)  # [2B, C, h, w]
+            uncond, cond = out.chunk(2)
+            guided = uncond + g.scale * (cond - uncond)
+            if g.rescale > 0:
+                # Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Sec. 3.4
+                dims = list(range(1, cond.ndim))
+                rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+                guided = g.rescale * rescaled + (1 - g.rescale) * guided
+            return guided
+
+        return fn
+
+    # ---- VAE ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, 4, h, w] -> images [B, 3, H, W] in [0, 1] (float32)."""
+        cfg = self.vae.config
+        z = latents.to(self.vae_dtype)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            z = z * std / cfg.scaling_factor + mean
+        else:
+            z = z / cfg.scaling_factor
+        images = self.vae.decode(z).sample  # [B, 3, H, W] in [-1, 1]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    # ---- generation ---------------------------------------------------------------------
+    def check_size(self, height: int, width: int) -> None:
+        m = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height <= 0 or width <= 0 or height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be positive multiples of {self.vae_scale_factor}, got {height}x{width}")
+        if height % m or width % m:
+            log.info("size %dx%d is not a multiple of %d: the UNet upsamples to explicit sizes", height, width, m)
+
+    @torch.no_grad()
+    def generate(self, prompt, negative_prompt=None, *, steps: int = 50, guidance_scale: float = 7.5,
+                 height: int | None = None, width: int | None = None, seed: int | None = None,
+                 num_images: int = 1, sampler: str | None = None, eta: float = 0.0,
+                 guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, original_size=None, crops_coords_top_left=(0, 0),
+                 target_size=None, output_type: str = "pil", callback=None, progress: bool = True):
+        """Text to image. Returns PIL images (or arrays / a tensor with ``output_type``).
+
+        ``seed`` seeds a CPU generator so results do not depend on the device; pass
+        ``generator`` or ``latents`` [B, 4, h, w] instead to control the draws. ``callback``
+        receives a dict per step (see :func:`engine.sampling.sample`).
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        height, width = height or self.default_size, width or self.default_size
+        self.check_size(height, width)
+        use_cfg = guidance_scale > 1.0
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images, use_cfg)
+        b = len(cond)
+        time_ids = self.time_ids(b, height, width, original_size, crops_coords_top_left, target_size)
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        shape = (b, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(self.device, self.dtype)
+
+        name = sampler or self.default_sampler
+        opts = {"eta": eta} if name == "ddim" else {}
+        smp = make_sampler(name, self.schedule, steps, device=self.device, **opts)
+        x = x * smp.init_noise_sigma
+        if use_cfg:
+            g = Guidance(Conditioning.cat([uncond, cond]),
+                         None if time_ids is None else torch.cat([time_ids, time_ids]), guidance_scale, guidance_rescale)
+            fn = self.model_fn(g)
+        else:
+            added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": time_ids}
+            fn = lambda x, t: self.unet(x, t, cond.context, added)  # noqa: E731
+        x = sample(fn, x, smp, generator=generator, callback=callback, progress=progress)
+        return to_output(self.decode(x), output_type)
