@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import to_output
+from .images import load_image, to_output
 from .models.attention import AttentionPlan
 from .prompts import Conditioning, as_list, encode
 from .sampling import NoiseSchedule, SchedulerConfig, make_sampler, sample, sampler_name_for
@@ -137,6 +137,55 @@ class Pipeline:
             z = z / cfg.scaling_factor
         images = self.vae.decode(z).sample  # [B, 3, H, W] in [-1, 1]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_image(self, image, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """An image (path, PIL, array or tensor in [0, 1]) -> scaled latents [B, C, h, w].
+
+        The image must already have the model's size constraints (a multiple of the VAE
+        factor); with ``height``/``width`` it is resized (bicubic) first. The latent is the
+        posterior mode, so inversion is deterministic.
+        """
+        x = load_image(image)  # [B, 3, H, W] in [0, 1]
+        if height or width:
+            x = torch.nn.functional.interpolate(x, size=(height or x.shape[-2], width or x.shape[-1]),
+                                                mode="bicubic", align_corners=False).clamp(0, 1)
+        h, w = x.shape[-2:]
+        f = self.vae_scale_factor
+        if h % f or w % f:
+            raise ValueError(f"image is {w}x{h}; this model needs sides that are multiples of {f}: "
+                             f"resize or crop it (e.g. pass height={h // f * f}, width={w // f * f})")
+        cfg = self.vae.config
+        z = self.vae.encode((x * 2 - 1).to(self.device, self.vae_dtype)).latent_dist.mode()  # [B, C, h, w]
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+            z = (z - mean) * cfg.scaling_factor / std
+        else:
+            z = z * cfg.scaling_factor
+        return z.to(self.dtype)
+
+    # ---- editing ------------------------------------------------------------------------
+    def invert(self, image, prompt: str = "", method: str = "ddim", **params):
+        """Invert a real image into the model's noise space; returns an :class:`Inversion`
+        that can be edited many times (``edit``) and saved (``inv.save(path)``)."""
+        from .editing import inverter
+
+        return inverter(method)(self, image, prompt, **params)
+
+    def edit(self, inv, method: str | None = None, target_prompt: str | None = None, *,
+             output_type: str = "pil", **params):
+        """Regenerate an inverted image under an edit. ``method``: "p2p", "ledits++",
+        "ddim" or "ddpm" (default: the inversion's own method)."""
+        from .editing import editor
+
+        latents = editor(method or inv.method)(self, inv, target_prompt, **params)
+        return to_output(self.decode(latents), output_type)
+
+    def reconstruct(self, inv, *, output_type: str = "pil", **params):
+        """Regenerate the source image from an inversion (no edit)."""
+        return self.edit(inv, inv.method, None, output_type=output_type, **params)
 
     # ---- generation ---------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> None:

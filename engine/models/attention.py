@@ -26,6 +26,7 @@ class AttnLayer:
     name: str  # diffusers' module path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
     cross: bool  # cross-attention (keys from the text) or self-attention
     place: str  # "down", "mid" or "up"
+    scale: int = 1  # spatial downsampling vs the latent: the layer sees (h/scale)*(w/scale) queries
 
 
 @dataclass
@@ -96,12 +97,14 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
 
 
-def number_attention_layers(model: nn.Module) -> list[AttnLayer]:
-    """Give every Attention module of ``model`` its AttnLayer, in module order."""
+def number_attention_layers(model: nn.Module, scale_of=lambda name: 1) -> list[AttnLayer]:
+    """Give every Attention module of ``model`` its AttnLayer, in module order.
+
+    ``scale_of(name)`` returns the layer's spatial downsampling factor."""
     layers = []
     for name, mod in model.named_modules():
         if isinstance(mod, Attention):
             place = name.split(".")[0].split("_")[0]  # "down_blocks.0..." -> "down"
-            mod.layer = AttnLayer(len(layers), name, mod.cross, place)
+            mod.layer = AttnLayer(len(layers), name, mod.cross, place, scale_of(name))
             layers.append(mod.layer)
     return layers

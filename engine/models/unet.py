@@ -126,7 +126,14 @@ class UNet2DConditionModel(nn.Module):
             )
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
-        self.attn_layers = number_attention_layers(self)
+        self.attn_layers = number_attention_layers(self, self._scale_of)
+
+    def _scale_of(self, name: str) -> int:
+        """Spatial downsampling of the module at ``name`` relative to the latent."""
+        n = len(self.config.block_out_channels)
+        kind, i = name.split(".")[0], int(name.split(".")[1]) if name.startswith(("down", "up")) else 0
+        level = {"down_blocks": i, "mid_block": n - 1, "up_blocks": n - 1 - i}[kind]
+        return 2**level
 
     @property
     def dtype(self) -> torch.dtype:

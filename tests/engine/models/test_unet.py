@@ -73,3 +73,19 @@ def test_sdxl_without_added_conditioning_is_a_clear_error():
     _, ours = _pair("sdxl")
     with pytest.raises(ValueError, match="added_cond_kwargs"):
         ours(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 77, 64))
+
+
+def test_attention_layer_scales_match_the_query_count(pair):
+    """AttnLayer.scale predicts how many queries each layer sees (to size store buffers)."""
+    arch, ref, ours = pair
+    import engine.models.attention as A
+
+    seen = {}
+    x, ctx, kw = _inputs(arch, ours.config, 1, (16, 8), torch.Generator().manual_seed(0))
+    for mod in ours.modules():
+        if isinstance(mod, A.Attention):
+            mod.register_forward_hook(lambda m, a, o: seen.__setitem__(m.layer.index, a[0].shape[1]))
+    with torch.no_grad():
+        ours(x, torch.tensor([5]), ctx, **kw)
+    for layer in ours.attn_layers:
+        assert seen[layer.index] == (16 // layer.scale) * (8 // layer.scale)
