@@ -24,12 +24,16 @@ log = logging.getLogger("overpaint")
 
 @dataclass
 class Guidance:
-    """Conditioning of a classifier-free-guided batch: rows [uncond..., cond...]."""
+    """Conditioning of a (possibly classifier-free-guided) batch of B rows."""
 
-    cond: Conditioning  # [2B, ...] unconditional rows first, as diffusers orders them
-    time_ids: torch.Tensor | None  # [2B, 6] SDXL micro-conditioning
-    scale: float
+    cond: Conditioning  # [B, ...]
+    uncond: Conditioning | None  # [B, ...]; None: no guidance, one UNet row per sample
+    time_ids: torch.Tensor | None  # [B, 6] SDXL micro-conditioning
+    scale: float = 1.0
     rescale: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.cond)
 
 
 class Pipeline:
@@ -101,16 +105,30 @@ class Pipeline:
         return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(n, 1)
 
     # ---- the batched step ---------------------------------------------------------------
+    def guidance(self, prompt, negative_prompt=None, guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, num_images: int = 1, guidance_rescale: float = 0.0, **size_kw) -> Guidance:
+        """Encode prompts into a :class:`Guidance` (unconditional rows only when scale > 1)."""
+        height, width = height or self.default_size, width or self.default_size
+        use_cfg = guidance_scale > 1.0
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images, use_cfg)
+        time_ids = self.time_ids(len(cond), height, width, **size_kw)
+        return Guidance(cond, uncond, time_ids, guidance_scale, guidance_rescale)
+
     def model_fn(self, g: Guidance, plan: AttentionPlan | None = None):
         """A function (x [B, C, h, w], t [B]) -> guided model output [B, C, h, w].
 
-        Unconditional and conditional rows run in one UNet call of 2B rows.
+        With guidance, unconditional and conditional rows run in one UNet call of 2B rows.
         """
-        pooled = g.cond.pooled
-        added = None if pooled is None else {"text_embeds": pooled, "time_ids": g.time_ids}
+        if g.uncond is None:
+            added = None if g.cond.pooled is None else {"text_embeds": g.cond.pooled, "time_ids": g.time_ids}
+            return lambda x, t: self.unet(x, t, g.cond.context, added, plan=plan)
+        both = Conditioning.cat([g.uncond, g.cond])
+        added = None
+        if both.pooled is not None:
+            added = {"text_embeds": both.pooled, "time_ids": torch.cat([g.time_ids, g.time_ids])}
 
         def fn(x, t):
-            out = self.unet(torch.cat([x, x]), torch.cat([t, t]), g.cond.context, added, plan=plan)  # [2B, C, h, w]
+            out = self.unet(torch.cat([x, x]), torch.cat([t, t]), both.context, added, plan=plan)  # [2B, C, h, w]
             uncond, cond = out.chunk(2)
             guided = uncond + g.scale * (cond - uncond)
             if g.rescale > 0:
@@ -214,10 +232,10 @@ class Pipeline:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
         height, width = height or self.default_size, width or self.default_size
         self.check_size(height, width)
-        use_cfg = guidance_scale > 1.0
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images, use_cfg)
-        b = len(cond)
-        time_ids = self.time_ids(b, height, width, original_size, crops_coords_top_left, target_size)
+        g = self.guidance(prompt, negative_prompt, guidance_scale, height, width, num_images, guidance_rescale,
+                          original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                          target_size=target_size)
+        b = len(g)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed() % 2**63)
         shape = (b, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -231,12 +249,6 @@ class Pipeline:
         opts = {"eta": eta} if name == "ddim" else {}
         smp = make_sampler(name, self.schedule, steps, device=self.device, **opts)
         x = x * smp.init_noise_sigma
-        if use_cfg:
-            g = Guidance(Conditioning.cat([uncond, cond]),
-                         None if time_ids is None else torch.cat([time_ids, time_ids]), guidance_scale, guidance_rescale)
-            fn = self.model_fn(g)
-        else:
-            added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": time_ids}
-            fn = lambda x, t: self.unet(x, t, cond.context, added)  # noqa: E731
+        fn = self.model_fn(g)
         x = sample(fn, x, smp, generator=generator, callback=callback, progress=progress)
         return to_output(self.decode(x), output_type)
