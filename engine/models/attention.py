@@ -29,6 +29,31 @@ class AttnLayer:
     scale: int = 1  # spatial downsampling vs the latent: the layer sees (h/scale)*(w/scale) queries
 
 
+@dataclass(frozen=True)
+class CrossMix:
+    """Cross-attention that mixes borrowed and own probabilities, per key token.
+
+    Row b's output is  Σ_j [alpha_bj · P_{r}(index_bj) + beta_bj · P_b(j)] · v_bj,
+    where P_r are the softmax probabilities of row r = q_from[b] (queries) and
+    k_from[b] (keys), and P_b the row's own. This is Prompt-to-Prompt's edited
+    cross-attention (Hertz et al. 2022, Sec. 3.2): word swap (index = identity,
+    alpha = 1), refinement (index = the token alignment, alpha = 1 on aligned
+    tokens, beta = 1 on new ones), re-weighting (alpha scaled by the equalizer).
+    Because Σ_j alpha_j P_r(index_j) v_j = Σ_i P_r(i) ṽ_i with ṽ_i = Σ_{j: index_j=i}
+    alpha_j v_j, the borrowed term is one ordinary attention call on scattered
+    values (a [B, H, Nk, D] tensor); the own term is a second call on beta·v for
+    the rows in ``own`` only. Weights multiply values, not probabilities: the same
+    product, and it keeps the fast path (no token_weights) for unweighted calls.
+    """
+
+    q_from: torch.Tensor  # [B] int: row whose queries give the borrowed probabilities
+    k_from: torch.Tensor  # [B] int: row whose keys give them
+    index: torch.Tensor | None = None  # [B, Nk] int64: token of row k_from each token j borrows; None: j itself
+    alpha: torch.Tensor | None = None  # [B, Nk]: weight of the borrowed probability; None: 1
+    beta: torch.Tensor | None = None  # [B, Nk]: weight of the own probability (0 outside ``own``); None: 0
+    own: tuple[int, int] = (0, 0)  # rows [start, stop) that have an own term (and own stored maps)
+
+
 @dataclass
 class AttentionPlan:
     """Per-forward attention instructions, passed as data through the executor.
@@ -40,6 +65,8 @@ class AttentionPlan:
     ``store`` maps a layer index to a caller-owned buffer [B, Nq, Nk] receiving
     head-averaged cross-attention probabilities. ``ip`` holds IP-Adapter image
     tokens per layer index: ``(k_img, v_img, scale)``.
+    ``cross_mix``: a :class:`CrossMix` for the cross-attention layers in ``layers``
+    (it takes the place of ``cross_inject`` there; see :meth:`mix`).
     """
 
     self_inject: dict | None = None
@@ -48,11 +75,21 @@ class AttentionPlan:
     token_weights: torch.Tensor | None = None
     store: dict[int, torch.Tensor] = field(default_factory=dict)
     ip: dict[int, tuple] = field(default_factory=dict)
+    cross_mix: CrossMix | None = None
+
+    def mix(self, layer: AttnLayer) -> CrossMix | None:
+        """The composite this layer runs instead of one kernel call, or None."""
+        if self.cross_mix is not None and layer.cross and (self.layers is None or layer.index in self.layers):
+            return self.cross_mix
+        return None
 
     def args(self, layer: AttnLayer) -> dict:
+        """Kernel keyword arguments for ``layer`` (for a mixed layer: those of its first call)."""
         out: dict = {}
         active = self.layers is None or layer.index in self.layers
         inject = self.cross_inject if layer.cross else self.self_inject
+        if layer.cross and self.mix(layer) is not None:
+            inject = None  # the mix says which rows to read probabilities from
         if active and inject:
             out.update(inject)
         if layer.cross and active and self.token_weights is not None:
@@ -68,7 +105,44 @@ def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | Non
     """The seam. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D]."""
     if plan is None or layer is None:
         return kernels.attention(q, k, v)
-    return kernels.attention(q, k, v, **plan.args(layer))
+    mix = plan.mix(layer)
+    if mix is None:
+        return kernels.attention(q, k, v, **plan.args(layer))
+    return mixed_attention(q, k, v, mix, **plan.args(layer))
+
+
+def mixed_attention(q, k, v, mix: CrossMix, *, store=None, ip=None, token_weights=None, scale=None):
+    """Run a :class:`CrossMix` as (at most) two kernel calls; no attention matrix is formed.
+
+    Call 1, all rows: probabilities of rows ``mix.q_from``/``mix.k_from`` applied to the
+    values scattered into their token positions (``mixed_values``), plus IP-Adapter
+    tokens if any. Call 2, rows ``mix.own`` only: the row's own probabilities applied to
+    ``beta * v``; it also fills ``store`` for those rows, so the store holds every row's
+    own (pre-mix) maps, as Prompt-to-Prompt's attention store does.
+    """
+    if token_weights is not None:
+        raise ValueError("a CrossMix carries its own token weights (alpha/beta); do not also set token_weights")
+    out = kernels.attention(q, k, mixed_values(v, mix), scale=scale, q_from=mix.q_from, k_from=mix.k_from,
+                            store=store, ip=ip)  # [B, H, Nq, D]
+    s, e = mix.own
+    if e > s and (mix.beta is not None or store is not None):
+        v_own = v[s:e] if mix.beta is None else v[s:e] * mix.beta[s:e, None, :, None].to(v.dtype)  # [b, H, Nk, D]
+        own = kernels.attention(q[s:e], k[s:e], v_own, scale=scale,
+                                store=None if store is None else store[s:e])  # [b, H, Nq, D]
+        if mix.beta is not None:
+            out[s:e] += own
+    return out
+
+
+def mixed_values(v, mix: CrossMix):
+    """ṽ [B, H, Nk, D]: ṽ_i = Σ_{j: index_j = i} alpha_j v_j (the values each borrowed
+    probability multiplies). Identity index and alpha None give v itself."""
+    if mix.alpha is not None:
+        v = v * mix.alpha[:, None, :, None].to(v.dtype)  # [B, H, Nk, D]
+    if mix.index is not None:
+        idx = mix.index[:, None, :, None].expand(v.shape)  # [B, H, Nk, D]
+        v = torch.zeros_like(v).scatter_add_(2, idx, v)
+    return v
 
 
 class Attention(nn.Module):

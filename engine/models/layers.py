@@ -145,7 +145,9 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             hid = block(hid, context, plan)
         if self.linear:
-            hid = self.proj_out(hid).reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W]
+            # contiguous: a channels-last-strided result would send the next GroupNorm down
+            # another kernel (different reduction order) than diffusers'.
+            hid = self.proj_out(hid).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()  # [B, C, H, W]
         else:
             hid = self.proj_out(hid.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous())
         return hid + x

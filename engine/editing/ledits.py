@@ -1,0 +1,325 @@
+"""LEDITS++ (Brack et al. 2024, "LEDITS++: Limitless Image Editing using Text-to-Image Models").
+
+Two steps, as diffusers' ``LEditsPPPipelineStableDiffusion(XL)``:
+
+``invert`` -- edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2023, "An Edit
+    Friendly DDPM Noise Space", Alg. 1) on the DPM-Solver++ SDE order-2 grid (LEDITS++
+    Sec. 3.2; or DDIM with eta = 1):
+    1. the schedule has N = int(steps * (1 + skip)) steps; only the last ``steps`` are used;
+    2. x_t = alpha_t x0 + sigma_t eps_t with an independent draw eps_t per used timestep
+       (drawn cleanest first, as diffusers, so a seed gives its draws);
+    3. noisiest first, the (source-guided) model output at x_t gives the solver's mean
+       mu_t; the noise map z_t = (x_{t-1} - mu_t) / c_t makes the stochastic step land
+       exactly on x_{t-1} (c_t: the step's noise scale), and x_{t-1} is replaced by
+       mu_t + c_t z_t so rounding does not accumulate.
+``edit`` -- re-run the same steps from x_T with the stored z_t, the model output being the
+    unconditional one plus SEGA guidance per edit concept (``engine.editing.sega``),
+    masked by cross-attention maps (stored by the attention kernel; no attention matrix
+    is built here) and / or the guidance magnitude. One UNet call per step for all rows:
+    [uncond x B, concept_1 x B, ..., concept_n x B].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..images import load_image
+from ..models.attention import AttentionPlan
+from ..pipeline import Guidance
+from ..prompts import Conditioning, as_list, encode
+from ..sampling import DDIMSampler, DPMSolverSampler, make_sampler, randn
+from ..sampling.dpmsolver import dpmpp_2m_step, vp_alpha_sigma
+from .inversion import Inversion
+from .sega import Concepts, attention_mask, make_map_store, sega_guidance, smoothing_kernel
+
+SAMPLERS = ("dpmpp_2m_sde", "ddim")
+INTERSECT_MAX_T = 800  # SD pipeline: above this timestep the intersect mask is M¹ alone
+
+
+def _alias(params: dict, ours: str, value, default, theirs: str):
+    """Take diffusers' name ``theirs`` for our parameter ``ours`` (either may be given)."""
+    if theirs not in params:
+        return value
+    v = params.pop(theirs)
+    if value != default and value != v:
+        raise TypeError(f"got both {ours}={value!r} and its alias {theirs}={v!r}")
+    return v
+
+
+def _no_leftovers(params: dict, what: str) -> None:
+    if params:
+        raise TypeError(f"ledits++ {what} got unexpected parameters: {', '.join(sorted(params))}")
+
+
+def make_ledits_sampler(pipe, name: str, total: int):
+    """The sampler of diffusers' LEDITS++ pipelines for ``total`` schedule steps.
+
+    As diffusers: "leading" spacing, steps_offset 1 and no sample clipping (its
+    constructor forces the last two); DPM-Solver++ is the SDE variant of order 2, DDIM has eta 1.
+    """
+    common = dict(timestep_spacing="leading", steps_offset=1, clip_sample=False)
+    if name == "dpmpp_2m_sde":
+        return make_sampler("dpmpp_2m_sde", pipe.schedule, total, device=pipe.device, solver_order=2, **common)
+    if name == "ddim":
+        return make_sampler("ddim", pipe.schedule, total, device=pipe.device, eta=1.0, **common)
+    raise ValueError(f"ledits++ supports the samplers {SAMPLERS}, got {name!r}")
+
+
+def _noise_tables(smp, first: int):
+    """Per used step (noisiest first), as [S] tensors: (a, s) with x_t = a x0 + s eps for the
+    forward noising, and c, the step's noise scale (x_prev = mu + c z)."""
+    if isinstance(smp, DPMSolverSampler):
+        sig = smp.sigmas[first:]  # [S+1]
+        a, s = vp_alpha_sigma(sig[:-1])  # [S]
+        lam = torch.log(a) - torch.log(s)  # [S]
+        a_next, s_next = vp_alpha_sigma(sig[1:])
+        h = torch.log(a_next) - torch.log(s_next) - lam  # [S]; +inf at a zero final sigma
+        return a, s, s_next * torch.sqrt(1.0 - torch.exp(-2 * h))  # c = 0 where sigma_next = 0
+    assert isinstance(smp, DDIMSampler)
+    a_t, a_prev = smp.alpha_t[first:], smp.alpha_prev[first:]  # [S]
+    var = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # DDIM sigma_t^2 (Song et al. 2021, eq. 16)
+    return a_t**0.5, (1 - a_t) ** 0.5, smp.eta * var**0.5
+
+
+def _mean_step(smp, i: int, x, out, state):
+    """The solver's step from x without noise: (mu, state). DPM-Solver++ uses its history
+    (second order after the first step) on every step, including the last, as diffusers'
+    inversion does."""
+    zeros = torch.zeros_like(x)
+    if isinstance(smp, DPMSolverSampler):
+        b = x.shape[0]
+        return dpmpp_2m_step(x, out, smp.sigmas[i].expand(b), smp.sigmas[i + 1].expand(b), state,
+                             prediction_type=smp.prediction_type, sde=True, noise=zeros,
+                             solver_type=smp.solver_type, solver_order=smp.solver_order)
+    return smp.step(i, x, out, state, zeros)
+
+
+def _prepare_image(pipe, image, height, width) -> torch.Tensor:
+    """Image -> [B, 3, H, W] in [0, 1] at the inversion size.
+
+    As diffusers' image processor: the default size is the image's, rounded down to a multiple
+    of the VAE factor; PIL images (and files) are resized with Lanczos. Arrays and tensors are
+    resized bicubically (diffusers uses nearest for tensors)."""
+    from PIL import Image
+
+    x = load_image(image)  # [B, 3, H, W]
+    f = pipe.vae_scale_factor
+    h0, w0 = x.shape[-2:]
+    height, width = height or h0 - h0 % f, width or w0 - w0 % f
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    if (height, width) == (h0, w0):
+        return x
+    if isinstance(image, (str, Path, Image.Image)):
+        pil = Image.fromarray((x[0].permute(1, 2, 0) * 255).round().byte().numpy())
+        return load_image(pil.resize((width, height), resample=Image.LANCZOS))
+    return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _added(pipe, cond: Conditioning, height: int, width: int, crops) -> dict | None:
+    if cond.pooled is None:
+        return None
+    return {"text_embeds": cond.pooled, "time_ids": pipe.time_ids(len(cond), height, width, crops_coords_top_left=crops)}
+
+
+@torch.no_grad()
+def invert(pipe, image, prompt="", *, steps: int = 30, guidance_scale: float = 3.5, skip: float = 0.15,
+           seed: int | None = None, generator: torch.Generator | None = None, height: int | None = None,
+           width: int | None = None, sampler: str = "dpmpp_2m_sde", negative_prompt=None,
+           crops_coords_top_left=(0, 0), num_zero_noise_steps: int | None = None, progress: bool = True,
+           **params) -> Inversion:
+    """LEDITS++ inversion of ``image`` (see the module docstring for the algorithm).
+
+    Parameters (diffusers' names accepted as aliases): ``prompt`` / ``source_prompt`` describes
+    the image (guidance only when non-empty and ``guidance_scale`` / ``source_guidance_scale``
+    > 1); ``steps`` / ``num_inversion_steps``: steps kept after ``skip`` (a fraction in [0, 1)
+    of the schedule dropped at the noisy end); ``seed`` or ``generator``: the draws of step 2;
+    ``height`` / ``width``: resize first; ``sampler``: "dpmpp_2m_sde" (default) or "ddim";
+    SDXL: ``crops_coords_top_left``, ``num_zero_noise_steps`` (default 3: the last noise maps
+    are zeroed, as diffusers' SDXL pipeline).
+    """
+    prompt = _alias(params, "prompt", prompt, "", "source_prompt")
+    guidance_scale = _alias(params, "guidance_scale", guidance_scale, 3.5, "source_guidance_scale")
+    steps = _alias(params, "steps", steps, 30, "num_inversion_steps")
+    _no_leftovers(params, "invert")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 0.0 <= skip < 1.0:
+        raise ValueError(f"skip must be in [0, 1), got {skip}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"ledits++ supports the samplers {SAMPLERS}, got {sampler!r}")
+    if num_zero_noise_steps is None:
+        num_zero_noise_steps = 3 if pipe.arch == "sdxl" else 0
+    if seed is None and generator is None:
+        seed = int(torch.seed() % 2**63)
+    if generator is None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+
+    x = _prepare_image(pipe, image, height, width)  # [B, 3, H, W]
+    height, width = x.shape[-2:]
+    x0 = pipe.encode_image(x)  # [B, C, h, w]
+    b = x0.shape[0]
+    prompts = as_list(prompt, b)
+    source, uncond = pipe.encode_prompt(prompts, negative_prompt, 1, guidance=True)  # [B] rows each
+    guided = any(p != "" for p in prompts) and guidance_scale > 1.0
+    crops = tuple(crops_coords_top_left)
+    # [B, 6] (SDXL). diffusers' SDXL invert swaps height and width here; same for square images.
+    time_ids = pipe.time_ids(b, height, width, crops_coords_top_left=crops)
+    # guided: one UNet call of 2B rows [uncond, source] per step; else the unconditional rows alone
+    g = Guidance(source, uncond, time_ids, guidance_scale) if guided else Guidance(uncond, None, time_ids)
+    model = pipe.model_fn(g)
+
+    total = int(steps * (1 + skip))
+    smp = make_ledits_sampler(pipe, sampler, total)
+    first = len(smp) - steps
+    ts = smp.timesteps[first:]  # [S] noisiest first
+    a, s, c = _noise_tables(smp, first)  # [S] each
+    bc = lambda v: v.view(-1, 1, 1, 1, 1).to(x0.dtype)  # noqa: E731  [S] -> [S, 1, 1, 1, 1]
+
+    # 2. independent forward noising per timestep, drawn cleanest first (diffusers' order)
+    eps = torch.stack([randn(x0.shape, generator, pipe.device, x0.dtype) for _ in range(steps)][::-1])  # [S, B, C, h, w]
+    lat = torch.cat([bc(a) * x0 + bc(s) * eps, x0[None]])  # [S+1, B, C, h, w]; lat[j]: start of step j
+
+    # 3. noise maps, noisiest first
+    zs = torch.zeros_like(eps)  # [S, B, C, h, w]
+    state = smp.init_state(x0)
+    for j in tqdm(range(steps), disable=not progress):
+        i = first + j
+        xt = lat[j]  # [B, C, h, w]
+        out = model(smp.scale_model_input(xt, i), ts[j].expand(b))  # [B, C, h, w]
+        mu, state = _mean_step(smp, i, xt, out, state)  # [B, C, h, w]
+        cj = c[j].to(mu.dtype)
+        z = torch.where(cj > 0, (lat[j + 1] - mu) / cj, torch.zeros_like(mu))  # no noise on a zero-variance step
+        zs[j] = z
+        if j + 1 < steps:
+            lat[j + 1] = mu + cj * z  # what the edit's step will reproduce
+    if num_zero_noise_steps > 0:
+        zs[-num_zero_noise_steps:] = 0
+
+    settings = dict(prompt=prompts if len(prompts) > 1 else prompts[0], steps=steps, guidance_scale=guidance_scale,
+                    skip=skip, seed=seed, sampler=sampler, total_steps=total, height=int(height), width=int(width),
+                    negative_prompt=negative_prompt, crops_coords_top_left=list(crops),
+                    num_zero_noise_steps=num_zero_noise_steps, guided=guided, arch=pipe.arch)
+    return Inversion("ledits++", x0, lat, ts, source, uncond, zs, settings)
+
+
+@torch.no_grad()
+def edit(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_guidance_scale=5.0,
+         edit_threshold=0.9, edit_warmup_steps=0, edit_cooldown_steps=None, reverse_editing_direction=False,
+         use_cross_attn_mask: bool = False, use_intersect_mask: bool | None = None, user_mask=None,
+         sem_guidance=None, guidance_rescale: float = 0.0, negative_prompt=None, denoising_end: float | None = None,
+         crops_coords_top_left=None, seed=None, generator=None, callback=None, progress: bool = True,
+         **params) -> torch.Tensor:
+    """Regenerate ``inv`` under LEDITS++ edits; returns latents [B, C, h, w].
+
+    Parameters as diffusers' ``LEditsPPPipelineStableDiffusion(XL).__call__``: ``editing_prompt``
+    (a string or list: one SEGA concept each; ``target_prompt`` is used when it is None),
+    per-concept scalars or lists ``edit_guidance_scale``, ``edit_threshold``,
+    ``edit_warmup_steps``, ``edit_cooldown_steps``, ``reverse_editing_direction``; masks
+    ``use_cross_attn_mask`` (M¹), ``use_intersect_mask`` (M¹ ∧ M²; default True for SD, False
+    for SDXL; implies M¹), else M² alone; ``user_mask`` multiplies the guidance (broadcast
+    against [B, C, h, w]); ``sem_guidance``: per-step guidance [S, B, C, h, w] to use instead
+    (e.g. from ``callback``); ``guidance_rescale`` (Lin et al. 2024, Sec. 3.4, against the
+    concepts' mean); ``denoising_end`` (SDXL: stop early). No randomness is drawn: ``seed``
+    and ``generator`` are accepted for signature compatibility. ``callback`` gets
+    dict(i, t, x, guidance, masks) after each step (masks [n, B, C|1, h, w] or None).
+    """
+    _no_leftovers(params, "edit")
+    if inv.method != "ledits++" or inv.noise is None or "total_steps" not in inv.settings:
+        raise ValueError(f"this is a {inv.method!r} inversion; invert with method='ledits++' first")
+    if editing_prompt is None and target_prompt is not None:
+        editing_prompt = target_prompt
+    elif editing_prompt is not None and target_prompt is not None:
+        raise ValueError("ledits++ edits with editing_prompt; pass either it or target_prompt, not both")
+    prompts = [] if not editing_prompt else as_list(editing_prompt)
+    n = len(prompts)
+    if use_intersect_mask is None:
+        use_intersect_mask = pipe.arch != "sdxl"
+    use_attn = n > 0 and (use_cross_attn_mask or use_intersect_mask)
+    cfg = Concepts.from_params(n, edit_guidance_scale, edit_threshold, reverse_editing_direction,
+                               edit_warmup_steps, edit_cooldown_steps)
+
+    st = inv.settings
+    inv = inv.to(pipe.device)
+    x = inv.latents[0].to(pipe.dtype)  # [B, C, h, w]
+    b, _, h, w = x.shape
+    rows = (1 + n) * b
+    smp = make_ledits_sampler(pipe, st["sampler"], st["total_steps"])
+    steps = inv.steps
+    first = len(smp) - steps
+    ts = inv.timesteps  # [S]
+    ts_host = ts.tolist()  # one sync, before the loop
+    if denoising_end is not None and 0 < denoising_end < 1:
+        cutoff = int(round(pipe.schedule.num_train_timesteps * (1 - denoising_end)))
+        steps = sum(t >= cutoff for t in ts_host)
+
+    # Conditioning rows [uncond x B, concept_1 x B, ...] (concept-major, as diffusers).
+    _, uncond = pipe.encode_prompt([""] * b, negative_prompt, 1, guidance=True)  # [B]
+    parts = [uncond]
+    if n:
+        parts.append(encode(pipe.text_encoders, pipe.tokenizers, prompts, pipe.device, pipe.dtype).repeat(b))
+    cond = Conditioning.cat(parts)  # [R]
+    crops = tuple(st.get("crops_coords_top_left", (0, 0)) if crops_coords_top_left is None else crops_coords_top_left)
+    added = _added(pipe, cond, st["height"], st["width"], crops)
+
+    plan = maps = tokens = kernel = None
+    if use_attn:
+        maps = make_map_store(pipe.unet, rows, h, w, cond.context.shape[1], pipe.device)
+        plan = AttentionPlan(store=maps.store)
+        tokens = _token_rows(pipe, prompts, cond.context.shape[1]).repeat_interleave(b, 0).to(pipe.device)  # [nB, Nk]
+        kernel = smoothing_kernel(pipe.device)
+    signed = cfg.signed_scale(pipe.device, torch.float32)  # [n]
+    thresholds = torch.tensor(cfg.threshold, device=pipe.device)  # [n]
+    active = cfg.active(steps, pipe.device, torch.float32)  # [S, n]
+    row_thr = thresholds.repeat_interleave(b)  # [nB]
+    user_mask = None if user_mask is None else user_mask.to(pipe.device)
+
+    state = smp.init_state(x)
+    for j in tqdm(range(steps), disable=not progress):
+        i = first + j
+        t = ts[j].expand(rows)  # [R]
+        x_in = smp.scale_model_input(x, i).repeat(1 + n, 1, 1, 1)  # [R, C, h, w]
+        out = pipe.unet(x_in, t, cond.context, added, plan=plan)  # [R, C, h, w]
+        unc, concepts = out[:b], out[b:].view(n, b, *out.shape[1:])  # [B, ...], [n, B, ...]
+        masks = None
+        if sem_guidance is not None and len(sem_guidance) > j:
+            guidance = sem_guidance[j].to(out.device, out.dtype)  # [B, C, h, w]
+        elif n:
+            if use_intersect_mask:
+                mode = "attn" if pipe.arch != "sdxl" and ts_host[j] > INTERSECT_MAX_T else "intersect"
+            else:
+                mode = "attn" if use_cross_attn_mask else "noise"
+            if use_attn:
+                masks = attention_mask(maps, b, tokens, row_thr, (h, w), kernel).view(n, b, 1, h, w)
+            guidance = sega_guidance(unc, concepts, signed, thresholds, active[j], mode, masks, user_mask)
+        else:
+            guidance = torch.zeros_like(unc)
+        pred = unc + guidance  # [B, C, h, w]
+        if n and guidance_rescale > 0:
+            # Lin et al. 2024, Sec. 3.4, against the concepts' mean prediction
+            ref = concepts.mean(dim=0)
+            dims = list(range(1, pred.ndim))
+            rescaled = pred * (ref.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
+            pred = guidance_rescale * rescaled + (1 - guidance_rescale) * pred
+        x, state = smp.step(i, x, pred, state, inv.noise[j])
+        if callback is not None:
+            callback(dict(i=j, t=ts[j], x=x, guidance=guidance, masks=masks))
+    return x
+
+
+def _token_rows(pipe, prompts: list[str], n_keys: int) -> torch.Tensor:
+    """[n, Nk] 1.0 on the key positions whose maps M¹ sums for each concept.
+
+    diffusers counts the tokens as ``tokenizer(..., padding="max_length", return_length=True)
+    .length - 2`` (its last tokenizer for SDXL) and sums positions 1 .. count; with the
+    tokenizers of current transformers the length includes the padding, so that is every
+    position but the first and last. The same call is made here so masks agree."""
+    tok = pipe.tokenizers[-1]
+    lengths = tok(prompts, padding="max_length", max_length=n_keys, truncation=True, return_length=True).length
+    pos = torch.arange(n_keys)
+    counts = torch.tensor(lengths) - 2  # [n]
+    return ((pos[None] >= 1) & (pos[None] < 1 + counts[:, None])).float()

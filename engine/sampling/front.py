@@ -1,0 +1,174 @@
+"""The uniform front: `make_sampler` builds a sampler's per-step tables from a `NoiseSchedule`
+exactly as the matching diffusers scheduler's ``set_timesteps`` would, and `sample` is a
+k-diffusion style loop over a model function."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .dpmsolver import DPMSolverSampler
+from .samplers import DDIMSampler, DDPMSampler, EulerSampler, FlowEulerSampler, Sampler, SamplerState
+from .schedule import NoiseSchedule, SchedulerConfig, UnsupportedConfigError, flow_sigmas
+
+# Sampler names, and the diffusers scheduler class each reproduces.
+SAMPLERS = {
+    "ddim": "DDIMScheduler",
+    "ddim_inverse": "DDIMInverseScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",  # algorithm_type="dpmsolver++"
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
+    "dpmsolver": "DPMSolverMultistepScheduler",  # algorithm_type from the config
+    "euler": "EulerDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+}
+_BY_CLASS = {"DDIMScheduler": "ddim", "DDIMInverseScheduler": "ddim_inverse", "DDPMScheduler": "ddpm",
+             "DPMSolverMultistepScheduler": "dpmsolver", "EulerDiscreteScheduler": "euler",
+             "FlowMatchEulerDiscreteScheduler": "flow_euler"}
+
+
+def sampler_name_for(config: SchedulerConfig) -> str:
+    """The sampler reproducing the config's own scheduler class (``_class_name``)."""
+    if config.class_name not in _BY_CLASS:
+        raise UnsupportedConfigError(f"scheduler config: no sampler for _class_name={config.class_name!r}")
+    return _BY_CLASS[config.class_name]
+
+
+def _clip_range(cfg: SchedulerConfig) -> float | None:
+    clip = True if cfg.clip_sample is None else cfg.clip_sample  # DDIM/DDPM default to clipping
+    return cfg.clip_sample_range if clip else None
+
+
+def make_sampler(
+    name: str,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    eta: float = 0.0,
+    use_clipped_model_output: bool = False,
+    mu: float | None = None,
+    device: torch.device | str | None = None,
+    **config_overrides: Any,
+) -> Sampler:
+    """Build sampler ``name`` (see `SAMPLERS`) for ``num_steps`` inference steps.
+
+    eta, use_clipped_model_output: DDIM only. mu: flow matching with dynamic shifting.
+    config_overrides: SchedulerConfig fields to change for this sampler (e.g.
+    ``timestep_spacing="trailing"``, ``solver_order=1``), like diffusers'
+    ``X.from_config(config, **overrides)``.
+    """
+    if name in _BY_CLASS:
+        name = _BY_CLASS[name]
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
+    if name != "ddim" and (eta != 0.0 or use_clipped_model_output):
+        raise ValueError("eta / use_clipped_model_output apply to the 'ddim' sampler only")
+    kind = name
+    if name in ("dpmpp_2m", "dpmpp_2m_sde"):
+        config_overrides.setdefault("algorithm_type", "dpmsolver++" if name == "dpmpp_2m" else "sde-dpmsolver++")
+        kind = "dpmsolver"
+    if config_overrides:
+        schedule = NoiseSchedule(schedule.config.replace(**config_overrides))
+    cfg, T = schedule.config, schedule.num_train_timesteps
+    ac = schedule.alphas_cumprod  # [T]
+    pred = cfg.prediction_type
+
+    if kind == "ddim":
+        ts = schedule.timesteps(num_steps)  # [S]
+        prev = ts - T // num_steps  # diffusers' rule for every spacing
+        a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], schedule.final_alpha_cumprod)  # [S]
+        s = DDIMSampler(name, ts, pred, 1.0, alpha_t=ac[ts], alpha_prev=a_prev, eta=float(eta),
+                        clip_range=_clip_range(cfg), use_clipped_model_output=use_clipped_model_output)
+        if eta > 0:
+            s.noise_steps = (True,) * len(ts)
+    elif kind == "ddim_inverse":
+        ts = schedule.inverse_timesteps(num_steps)  # [S] ascending: the level each step lands on
+        src = (ts - T // num_steps).clamp(max=T - 1)  # [S] the level each step starts from
+        a_src = torch.where(src >= 0, ac[src.clamp(min=0)], schedule.final_alpha_cumprod)  # [S]
+        s = DDIMSampler(name, ts, pred, 1.0, alpha_t=a_src, alpha_prev=ac[ts], clip_range=_clip_range(cfg))
+    elif kind == "ddpm":
+        if cfg.variance_type not in (None, "fixed_small"):
+            raise UnsupportedConfigError(f"scheduler config: variance_type={cfg.variance_type!r} is unsupported for DDPM")
+        ts = schedule.timesteps(num_steps)  # [S]
+        prev = torch.cat([ts[1:], ts.new_full((1,), -1)])  # [S]
+        a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.tensor(1.0))  # [S]
+        s = DDPMSampler(name, ts, pred, 1.0, alpha_t=ac[ts], alpha_prev=a_prev, clip_range=_clip_range(cfg))
+        s.noise_steps = tuple(bool(t > 0) for t in ts)
+    elif kind == "dpmsolver":
+        ts = schedule.dpm_timesteps(num_steps)  # [S]
+        sigmas = schedule.sigmas_at(ts)  # [S+1]
+        n = len(ts)
+        final_first = cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
+        sde = cfg.algorithm_type == "sde-dpmsolver++"
+        s = DPMSolverSampler(name, ts, pred, 1.0, sigmas=sigmas, sde=sde, solver_type=cfg.solver_type,
+                             solver_order=cfg.solver_order, final_first_order=final_first)
+        if sde:
+            s.noise_steps, s.noise_dtype = (True,) * n, torch.float32  # diffusers draws float32 noise
+    elif kind == "euler":
+        ts = schedule.euler_timesteps(num_steps)  # [S] float32
+        sigmas = schedule.sigmas_at(ts)  # [S+1]
+        top = sigmas.max()
+        init = top if schedule.spacing("linspace") in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+        s = EulerSampler(name, ts, pred, float(init), sigmas=sigmas)
+    else:
+        assert kind == "flow_euler"
+        sigmas = flow_sigmas(cfg, num_steps, mu)  # [S+1]
+        s = FlowEulerSampler(name, sigmas[:-1] * T, "flow", 1.0, sigmas=sigmas)
+    return s.to(device) if device is not None else s
+
+
+def randn(shape, generator=None, device=None, dtype=None) -> Tensor:
+    """Gaussian noise drawn like diffusers' ``randn_tensor``: on the generator's device (CPU
+    generators for CUDA targets), one draw per row when given a list of generators."""
+    device = torch.device(device or "cpu")
+    gens = generator if isinstance(generator, list) else None
+    if gens is not None and len(gens) == 1:
+        generator, gens = gens[0], None
+    gen_dev = (gens[0] if gens else generator).device if (gens or generator is not None) else device
+    if gen_dev.type != device.type and gen_dev.type != "cpu":
+        raise ValueError(f"cannot draw noise for {device.type} with a {gen_dev.type} generator")
+    draw_dev = gen_dev if gen_dev.type != device.type else device
+    if gens:
+        row = (1, *shape[1:])
+        return torch.cat([torch.randn(row, generator=g, device=draw_dev, dtype=dtype) for g in gens]).to(device)
+    return torch.randn(shape, generator=generator, device=draw_dev, dtype=dtype).to(device)
+
+
+def sample(
+    model_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    sampler: Sampler,
+    *,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    noise_fn: Callable[[int, Tensor], Tensor] | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    start: int = 0,
+    state: SamplerState | None = None,
+) -> Tensor:
+    """Run ``sampler`` from step ``start`` to the end (k-diffusion style loop).
+
+    model_fn(x_in, t) -> model output, with x_in = sampler.scale_model_input(x, i) and
+    t = sampler.timesteps[i] expanded to [B]. Stochastic samplers draw noise at the steps and
+    with the shape/dtype diffusers does (so the same generator gives the same images), or take
+    it from noise_fn(i, model_output). callback gets dict(i, t, x, x0) after each step.
+    x should already be scaled by sampler.init_noise_sigma.
+    """
+    state = sampler.init_state(x) if state is None else state
+    b = x.shape[0]
+    for i in tqdm(range(start, len(sampler)), disable=not progress):
+        t = sampler.timesteps[i].expand(b)  # [B]
+        out = model_fn(sampler.scale_model_input(x, i), t)  # [B, C, H, W]
+        noise = None
+        if sampler.needs_noise(i):
+            if noise_fn is not None:
+                noise = noise_fn(i, out)
+            else:
+                noise = randn(out.shape, generator, out.device, sampler.noise_dtype or out.dtype)
+        x, state = sampler.step(i, x, out, state, noise)
+        if callback is not None:
+            callback(dict(i=i, t=t, x=x, x0=state.x0))
+    return x

@@ -1,0 +1,368 @@
+"""Train the Shapes text-to-image model from scratch and save it as a diffusers pipeline.
+
+    python -m engine.shapes.train --out runs/shapes --seed 0 --time-budget-min 60
+    python -m engine.shapes.train --out /tmp/s --smoke          # ~1 minute, tiny widths
+
+Two stages, both on scenes rendered on the fly (batch ``b`` of stage ``k`` at step
+``i`` comes from ``np.random.default_rng([seed, k, i])``, so a resumed run sees the
+same data as an uninterrupted one):
+  1. vae   AutoencoderKL, L1 + L2 reconstruction + a small KL; then the latent
+           scaling factor is set to 1/std of encoded latents (as SD does).
+  2. unet  UNet + CLIP text encoder jointly, epsilon prediction on SD's
+           scaled_linear schedule, 10% empty captions for classifier-free guidance,
+           AdamW with warmup, gradient clipping, EMA of the weights.
+Each stage ends at its step count or its share of ``--time-budget-min``.
+``OUT/checkpoint.pt`` is written every ``--ckpt-every`` steps; ``--resume`` continues
+from it (bit-identically on the same machine and thread count; the time budget
+counts from the new invocation). The VAE's reconstructions are scored with the
+analyser (``vae_recon_match`` in ``OUT/train_summary.json``). Losses go to ``OUT/train_log.csv``; the pipeline (EMA weights) to ``OUT/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.shapes import world
+from engine.shapes.model import ModelSizes, build, folder_megabytes, save_pipeline
+
+STAGES = ("vae", "unet", "done")
+LOG_FIELDS = ("stage", "step", "loss", "lr", "elapsed_s")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    seed: int = 0
+    steps: int = 100_000  # UNet steps; usually the time budget ends the stage first
+    vae_steps: int = 20_000
+    batch_size: int = 32
+    vae_batch_size: int = 16
+    lr: float = 5e-4
+    vae_lr: float = 1e-3
+    warmup: int = 200  # UNet lr warm-up steps
+    vae_warmup: int = 50
+    kl_weight: float = 3e-5  # per latent element; keeps the posterior from collapsing
+    cfg_drop: float = 0.1
+    ema_decay: float = 0.999  # 0 disables EMA
+    device: str = "cpu"
+    time_budget_min: float = 60.0
+    vae_budget_frac: float = 0.15
+    ckpt_every: int = 200
+    log_every: int = 10
+    threads: int = 0  # 0: torch's default
+    resume: bool = False
+    smoke: bool = False
+    progress: bool = True
+
+    def sizes(self) -> ModelSizes:
+        return ModelSizes.smoke() if self.smoke else ModelSizes()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def scene_batch(seed: int, stage: int, step: int, n: int) -> tuple[torch.Tensor, list[str]]:
+    """Rendered scenes in [-1, 1] as [n, 3, 64, 64] and their captions, fixed by (seed, stage, step)."""
+    rng = np.random.default_rng([seed, stage, step])
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    imgs = np.stack([world.render(s) for s in scenes])  # [n, 64, 64, 3] uint8
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [n, 3, 64, 64]
+    return x, [world.caption(s) for s in scenes]
+
+
+def _generator(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, stage, step, 7]).integers(2**62)))
+
+
+class TokenCache:
+    """Token ids padded to the full CLIP window, as the SD pipeline feeds them; cached per caption."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.cache = tokenizer, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        for c in captions:
+            if c not in self.cache:
+                self.cache[c] = self.tok(c, padding="max_length", max_length=self.tok.model_max_length,
+                                         truncation=True, return_tensors="pt").input_ids[0]
+        return torch.stack([self.cache[c] for c in captions])  # [B, 77]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for m in modules for p in m.parameters()]
+
+    @torch.no_grad()
+    def update(self, modules: list[torch.nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, (p for m in modules for p in m.parameters())):
+            s.lerp_(p.detach(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules: list[torch.nn.Module]) -> None:
+        for s, p in zip(self.shadow, (p for m in modules for p in m.parameters())):
+            p.copy_(s)
+
+
+def _save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint
+
+
+class Logger:
+    """Appends loss rows to a CSV; on resume drops rows past the checkpoint."""
+
+    def __init__(self, path: Path, resume_at: tuple[str, int] | None):
+        self.path = path
+        rows = []
+        if resume_at and path.exists():
+            with path.open() as f:
+                order = {s: i for i, s in enumerate(STAGES)}
+                limit = (order[resume_at[0]], resume_at[1])
+                rows = [r for r in csv.DictReader(f) if (order[r["stage"]], int(r["step"])) < limit]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def log(self, **row) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow(row)
+
+
+def _lr(base: float, step: int, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def _bar(cfg: TrainConfig, start: int, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def train_vae(cfg, m, opt, start: int, deadline: float, t0: float, logger, checkpoint) -> int:
+    """Autoencoder stage; returns the number of steps done in total."""
+    vae, step = m.vae.train(), start
+    bar = _bar(cfg, start, cfg.vae_steps, "vae")
+    while step < cfg.vae_steps and time.time() < deadline:
+        x, _ = scene_batch(cfg.seed, 0, step, cfg.vae_batch_size)
+        x = x.to(cfg.device)  # [B, 3, 64, 64]
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg.vae_lr, step, cfg.vae_warmup)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=_generator(cfg.seed, 0, step)).to(x)
+        rec = vae.decode(z).sample  # [B, 3, 64, 64]
+        kl = post.kl().mean() / post.mean[0].numel()  # per latent element
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0 or step in (1, cfg.vae_steps):
+            logger.log(stage="vae", step=step, loss=f"{loss.item():.5f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                       elapsed_s=f"{time.time() - t0:.1f}")
+        if step % cfg.ckpt_every == 0:
+            checkpoint("vae", step)
+    bar.close()
+    return step
+
+
+@torch.no_grad()
+def latent_scale(cfg, vae, n: int = 256) -> float:
+    """SD's scaling factor: 1 / std of encoded latents, so diffusion sees ~unit variance."""
+    vae.eval()
+    x, _ = scene_batch(cfg.seed, 2, 0, n)
+    z = torch.cat([vae.encode(c.to(cfg.device)).latent_dist.mean for c in x.split(64)])  # [n, 4, 16, 16]
+    return float(1.0 / z.std())
+
+
+@torch.no_grad()
+def vae_match_rate(cfg, vae, n: int = 64) -> float:
+    """Share of held-out scenes whose VAE reconstruction the analyser still reads exactly."""
+    from engine.shapes import analyser
+
+    vae.eval()
+    rng = np.random.default_rng([cfg.seed, 3])
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rec = vae.decode(vae.encode(x.to(cfg.device)).latent_dist.mean).sample.clamp(-1, 1)  # [n, 3, 64, 64]
+    imgs = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [n, 64, 64, 3]
+    return float(np.mean([analyser.matches(i, s) for i, s in zip(imgs, scenes)]))
+
+
+def train_unet(cfg, m, opt, ema, start: int, deadline: float, t0: float, logger, checkpoint) -> int:
+    """Joint UNet + text-encoder stage; returns the number of steps done in total."""
+    from engine.shapes.model import scheduler
+
+    tokens = TokenCache(m.tokenizer)
+    abar = scheduler().alphas_cumprod.to(cfg.device)  # [1000]
+    sf = m.vae.config.scaling_factor
+    m.vae.eval().requires_grad_(False)
+    m.unet.train(), m.text_encoder.train()
+    params = [p for mod in (m.unet, m.text_encoder) for p in mod.parameters()]
+    step = start
+    bar = _bar(cfg, start, cfg.steps, "unet")
+    while step < cfg.steps and time.time() < deadline:
+        x, caps = scene_batch(cfg.seed, 1, step, cfg.batch_size)
+        g = _generator(cfg.seed, 1, step)
+        drop = torch.rand(len(caps), generator=g) < cfg.cfg_drop
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg.lr, step, cfg.warmup)
+        with torch.no_grad():
+            post = m.vae.encode(x.to(cfg.device)).latent_dist
+            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(post.mean)) * sf  # [B, 4, 16, 16]
+        t = torch.randint(0, len(abar), (len(caps),), generator=g).to(cfg.device)  # [B]
+        eps = torch.randn(z0.shape, generator=g).to(z0)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward diffusion q(z_t | z_0)
+        ctx = m.text_encoder(tokens(caps).to(cfg.device)).last_hidden_state  # [B, 77, D]
+        loss = F.mse_loss(m.unet(zt, t, ctx).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            ema.update([m.unet, m.text_encoder], step)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.log_every == 0 or step in (1, cfg.steps):
+            logger.log(stage="unet", step=step, loss=f"{loss.item():.5f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                       elapsed_s=f"{time.time() - t0:.1f}")
+        if step % cfg.ckpt_every == 0:
+            checkpoint("unet", step)
+    bar.close()
+    return step
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Train (or resume) and write the pipeline to ``cfg.out``; returns that folder."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    t0 = time.time()
+    budget = cfg.time_budget_min * 60.0
+    torch.manual_seed(cfg.seed)
+    m = build(cfg.sizes(), out / "tokenizer")
+    m.vae.to(cfg.device), m.unet.to(cfg.device), m.text_encoder.to(cfg.device)
+    vae_opt = torch.optim.AdamW(m.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    unet_params = [p for mod in (m.unet, m.text_encoder) for p in mod.parameters()]
+    unet_opt = torch.optim.AdamW(unet_params, lr=cfg.lr, weight_decay=0.01)
+    ema = EMA([m.unet, m.text_encoder], cfg.ema_decay) if cfg.ema_decay > 0 else None
+    stage, step = "vae", 0
+    if cfg.resume and ckpt_path.exists():
+        st = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        m.vae.load_state_dict(st["vae"]), m.unet.load_state_dict(st["unet"]), m.text_encoder.load_state_dict(st["text_encoder"])
+        vae_opt.load_state_dict(st["vae_opt"]), unet_opt.load_state_dict(st["unet_opt"])
+        if ema is not None and st.get("ema") is not None:
+            ema.shadow = [s.to(cfg.device) for s in st["ema"]]
+        m.vae.register_to_config(scaling_factor=st["scaling_factor"])
+        stage, step = st["stage"], st["step"]
+        print(f"resuming from {ckpt_path}: stage {stage}, step {step}")
+    logger = Logger(out / "train_log.csv", (stage, step) if cfg.resume else None)
+    (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "sizes": cfg.sizes().to_dict()}, indent=2))
+
+    def checkpoint(stage_now: str, step_now: int) -> None:
+        _save_checkpoint(
+            ckpt_path, stage=stage_now, step=step_now, vae=m.vae.state_dict(), unet=m.unet.state_dict(),
+            text_encoder=m.text_encoder.state_dict(), vae_opt=vae_opt.state_dict(), unet_opt=unet_opt.state_dict(),
+            ema=None if ema is None else ema.shadow, scaling_factor=float(m.vae.config.scaling_factor),
+            seed=cfg.seed,
+        )
+
+    timings = {}
+    if stage == "vae":
+        s0, ts = step, time.time()
+        step = train_vae(cfg, m, vae_opt, step, t0 + cfg.vae_budget_frac * budget, t0, logger, checkpoint)
+        timings["vae_s_per_step"] = (time.time() - ts) / max(1, step - s0)
+        m.vae.register_to_config(scaling_factor=latent_scale(cfg, m.vae))
+        timings["vae_recon_match"] = vae_match_rate(cfg, m.vae, 16 if cfg.smoke else 64)
+        print(f"vae: {step} steps, analyser matches {timings['vae_recon_match']:.0%} of reconstructions")
+        stage, step = "unet", 0
+        checkpoint(stage, step)
+    if stage == "unet":
+        s0, ts = step, time.time()
+        step = train_unet(cfg, m, unet_opt, ema, step, t0 + budget - 30.0 * (not cfg.smoke), t0, logger, checkpoint)
+        timings["unet_s_per_step"] = (time.time() - ts) / max(1, step - s0)
+        checkpoint(stage, step)
+    if ema is not None:
+        ema.copy_to([m.unet, m.text_encoder])  # export the averaged weights
+    m.vae.eval(), m.unet.eval(), m.text_encoder.eval()
+    save_pipeline(m, out)
+    summary = {"unet_steps": step, "scaling_factor": float(m.vae.config.scaling_factor),
+               "wall_s": round(time.time() - t0, 1), "safetensors_mb": round(folder_megabytes(out), 2), **timings}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = TrainConfig(out="")
+    p.add_argument("--out", required=True, help="pipeline folder to write (checkpoint and logs go here too)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=None, help="UNet steps (default: until the time budget)")
+    p.add_argument("--vae-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help=f"UNet batch (default {d.batch_size})")
+    p.add_argument("--vae-batch-size", type=int, default=None, help=f"VAE batch (default {d.vae_batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--time-budget-min", type=float, default=None)
+    p.add_argument("--vae-budget-frac", type=float, default=None,
+                   help=f"share of the time budget for the VAE stage (default {d.vae_budget_frac})")
+    p.add_argument("--ckpt-every", type=int, default=None, help=f"checkpoint period in steps (default {d.ckpt_every})")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--smoke", action="store_true", help="tiny widths and few steps (~1 minute), for tests")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    cfg = TrainConfig(out=a.out, seed=a.seed, lr=a.lr, device=a.device, ema_decay=a.ema_decay, threads=a.threads,
+                      resume=a.resume, smoke=a.smoke, progress=not a.no_progress)
+    if a.smoke:  # small enough for a unit test; still exercises every code path
+        cfg.steps, cfg.vae_steps, cfg.batch_size, cfg.vae_batch_size = 40, 20, 8, 8
+        cfg.ckpt_every, cfg.warmup, cfg.vae_warmup, cfg.time_budget_min, cfg.log_every = 20, 10, 5, 1.0, 5
+    for name in ("steps", "vae_steps", "batch_size", "vae_batch_size", "time_budget_min", "ckpt_every", "vae_budget_frac"):
+        if getattr(a, name) is not None:  # explicit flags win over the smoke preset
+            setattr(cfg, name, getattr(a, name))
+    if not math.isfinite(cfg.time_budget_min) or cfg.time_budget_min <= 0:
+        p.error("--time-budget-min must be positive")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

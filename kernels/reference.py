@@ -1,0 +1,152 @@
+"""Plain torch attention with the same semantics as the Triton kernel in ``attention.py``.
+
+``attention_torch`` is the CPU execution path: without store/weights/IP it calls
+``torch.nn.functional.scaled_dot_product_attention`` on the (injected) rows, so it
+matches diffusers (which uses SDPA) bit-for-bit in fp32; otherwise it does explicit
+fp32 math.  ``attention_reference`` is the float64 ground truth used by the tests.
+The Triton kernel computes the same thing blockwise with the FlashAttention-2
+online softmax (Dao, 2023).
+"""
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128, 160, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_STORE_NK = 256
+
+
+def _fail(msg):
+    raise ValueError(f"kernels.attention: {msg}")
+
+
+def check_inputs(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
+                 store=None, ip=None, out=None):
+    """Validate shapes/dtypes/devices; every message says what to change."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            _fail(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}; "
+                  f"reshape with x.view(B, N, H, D).transpose(1, 2)")
+        if t.dtype not in SUPPORTED_DTYPES:
+            _fail(f"{name} has dtype {t.dtype}; use float16, bfloat16 or float32")
+        if t.device != q.device:
+            _fail(f"{name} is on {t.device} but q is on {q.device}; move all tensors to one device")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, n_q, D = q.shape
+    if k.shape != v.shape:
+        _fail(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        _fail(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in B, H or D "
+              f"(expected [{B}, {H}, Nk, {D}])")
+    n_k = k.shape[2]
+    if D not in SUPPORTED_HEAD_DIMS:
+        _fail(f"head dim D={D} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if n_q == 0 or n_k == 0 or B == 0 or H == 0:
+        _fail(f"empty attention (q {tuple(q.shape)}, k {tuple(k.shape)}); all sizes must be > 0")
+    if scale is not None and not isinstance(scale, (int, float)):
+        _fail(f"scale must be a python float or None, got {type(scale).__name__}")
+    for name, idx in (("q_from", q_from), ("k_from", k_from), ("v_from", v_from)):
+        if idx is None:
+            continue
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64):
+            _fail(f"{name} must be an int32/int64 tensor of shape [{B}], got "
+                  f"{getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.shape != (B,):
+            _fail(f"{name} must have shape [{B}] (one source row per batch row), got {tuple(idx.shape)}")
+        if idx.device != q.device:
+            _fail(f"{name} is on {idx.device} but q is on {q.device}; move it with .to(q.device)")
+        if idx.device.type == "cpu" and (int(idx.min()) < 0 or int(idx.max()) >= B):
+            _fail(f"{name} has values {idx.tolist()} outside [0, {B}); indices must name rows of the batch")
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
+            _fail("token_weights must be a floating-point tensor [B, Nk]")
+        if token_weights.shape != (B, n_k):
+            _fail(f"token_weights must have shape [B, Nk] = [{B}, {n_k}], got {tuple(token_weights.shape)}")
+        if token_weights.device != q.device:
+            _fail(f"token_weights is on {token_weights.device} but q is on {q.device}")
+    if store is not None:
+        if not isinstance(store, torch.Tensor) or store.dtype not in (torch.float16, torch.float32):
+            _fail(f"store must be a float16 or float32 tensor, got {getattr(store, 'dtype', type(store).__name__)}")
+        if store.shape != (B, n_q, n_k):
+            _fail(f"store must have shape [B, Nq, Nk] = [{B}, {n_q}, {n_k}], got {tuple(store.shape)}")
+        if store.device != q.device:
+            _fail(f"store is on {store.device} but q is on {q.device}")
+        if n_k > MAX_STORE_NK:
+            _fail(f"store is only supported for Nk <= {MAX_STORE_NK} (cross-attention), got Nk={n_k}; "
+                  f"do not request maps for self-attention layers")
+    if ip is not None:
+        if not isinstance(ip, (tuple, list)) or len(ip) != 3:
+            _fail("ip must be a tuple (k_img, v_img, scale)")
+        ki, vi, s = ip
+        for name, t in (("ip k_img", ki), ("ip v_img", vi)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                _fail(f"{name} must be a 4-D tensor [B, H, Nip, D]")
+            if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D or t.shape[2] == 0:
+                _fail(f"{name} has shape {tuple(t.shape)}; expected [{B}, {H}, Nip, {D}]")
+            if t.dtype != q.dtype or t.device != q.device:
+                _fail(f"{name} must match q in dtype and device ({q.dtype}, {q.device}), "
+                      f"got ({t.dtype}, {t.device})")
+        if ki.shape != vi.shape:
+            _fail(f"ip k_img and v_img shapes differ: {tuple(ki.shape)} vs {tuple(vi.shape)}")
+        if isinstance(s, torch.Tensor):
+            if s.shape != (B,) or not s.is_floating_point() or s.device != q.device:
+                _fail(f"ip scale tensor must be floating [{B}] on {q.device}, "
+                      f"got {s.dtype} {tuple(s.shape)} on {s.device}")
+        elif not isinstance(s, (int, float)):
+            _fail(f"ip scale must be a python float or a tensor [B], got {type(s).__name__}")
+    if out is not None:
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            _fail(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                  f"{tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+def _rows(t, idx):
+    return t if idx is None else t.index_select(0, idx.long())
+
+
+def _explicit(q, k, v, scale, token_weights, store, ip, dtype):
+    """softmax(q kᵀ·scale)·w then @ v, in `dtype`; fills `store` with the head mean."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p = torch.softmax((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale, dim=-1)  # [B, H, Nq, Nk]
+    if token_weights is not None:
+        p = p * token_weights.to(dtype)[:, None, None, :]
+    if store is not None:
+        store.copy_(p.mean(dim=1))
+    o = p @ v.to(dtype)  # [B, H, Nq, D]
+    if ip is not None:
+        ki, vi, s = ip
+        pi = torch.softmax((q.to(dtype) @ ki.to(dtype).transpose(-1, -2)) * scale, dim=-1)
+        s = s.to(dtype)[:, None, None, None] if isinstance(s, torch.Tensor) else s
+        o = o + s * (pi @ vi.to(dtype))
+    return o
+
+
+def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
+                    store=None, ip=None, out=None):
+    """Torch execution path (CPU); SDPA when no probabilities are needed explicitly."""
+    q, k, v = _rows(q, q_from), _rows(k, k_from), _rows(v, v_from)
+    if store is None and token_weights is None:
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if ip is not None:
+            ki, vi, s = ip
+            oi = F.scaled_dot_product_attention(q, ki, vi, scale=scale)
+            s = s.to(oi.dtype)[:, None, None, None] if isinstance(s, torch.Tensor) else s
+            o = o + s * oi
+    else:
+        o = _explicit(q, k, v, scale, token_weights, store, ip, torch.float32).to(q.dtype)
+    if out is not None:
+        out.copy_(o)
+        return out
+    return o
+
+
+def attention_reference(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
+                        store=None, ip=None, compute_dtype=torch.float64):
+    """Ground truth: explicit math in `compute_dtype` (float64 by default), output in that dtype.
+
+    ``store`` may be any floating dtype (the tests pass float64); it is filled by copy.
+    """
+    q, k, v = _rows(q, q_from), _rows(k, k_from), _rows(v, v_from)
+    return _explicit(q, k, v, scale, token_weights, store, ip, compute_dtype)

@@ -1,0 +1,21 @@
+"""Shared pytest fixtures."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory) -> Path:
+    """A tiny random SD1.5-shaped diffusers pipeline folder, built once per session."""
+    from engine.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "sd15", arch="sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL-shaped diffusers pipeline folder, built once per session."""
+    from engine.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "sdxl", arch="sdxl")

@@ -1,0 +1,103 @@
+"""Shapes world: determinism, captions, masks and exact edits."""
+
+import numpy as np
+import pytest
+
+from engine.shapes import world as w
+
+
+def scenes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [w.sample_scene(rng) for _ in range(n)]
+
+
+def test_same_seed_same_pixels():
+    a = [w.render(s) for s in scenes(20, seed=5)]
+    b = [w.render(s) for s in scenes(20, seed=5)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_texture_depends_on_seed_only():
+    s = scenes(1)[0]
+    other = w.Scene(s.objects, s.background, s.seed + 1)
+    assert not np.array_equal(w.render(s), w.render(other))  # noise field differs
+    assert np.abs(w.render(s).astype(int) - w.render(other)).max() < 30  # but only mildly
+
+
+def test_scene_invariants():
+    for s in scenes(300, seed=1):
+        assert 1 <= len(s.objects) <= 3
+        assert len({o.position for o in s.objects}) == len(s.objects)
+        assert all(o.colour != s.background for o in s.objects)
+        masks = w.render_masks(s)
+        assert masks.shape == (len(s.objects), 64, 64) and masks.dtype == bool
+        assert masks.sum(0).max() <= 1  # no overlap
+        assert all(m.sum() > 50 for m in masks)
+
+
+def test_caption_text():
+    s = w.Scene((w.Obj("circle", "red", "left", "small"), w.Obj("square", "blue", "right", "large")), "white", 3)
+    assert w.caption(s) == "a small red circle on the left and a large blue square on the right, on a white background"
+    three = w.Scene(s.objects[:1] + (w.Obj("triangle", "green", "center", "large"),) + s.objects[1:], "gray", 0)
+    assert w.caption(three) == ("a small red circle on the left, a large green triangle in the center and "
+                                "a large blue square on the right, on a gray background")
+    vocab = set(w.vocabulary())
+    for sc in scenes(100):
+        assert set(w.caption(sc).replace(",", "").split()) <= vocab
+
+
+@pytest.mark.parametrize("kind", w.EDIT_KINDS)
+def test_edits_exact(kind):
+    rng = np.random.default_rng(hash(kind) % 2**32)
+    done = 0
+    for s in scenes(60, seed=2):
+        if kind not in w.possible_kinds(s):
+            continue
+        e = w.sample_edit(s, rng, kind)
+        t = w.apply(s, e)
+        assert t.seed == s.seed and w.edit_prompt(s, e) == w.caption(t)
+        src, tgt = w.render(s), w.render(t)
+        if kind == "background":
+            assert t.background == e.value != s.background
+            assert all(o.colour != t.background for o in t.objects)
+            inside = np.zeros((64, 64), bool)
+            for o in s.objects:
+                inside |= w.coverage(o) == 1.0
+            assert np.array_equal(src[inside], tgt[inside])
+            assert not np.array_equal(src[~inside], tgt[~inside])
+        else:
+            touched = np.zeros((64, 64), bool)
+            for o in set(s.objects) ^ set(t.objects):
+                touched |= w.footprint(o)
+            assert np.array_equal(src[~touched], tgt[~touched])
+            assert not np.array_equal(src, tgt)
+        if kind == "add":
+            assert len(t.objects) == len(s.objects) + 1 and t.objects[-1] == e.value
+        elif kind == "remove":
+            assert len(t.objects) == len(s.objects) - 1
+        elif kind != "background":
+            field = "colour" if kind == "colour" else kind
+            assert getattr(t.objects[e.index], field) == e.value != getattr(s.objects[e.index], field)
+        swaps = w.word_swap(w.caption(s), w.caption(t))
+        if kind in ("colour", "shape", "size", "background"):
+            assert len(swaps) == 1 and swaps[0][2] == e.value
+        elif kind == "position":
+            assert 1 <= len(swaps) <= 2 and swaps[-1][2] == e.value
+        else:
+            assert swaps == []
+        done += 1
+    assert done >= 15
+
+
+def test_invalid_edits_raise():
+    s = w.Scene((w.Obj("circle", "red", "left", "small"), w.Obj("square", "blue", "right", "large")), "white", 0)
+    with pytest.raises(ValueError):
+        w.apply(s, w.Edit("position", 0, "right"))
+    with pytest.raises(ValueError):
+        w.apply(s, w.Edit("background", -1, "blue"))
+    with pytest.raises(ValueError):
+        w.apply(s, w.Edit("colour", 0, "white"))
+    with pytest.raises(ValueError):
+        w.sample_edit(w.Scene(s.objects[:1], "white", 0), np.random.default_rng(0), "remove")
