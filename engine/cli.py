@@ -2,6 +2,8 @@
 
     overpaint tiny DIR [--arch sd15|sdxl]          write a tiny random-weight pipeline
     overpaint generate --model PATH_OR_ID --prompt TEXT -o out.png [--steps ...]
+    overpaint edit IMAGE --model PATH_OR_ID --method p2p|ledits++|ddim|ddpm \
+        --source-prompt TEXT --target-prompt TEXT -o out.png [--edit-prompt ... --edit-scale ... --reverse]
 """
 
 from __future__ import annotations
@@ -75,6 +77,82 @@ def cmd_generate(args) -> None:
         print(f"wrote {path}")
 
 
+# Each edit method and the inversion it edits.
+EDIT_METHODS = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm"}
+
+
+def _edit_params(args) -> tuple[dict, dict]:
+    """(inversion params, edit params) for the chosen method from the CLI flags."""
+    inv = {"steps": args.steps, "seed": args.seed, "progress": not args.no_progress}
+    if args.source_guidance is not None:
+        inv["guidance_scale"] = args.source_guidance
+    if args.skip is not None:
+        if args.method not in ("ddpm", "ledits++"):
+            raise UserError(f"--skip applies to the ddpm and ledits++ methods, not {args.method}")
+        inv["skip"] = args.skip
+    edit = {"progress": not args.no_progress}
+    if args.method == "ledits++":
+        if not args.edit_prompt:
+            raise UserError("--method ledits++ needs at least one --edit-prompt (a concept to add, or to remove with --reverse)")
+        n = len(args.edit_prompt)
+        edit["editing_prompt"] = args.edit_prompt
+        edit["edit_guidance_scale"] = _per_concept(args.edit_scale, n, "--edit-scale", 5.0)
+        edit["reverse_editing_direction"] = _per_concept(args.reverse, n, "--reverse", False)
+        return inv, edit
+    if args.edit_prompt or args.edit_scale or args.reverse:
+        raise UserError("--edit-prompt, --edit-scale and --reverse apply to --method ledits++ only")
+    if args.target_prompt is None:
+        raise UserError(f"--method {args.method} needs --target-prompt (the caption of the edited image)")
+    if args.guidance is not None:
+        edit["guidance_scale"] = args.guidance
+    if args.method == "p2p":
+        edit["cross_replace_steps"] = args.cross_replace
+        edit["self_replace_steps"] = args.self_replace
+        if args.edit_type:
+            edit["edit_type"] = args.edit_type
+    elif args.edit_type:
+        raise UserError("--edit-type applies to --method p2p only")
+    return inv, edit
+
+
+def _per_concept(values, n: int, flag: str, default):
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise UserError(f"{flag} was given {len(values)} times for {n} --edit-prompt concepts; give it once or once per concept")
+    return values
+
+
+def cmd_edit(args) -> None:
+    import engine
+    from .editing import Inversion
+    from .images import load_image
+
+    image = Path(args.image)
+    (out,) = _output_path(args.output, 1)
+    if out.resolve() == image.resolve():
+        raise UserError(f"output {out} is the input image; choose another path so the input is kept")
+    inv_params, edit_params = _edit_params(args)
+    load_image(image)  # fail on a missing or unreadable image before loading a model
+    _check_device(args.device)
+    pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
+    if args.inversion and Path(args.inversion).exists():
+        inv = Inversion.load(args.inversion, device=args.device)
+        print(f"loaded inversion {args.inversion}")
+    else:
+        inv = pipe.invert(image, args.source_prompt, method=EDIT_METHODS[args.method],
+                          height=args.height, width=args.width, **inv_params)
+        if args.inversion:
+            inv.save(args.inversion)
+            print(f"saved inversion to {args.inversion}")
+    target = None if args.method == "ledits++" else args.target_prompt
+    edited = pipe.edit(inv, args.method, target, **edit_params)[0]
+    edited.save(out)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="overpaint", description="Edit real images with diffusion models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
@@ -103,6 +181,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("edit", help="edit a real image with a sentence")
+    e.add_argument("image", help="the image to edit (.png, .jpg, ...)")
+    e.add_argument("--model", required=True, help="a diffusers pipeline folder or a hub id in the local cache")
+    e.add_argument("--method", choices=tuple(EDIT_METHODS), default="p2p")
+    e.add_argument("--source-prompt", default="", help="a caption of the input image")
+    e.add_argument("--target-prompt", default=None, help="the caption of the edited image (p2p, ddim, ddpm)")
+    e.add_argument("--edit-prompt", action="append", default=[], help="ledits++: a concept to add (repeatable)")
+    e.add_argument("--edit-scale", action="append", type=float, default=[], help="ledits++: guidance per concept")
+    e.add_argument("--reverse", action="append", type=lambda s: s.lower() in ("1", "true", "yes"), default=[],
+                   help="ledits++: remove the concept instead (true/false per concept)")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--steps", type=_positive(int), default=50)
+    e.add_argument("--guidance", type=float, default=None, help="guidance of the edit (default: the method's)")
+    e.add_argument("--source-guidance", type=float, default=None, help="guidance of the inversion")
+    e.add_argument("--skip", type=float, default=None, help="ddpm/ledits++: fraction of noisy steps skipped")
+    e.add_argument("--cross-replace", type=float, default=0.8, help="p2p: fraction of steps with cross-attention replaced")
+    e.add_argument("--self-replace", type=float, default=0.4, help="p2p: fraction of steps with self-attention replaced")
+    e.add_argument("--edit-type", choices=("replace", "refine"), default=None,
+                   help="p2p: word swap (same token count) or refinement (default: inferred from the prompts)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--height", type=_positive(int), default=None, help="resize the image first")
+    e.add_argument("--width", type=_positive(int), default=None, help="resize the image first")
+    e.add_argument("--inversion", default=None, help="load the inversion from this file if it exists, else save it there")
+    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    e.set_defaults(func=cmd_edit)
     return p
 
 

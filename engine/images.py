@@ -51,7 +51,7 @@ def load_image(image, max_pixels: int = MAX_PIXELS):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image array must be [H, W, 3], got shape {image.shape}")
         scale = 255.0 if image.dtype == np.uint8 else 1.0
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / scale
+        image = torch.tensor(image).permute(2, 0, 1).float() / scale  # a copy: arrays may be read-only
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a path, PIL image, array or tensor, got {type(image).__name__}")
     x = image.unsqueeze(0) if image.ndim == 3 else image

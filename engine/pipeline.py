@@ -36,6 +36,25 @@ class Guidance:
         return len(self.cond)
 
 
+def cfg_combine(out: torch.Tensor, scale, rescale=0.0, keep=None) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) of a UNet output [2B, ...] whose rows are
+    [uncond, cond]; returns [B, ...] in float32 (the difference of two close half-precision
+    outputs, times the scale, is where half precision hurts).
+
+    ``scale`` / ``rescale``: Python floats, or 0-dim float32 tensors (a CUDA graph's static
+    inputs; same results as the floats). A ``rescale`` float of 0 skips the rescaling.
+    ``keep``: 1 - rescale, rounded from double like the float expression (for tensors).
+    """
+    uncond, cond = out.float().chunk(2)  # [B, ...] each
+    guided = uncond + scale * (cond - uncond)
+    if isinstance(rescale, torch.Tensor) or rescale > 0:
+        # Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Sec. 3.4
+        dims = list(range(1, cond.ndim))
+        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        guided = rescale * rescaled + ((1 - rescale) if keep is None else keep) * guided
+    return guided
+
+
 class Pipeline:
     """A loaded model: ``unet``, ``vae``, text encoders, tokenizers and the noise schedule."""
 
@@ -129,14 +148,7 @@ class Pipeline:
 
         def fn(x, t):
             out = self.unet(torch.cat([x, x]), torch.cat([t, t]), both.context, added, plan=plan)  # [2B, C, h, w]
-            uncond, cond = out.chunk(2)
-            guided = uncond + g.scale * (cond - uncond)
-            if g.rescale > 0:
-                # Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Sec. 3.4
-                dims = list(range(1, cond.ndim))
-                rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-                guided = g.rescale * rescaled + (1 - g.rescale) * guided
-            return guided
+            return cfg_combine(out, g.scale, g.rescale)
 
         return fn
 
@@ -219,12 +231,15 @@ class Pipeline:
                  num_images: int = 1, sampler: str | None = None, eta: float = 0.0,
                  guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, original_size=None, crops_coords_top_left=(0, 0),
-                 target_size=None, output_type: str = "pil", callback=None, progress: bool = True):
+                 target_size=None, output_type: str = "pil", callback=None, progress: bool = True,
+                 cuda_graphs: bool | None = None):
         """Text to image. Returns PIL images (or arrays / a tensor with ``output_type``).
 
         ``seed`` seeds a CPU generator so results do not depend on the device; pass
         ``generator`` or ``latents`` [B, 4, h, w] instead to control the draws. ``callback``
-        receives a dict per step (see :func:`engine.sampling.sample`).
+        receives a dict per step (see :func:`engine.sampling.sample`). ``cuda_graphs``:
+        run the steps as captured CUDA graphs (:mod:`engine.runtime.graphs`; eager, with the
+        reason logged once, where capture is impossible); default off.
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -243,12 +258,27 @@ class Pipeline:
             latents = torch.randn(shape, generator=generator, device=generator.device, dtype=self.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(self.device, self.dtype)
+        # Drawn in the model dtype (as diffusers, so seeds agree), then kept in float32 by the loop.
+        x = latents.to(self.device).float()
 
         name = sampler or self.default_sampler
         opts = {"eta": eta} if name == "ddim" else {}
         smp = make_sampler(name, self.schedule, steps, device=self.device, **opts)
         x = x * smp.init_noise_sigma
-        fn = self.model_fn(g)
-        x = sample(fn, x, smp, generator=generator, callback=callback, progress=progress)
+        if cuda_graphs:
+            from .runtime.loop import GuidedUNet, sample_graphed
+
+            model = GuidedUNet.from_guidance(self.unet, g)
+            x = sample_graphed(self.graphs, model, x, smp, generator=generator, callback=callback, progress=progress)
+        else:
+            x = sample(self.model_fn(g), x, smp, generator=generator, callback=callback, progress=progress)
         return to_output(self.decode(x), output_type)
+
+    @property
+    def graphs(self):
+        """This pipeline's :class:`~engine.runtime.graphs.GraphRunner` (created on first use)."""
+        if getattr(self, "_graphs", None) is None:
+            from .runtime.graphs import GraphRunner
+
+            self._graphs = GraphRunner()
+        return self._graphs

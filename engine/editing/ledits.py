@@ -21,6 +21,7 @@ Two steps, as diffusers' ``LEditsPPPipelineStableDiffusion(XL)``:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ from ..prompts import Conditioning, as_list, encode
 from ..sampling import DDIMSampler, DPMSolverSampler, make_sampler, randn
 from ..sampling.dpmsolver import dpmpp_2m_step, vp_alpha_sigma
 from .inversion import Inversion
-from .sega import Concepts, attention_mask, make_map_store, sega_guidance, smoothing_kernel
+from .sega import Concepts, attention_mask, make_map_store, mask_layers, sega_guidance, smoothing_kernel
+
+log = logging.getLogger("overpaint")
 
 SAMPLERS = ("dpmpp_2m_sde", "ddim")
 INTERSECT_MAX_T = 800  # SD pipeline: above this timestep the intersect mask is M¹ alone
@@ -238,7 +241,10 @@ def edit(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_
     prompts = [] if not editing_prompt else as_list(editing_prompt)
     n = len(prompts)
     if use_intersect_mask is None:
-        use_intersect_mask = pipe.arch != "sdxl"
+        # diffusers' default (on for SD, off for SDXL), where the model has the layers it reads.
+        use_intersect_mask = pipe.arch != "sdxl" and bool(mask_layers(pipe.unet))
+        if pipe.arch != "sdxl" and not use_intersect_mask:
+            log.info("ledits++: no 1/4-resolution cross-attention layers; using the noise mask only")
     use_attn = n > 0 and (use_cross_attn_mask or use_intersect_mask)
     cfg = Concepts.from_params(n, edit_guidance_scale, edit_threshold, reverse_editing_direction,
                                edit_warmup_steps, edit_cooldown_steps)

@@ -152,6 +152,9 @@ class UNet2DConditionModel(nn.Module):
         compatibility and ignored: the output is always the tensor).
         """
         cfg = self.config
+        # Samplers keep the latent in float32 (half precision loses the small per-step
+        # updates); the UNet input is the one place it takes the weights' dtype.
+        sample = sample.to(self.dtype)
         b = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t  # [B]

@@ -60,9 +60,10 @@ def dpmpp_2m_step(
 
     x, model_output: [B, ...]; sigma, sigma_next: [B] VE noise levels of this / the next step.
     first_order: [B] bool, rows forced to the first-order update (besides rows without history).
-    Returns (x_next, new state); new_state.x0 is this step's x0 prediction.
+    Returns (x_next, new state); new_state.x0 is this step's x0 prediction. x_next has the
+    wider of x's and model_output's dtypes (a float32 latent stays float32).
     """
-    dtype = model_output.dtype
+    dtype = torch.promote_types(x.dtype, model_output.dtype)
     alpha_s0, sigma_s0 = vp_alpha_sigma(sigma)  # [B]
     alpha_t, sigma_t = vp_alpha_sigma(sigma_next)  # [B]
     a_s0, s_s0 = bcast(alpha_s0, x), bcast(sigma_s0, x)  # [B, 1, 1, 1]

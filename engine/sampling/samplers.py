@@ -136,8 +136,10 @@ def euler_step(
 ) -> tuple[Tensor, Tensor]:
     """One Euler step of the probability-flow ODE dx/dsigma = (x - x0) / sigma
     (Karras et al. 2022, Algorithm 1 without churn) in the VE parameterisation
-    x = x0 + sigma * eps. x: [B, ...] (unscaled), sigma, sigma_next: [B]. Returns (x_next, x0)."""
-    dtype = model_output.dtype
+    x = x0 + sigma * eps. x: [B, ...] (unscaled), sigma, sigma_next: [B]. Returns (x_next, x0).
+    x_next has the wider of x's and model_output's dtypes (diffusers: the model output's),
+    so a float32 latent stays float32 under a half-precision model."""
+    dtype = torch.promote_types(x.dtype, model_output.dtype)
     x = x.float()
     s, s_next = bcast(sigma, x), bcast(sigma_next, x)  # [B, 1, 1, 1]
     if prediction_type == "epsilon":
@@ -155,8 +157,9 @@ def euler_step(
 
 def flow_euler_step(x: Tensor, velocity: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
     """One Euler step of a rectified-flow ODE (Liu et al. 2022; Esser et al. 2024):
-    x_sigma = (1 - sigma) x0 + sigma * noise, velocity = noise - x0. Returns (x_next, x0)."""
-    dtype = velocity.dtype
+    x_sigma = (1 - sigma) x0 + sigma * noise, velocity = noise - x0. Returns (x_next, x0)
+    (x_next in the wider of x's and velocity's dtypes, as `euler_step`)."""
+    dtype = torch.promote_types(x.dtype, velocity.dtype)
     x = x.float()
     s, s_next = bcast(sigma, x), bcast(sigma_next, x)  # [B, 1, 1, 1]
     x_next = x + (s_next - s) * velocity  # [B, C, H, W]

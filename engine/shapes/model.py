@@ -4,7 +4,7 @@ An SD1.x-shaped pipeline scaled down for 64x64 images and CPU training:
   vae           AutoencoderKL, 64x64x3 <-> 4x16x16 (two 2x downsamplings)
   text_encoder  CLIPTextModel, hidden 128, 4 layers, 2 heads (head dim 64), 77 positions
   unet          UNet2DConditionModel (64, 128, 128) on 16x16 latents, cross-attention at
-                16x16, 8x8 and the 4x4 mid block; heads chosen so every head is 64 wide
+                16x16, 8x8 and 4x4 (down, mid and up); heads chosen so every head is 64 wide
   scheduler     DDIM with SD's scaled_linear betas and steps_offset=1
 ``ModelSizes.smoke()`` is a miniature of the same layout for tests.
 """
@@ -58,8 +58,10 @@ def unet_config(s: ModelSizes) -> dict:
         sample_size=64 // 2 ** (len(s.vae_channels) - 1), in_channels=4, out_channels=4,
         layers_per_block=s.layers_per_block, block_out_channels=ch, norm_num_groups=s.unet_groups,
         cross_attention_dim=s.text_hidden,
-        down_block_types=("CrossAttnDownBlock2D",) * (len(ch) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(ch) - 1),
+        # Cross-attention at every level, 4x4 included: LEDITS++'s cross-attention mask reads
+        # the down/up maps at 1/4 of the latent side (diffusers' rule), i.e. 4x4 here.
+        down_block_types=("CrossAttnDownBlock2D",) * len(ch),
+        up_block_types=("CrossAttnUpBlock2D",) * len(ch),
         attention_head_dim=tuple(c // s.head_dim for c in ch),  # diffusers' name for the head count
     )
 

@@ -1,0 +1,7 @@
+"""Execution runtime around the models: CUDA graphs (`graphs`, `loop`), and compiled /
+channels-last execution (`fuse`). Nothing here changes results: every path has an eager
+twin that the tests compare it with."""
+
+from .graphs import GraphRunner, capture_blocker, log_once
+
+__all__ = ["GraphRunner", "capture_blocker", "log_once"]

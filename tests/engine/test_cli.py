@@ -1,0 +1,114 @@
+"""The overpaint command line, run in-process on tiny models."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.cli import main
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _err(capsys):
+    return capsys.readouterr().err
+
+
+def test_tiny_then_generate(tmp_path, capsys):
+    assert main(["tiny", str(tmp_path / "m")]) == 0
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "-o", str(out),
+                 "--steps", "2", "--no-progress"]) == 0
+    assert Image.open(out).size == (32, 32)
+    assert main(["tiny", str(tmp_path / "m")]) == 2
+    assert "not empty" in _err(capsys)
+
+
+def test_generate_several_images(tiny_sd15_dir, tmp_path):
+    assert main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", str(tmp_path / "o.png"),
+                 "--steps", "1", "--num-images", "2", "--no-progress"]) == 0
+    assert (tmp_path / "o_0.png").exists() and (tmp_path / "o_1.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "x", "-o", "out.txt"], "must end in one of"),
+    (["--prompt", "x", "-o", "/nonexistent/dir/o.png"], "does not exist"),
+    (["--prompt", "x", "-o", "o.png", "--device", "cuda"], "no CUDA device"),
+    (["--prompt", "word " * 90, "-o", "o.png", "--steps", "1", "--no-progress"], "at most 75"),
+])
+def test_generate_errors(tiny_sd15_dir, tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--model", str(tiny_sd15_dir), *argv]) == 2
+    assert message in _err(capsys)
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "-o", str(tmp_path / "o.png")]) == 2
+    assert "nope" in _err(capsys)
+
+
+def test_bad_arguments_exit_through_argparse(tiny_sd15_dir, photo, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["edit", str(photo), "--model", str(tiny_sd15_dir), "--method", "magic", "-o", "o.png"])
+    assert e.value.code == 2 and "invalid choice: 'magic'" in _err(capsys)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", "o.png", "--steps", "0"])
+    assert "must be positive" in _err(capsys)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("p2p", ["--target-prompt", "a blue circle"]),
+    ("ddim", ["--target-prompt", "a blue circle"]),
+    ("ddpm", ["--target-prompt", "a blue circle", "--skip", "0.2"]),
+    ("ledits++", ["--edit-prompt", "blue", "--edit-scale", "4", "--reverse", "false"]),
+])
+def test_edit_methods(tiny_sd15_dir, photo, tmp_path, method, extra):
+    out = tmp_path / "edited.png"
+    argv = ["edit", str(photo), "--model", str(tiny_sd15_dir), "--method", method, "--source-prompt", "a red circle",
+            "-o", str(out), "--steps", "3", "--no-progress", *extra]
+    assert main(argv) == 0
+    assert Image.open(out).size == (64, 64)
+
+
+def test_edit_saves_and_reuses_the_inversion(tiny_sd15_dir, photo, tmp_path, capsys):
+    inv = tmp_path / "inv.safetensors"
+    argv = ["edit", str(photo), "--model", str(tiny_sd15_dir), "--method", "ddpm", "--source-prompt", "a red circle",
+            "--target-prompt", "a blue circle", "--steps", "3", "--no-progress", "--inversion", str(inv)]
+    assert main([*argv, "-o", str(tmp_path / "a.png")]) == 0
+    assert "saved inversion" in capsys.readouterr().out
+    assert main([*argv, "-o", str(tmp_path / "b.png")]) == 0
+    assert "loaded inversion" in capsys.readouterr().out
+    a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    assert np.array_equal(a, b)
+
+
+def test_edit_errors(tiny_sd15_dir, photo, tmp_path, capsys):
+    base = ["edit", "--model", str(tiny_sd15_dir), "--steps", "2", "--no-progress"]
+    cases = [
+        ([str(tmp_path / "missing.png"), "--target-prompt", "x", "-o", str(tmp_path / "o.png")], "does not exist"),
+        ([str(photo), "--target-prompt", "x", "-o", str(photo)], "is the input image"),
+        ([str(photo), "--method", "ledits++", "-o", str(tmp_path / "o.png")], "needs at least one --edit-prompt"),
+        ([str(photo), "--method", "p2p", "-o", str(tmp_path / "o.png")], "needs --target-prompt"),
+        ([str(photo), "--method", "p2p", "--target-prompt", "x", "--edit-prompt", "y", "-o", str(tmp_path / "o.png")],
+         "apply to --method ledits++ only"),
+        ([str(photo), "--method", "ledits++", "--edit-prompt", "a", "--edit-prompt", "b", "--edit-scale", "1",
+          "--edit-scale", "2", "--edit-scale", "3", "-o", str(tmp_path / "o.png")], "given 3 times for 2"),
+        ([str(photo), "--method", "p2p", "--source-prompt", "a red circle", "--target-prompt", "a big blue circle",
+          "--edit-type", "replace", "-o", str(tmp_path / "o.png")], "token"),
+        ([str(photo), "--target-prompt", "x", "--height", "63", "-o", str(tmp_path / "o.png")], "multiples of 2"),
+    ]
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"definitely not a png")
+    cases.append(([str(junk), "--target-prompt", "x", "-o", str(tmp_path / "o.png")], "cannot read image"))
+    for argv, message in cases:
+        assert main([*base, *argv]) == 2, argv
+        assert message in _err(capsys), (argv, message)
+    assert photo.exists()  # the user's input is never touched
