@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models.attention import AttentionPlan, CrossMix
+from ..pipeline import Guidance
 from ..prompts import Conditioning, as_list
 from ..sampling import make_sampler
 from .p2p_align import align, token_ids, token_mask, word_token_indices
@@ -222,29 +223,29 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
     # ---- conditioning and the loop
     src = inv.source if len(inv.source) == B else pipe.encode_prompt(sources, guidance=False)[0]
     target = pipe.encode_prompt(targets, guidance=False)[0]
-    parts = [src, target]
+    def dev_(c):
+        return Conditioning(c.context.to(dev, pipe.dtype), None if c.pooled is None else c.pooled.to(dev, pipe.dtype))
+
+    both = dev_(Conditioning.cat([src, target]))  # [2B, ...]: source rows, edit rows
+    uncond = None
     if cfg:
         neg = inv.settings.get("negative_prompt") if negative_prompt is None else negative_prompt
         uncond = inv.uncond
         if negative_prompt is not None or uncond is None or len(uncond) != B:
             uncond = pipe.encode_prompt(sources, neg, guidance=True)[1]
-        parts = [uncond, uncond] + parts
-    cond = Conditioning.cat([Conditioning(c.context.to(dev, pipe.dtype),
-                                          None if c.pooled is None else c.pooled.to(dev, pipe.dtype)) for c in parts])
+        uncond = dev_(Conditioning.cat([uncond, uncond]))
     f = pipe.vae_scale_factor
-    time_ids = pipe.time_ids(n, h * f, w * f)  # [N, 6] (SDXL) or None
-    added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": time_ids}
-    lat = inv.latents[start:].to(dev, pipe.dtype)  # [S+1, B, C, h, w]
+    g = Guidance(both, uncond, pipe.time_ids(2 * B, h * f, w * f), guidance_scale if cfg else 1.0)
+    # The pipeline's guided step (rows [uncond_src, uncond_edit, src, edit] with guidance),
+    # one closure per distinct plan.
+    step_fn = {id(p): pipe.model_fn(g, p) for p in plans}
+    lat = inv.latents[start:].to(dev, torch.float32)  # [S+1, B, C, h, w]; latents stay float32
     noise = None if inv.noise is None else inv.noise[start:].to(dev, pipe.dtype)  # [S, B, C, h, w]
     off = start
     x = torch.cat([lat[0], lat[0]])  # [2B, C, h, w]: source rows, edit rows
     for i in tqdm(range(S), disable=not progress):
         plan, t = plans[i], smp.timesteps[off + i].expand(2 * B)  # [2B]
-        if cfg:  # the pipeline's guided step, on both branches at once
-            un, co = unet(torch.cat([x, x]), torch.cat([t, t]), cond.context, added, plan=plan).chunk(2)  # [2B, ...]
-            out = un + guidance_scale * (co - un)  # [2B, C, h, w]
-        else:
-            out = unet(x, t, cond.context, added, plan=plan)  # [2B, C, h, w]
+        out = step_fn[id(plan)](x, t)  # [2B, C, h, w]
         z = None
         if inv.method == "ddpm" and smp.needs_noise(off + i):
             z = noise[i].repeat(2, 1, 1, 1)  # [2B, ...]: the stored maps drive both branches

@@ -19,6 +19,15 @@ from .layers import (
 )
 
 
+def transformers(cfg: UNetConfig, level: int, channels: int, n: int) -> nn.ModuleList:
+    """The ``attentions`` of a block at ``level`` (index into the per-down-block lists)."""
+    return nn.ModuleList([
+        Transformer2DModel(channels, cfg.attention_heads[level], cfg.cross_attention_dim[level],
+                           cfg.transformer_layers_per_block[level], cfg.norm_num_groups, cfg.use_linear_projection)
+        for _ in range(n)
+    ])
+
+
 class DownBlock(nn.Module):
     """CrossAttnDownBlock2D (with ``attentions``) or DownBlock2D (without)."""
 
@@ -28,14 +37,7 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(cin if j == 0 else cout, cout, cfg.time_embed_dim, g, eps) for j in range(n)]
         )
-        if cross:
-            self.attentions = nn.ModuleList([
-                Transformer2DModel(cout, cfg.attention_heads[i], cfg.cross_attention_dim[i],
-                                   cfg.transformer_layers_per_block[i], g, cfg.use_linear_projection)
-                for _ in range(n)
-            ])
-        else:
-            self.attentions = None
+        self.attentions = transformers(cfg, i, cout, n) if cross else None
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(cout)])
 
     def forward(self, x, temb, context, plan):
@@ -57,10 +59,7 @@ class MidBlock(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         c, g, eps = cfg.block_out_channels[-1], cfg.norm_num_groups, cfg.norm_eps
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(c, cfg.attention_heads[-1], cfg.cross_attention_dim[-1],
-                               cfg.transformer_layers_per_block[-1], g, cfg.use_linear_projection)
-        ])
+        self.attentions = transformers(cfg, len(cfg.block_out_channels) - 1, c, 1)
         self.resnets = nn.ModuleList([ResnetBlock2D(c, c, cfg.time_embed_dim, g, eps) for _ in range(2)])
 
     def forward(self, x, temb, context, plan):
@@ -81,14 +80,7 @@ class UpBlock(nn.Module):
             ResnetBlock2D((cprev if j == 0 else cout) + (cin if j == n - 1 else cout), cout, cfg.time_embed_dim, g, eps)
             for j in range(n)
         ])
-        if cross:
-            self.attentions = nn.ModuleList([
-                Transformer2DModel(cout, cfg.attention_heads[rev], cfg.cross_attention_dim[rev],
-                                   cfg.transformer_layers_per_block[rev], g, cfg.use_linear_projection)
-                for _ in range(n)
-            ])
-        else:
-            self.attentions = None
+        self.attentions = transformers(cfg, rev, cout, n) if cross else None
         self.upsamplers = None if last else nn.ModuleList([Upsample2D(cout)])
 
     def forward(self, x, skips, temb, context, plan, size=None):
