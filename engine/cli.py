@@ -2,6 +2,7 @@
 
     overpaint tiny DIR [--arch sd15|sdxl]          write a tiny random-weight pipeline
     overpaint generate --model PATH_OR_ID --prompt TEXT -o out.png [--steps ...]
+    overpaint bench [e2e|edit] [--device cpu --tiny ...]  benchmark against diffusers
     overpaint edit IMAGE --model PATH_OR_ID --method p2p|ledits++|ddim|ddpm \
         --source-prompt TEXT --target-prompt TEXT -o out.png [--edit-prompt ... --edit-scale ... --reverse]
 """
@@ -209,10 +210,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     e.set_defaults(func=cmd_edit)
+
+    # Listed for --help only: main() hands everything after "bench" to the benchmark's own parser.
+    sub.add_parser("bench", help="end-to-end benchmark vs diffusers: overpaint bench [e2e|edit] [--device cpu --tiny ...]",
+                   add_help=False)
     return p
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """``overpaint bench [e2e|edit] ARGS``: benchmarks/e2e.py (default) or benchmarks/edit.py
+    of a source checkout, with ARGS passed through."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "e2e.py").is_file():
+        print("overpaint: error: bench needs a source checkout (benchmarks/ is not installed)", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    suite = argv[0] if argv[:1] in (["e2e"], ["edit"]) else "e2e"
+    rest = argv[1:] if argv[:1] == [suite] else argv
+    return importlib.import_module(f"benchmarks.{suite}").main(rest)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:

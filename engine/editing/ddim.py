@@ -68,5 +68,5 @@ def edit(pipe, inv: Inversion, target_prompt: str | None = None, *, guidance_sca
     neg = s.get("negative_prompt") if negative_prompt is None else negative_prompt
     g = guidance_for(pipe, prompt, neg, scale, s.get("height"), s.get("width"), inv.x0.shape[0])
     forward = make_sampler("ddim", pipe.schedule, inv.steps, device=pipe.device)
-    x = inv.latents[0].to(pipe.device, pipe.dtype)
+    x = inv.latents[0].to(pipe.device, torch.float32)  # the loop keeps latents in float32
     return sample(pipe.model_fn(g, plan), x, forward, callback=callback, progress=progress)

@@ -122,7 +122,7 @@ def edit(pipe, inv: Inversion, target_prompt: str | None = None, *, guidance_sca
     g = guidance_for(pipe, prompt, neg, scale, s.get("height"), s.get("width"), inv.x0.shape[0])
     smp = _sampler(pipe, inv.steps, s.get("eta", 1.0))
     start = int(inv.steps * (s.get("skip", 0.0) if skip is None else skip))
-    x = inv.latents[start].to(pipe.device, pipe.dtype)
+    x = inv.latents[start].to(pipe.device, torch.float32)  # the loop keeps latents in float32
     noise = inv.noise.to(pipe.device, pipe.dtype)
     return sample(pipe.model_fn(g, plan), x, smp, noise_fn=lambda i, out: noise[i], callback=callback,
                   progress=progress, start=start)

@@ -251,7 +251,7 @@ def edit(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_
 
     st = inv.settings
     inv = inv.to(pipe.device)
-    x = inv.latents[0].to(pipe.dtype)  # [B, C, h, w]
+    x = inv.latents[0].float()  # [B, C, h, w]; the loop keeps latents in float32
     b, _, h, w = x.shape
     rows = (1 + n) * b
     smp = make_ledits_sampler(pipe, st["sampler"], st["total_steps"])

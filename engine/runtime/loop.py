@@ -76,10 +76,11 @@ class GuidedUNet:
 
 
 def denoise_step(model: GuidedUNet, inp: dict, c: dict):
-    """One step from a step-input tree: x, state, sampler, i ([B] int64 step per row), noise."""
-    smp: Sampler = inp["sampler"]
+    """One step. inp: x, state, i ([B] int64 step per row), noise (per step);
+    c: sampler and the model's tensors (per call: copied only when they change)."""
+    smp: Sampler = c["sampler"]
     x, i = inp["x"], inp["i"]
-    out = model.forward(smp.scale_model_input(x, i), smp.timesteps[i], c)  # [B, C, h, w]
+    out = model.forward(smp.scale_model_input(x, i), smp.timesteps[i], c["model"])  # [B, C, h, w]
     return smp.step(i, x, out, inp["state"], inp["noise"])
 
 
@@ -116,17 +117,17 @@ def sample_graphed(
     if whole_loop is None:
         whole_loop = len(todo) <= LOOP_MAX_STEPS and callback is None
     rows = torch.arange(n, device=x.device)[:, None].expand(n, b)  # [S, B] step index of every row
-    consts = model.consts()
+    consts = dict(model=model.consts(), sampler=sampler)
     if whole_loop and todo:
         noise = [_draw(sampler, i, x.shape, model.out_dtype, x.device, generator, noise_fn) for i in todo]
-        inp = dict(x=x, state=state, sampler=sampler, i=rows[start:], noise=noise)
+        inp = dict(x=x, state=state, i=rows[start:], noise=noise)
         body = lambda inp, c: _loop_body(model, inp, c)  # noqa: E731
-        x, _ = runner.run(("loop", id(model.unet), model.plan is None), body, inp, consts)
+        x, _ = runner.run(("loop", id(model.unet)), body, inp, consts)
         return x.clone()
     body = lambda inp, c: denoise_step(model, inp, c)  # noqa: E731
     for i in tqdm(todo, disable=not progress):
         noise = _draw(sampler, i, x.shape, model.out_dtype, x.device, generator, noise_fn)
-        inp = dict(x=x, state=state, sampler=sampler, i=rows[i], noise=noise)
+        inp = dict(x=x, state=state, i=rows[i], noise=noise)
         x, state = runner.run(("step", id(model.unet)), body, inp, consts)
         if callback is not None:
             # static outputs are overwritten by the next replay: hand out copies
@@ -137,5 +138,5 @@ def sample_graphed(
 def _loop_body(model: GuidedUNet, inp: dict, c: dict):
     x, state = inp["x"], inp["state"]
     for k, noise in enumerate(inp["noise"]):
-        x, state = denoise_step(model, dict(x=x, state=state, sampler=inp["sampler"], i=inp["i"][k], noise=noise), c)
+        x, state = denoise_step(model, dict(x=x, state=state, i=inp["i"][k], noise=noise), c)
     return x, state
