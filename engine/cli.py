@@ -2,6 +2,7 @@
 
     overpaint tiny DIR [--arch sd15|sdxl]          write a tiny random-weight pipeline
     overpaint generate --model PATH_OR_ID --prompt TEXT -o out.png [--steps ...]
+    overpaint demo -o DIR                           edit a bundled example scene with the shapes model
     overpaint bench [e2e|edit] [--device cpu --tiny ...]  benchmark against diffusers
     overpaint edit IMAGE --model PATH_OR_ID --method p2p|ledits++|ddim|ddpm \
         --source-prompt TEXT --target-prompt TEXT -o out.png [--edit-prompt ... --edit-scale ... --reverse]
@@ -154,6 +155,15 @@ def cmd_edit(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_demo(args) -> None:
+    from .shapes.demo import run
+
+    res = run(args.output, model=args.model)
+    print(f"{res['method']}: {res['source_prompt']!r} -> {res['target_prompt']!r} in {res['seconds']} s")
+    for name, path in res["paths"].items():
+        print(f"wrote {path}" + (f"  (reads: {res['seen'][name]})" if name in res["seen"] else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="overpaint", description="Edit real images with diffusion models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the engine decides")
@@ -210,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     e.set_defaults(func=cmd_edit)
+
+    d = sub.add_parser("demo", help="edit a bundled example scene (red circle -> blue circle)")
+    d.add_argument("-o", "--output", required=True, help="folder for input/reconstruction/edited/side_by_side.png")
+    d.add_argument("--model", default="shapes", help="default: the bundled shapes model")
+    d.set_defaults(func=cmd_demo)
 
     # Listed for --help only: main() hands everything after "bench" to the benchmark's own parser.
     sub.add_parser("bench", help="end-to-end benchmark vs diffusers: overpaint bench [e2e|edit] [--device cpu --tiny ...]",

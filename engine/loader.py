@@ -3,7 +3,7 @@
 Offline by design (a local folder, or a hub id already in the local Hugging Face
 cache) and safetensors only; see ``engine/loading/`` for the pieces.
 
-    resolve(path_or_id)                  -> Path of the pipeline folder
+    resolve(path_or_id)                  -> Path of the pipeline folder ("shapes": the bundled model)
     read_state_dict(dir, name, variant)  -> {key: tensor} on CPU
     load_components(path_or_id, ...)     -> Components (unet, vae, text encoders, ...)
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.loading.files import LoadError, ModelNotFoundError, hub_cache_dir, read_json, read_state_dict, resolve
+from engine.loading import files
+from engine.loading.files import LoadError, ModelNotFoundError, hub_cache_dir, read_json, read_state_dict
 from engine.loading.modules import load_module, load_text_encoder, load_tokenizer, load_unet, load_vae
 
 __all__ = [
@@ -24,6 +25,18 @@ __all__ = [
     "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "parse_device", "parse_dtype",
     "read_state_dict", "resolve",
 ]
+
+# Names of the models that ship inside the package (an existing local folder of that name wins).
+BUNDLED = {"shapes": Path(__file__).parent / "shapes" / "model"}
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A pipeline folder: a bundled model's name, a local folder or a cached hub id."""
+    name = str(path_or_id)
+    if name in BUNDLED and not Path(name).is_dir():
+        return files.resolve(BUNDLED[name])
+    return files.resolve(path_or_id)
+
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,

@@ -4,4 +4,8 @@ world.py    seeded 64x64 scenes, captions, masks and exact edits
 analyser.py detects objects in an image to judge generations against ground truth
 metrics.py  PSNR, SSIM, masked PSNR
 train.py    trains a tiny diffusers-format text-to-image pipeline from scratch
+model/      the trained pipeline shipped with the package: engine.load("shapes")
+evaluate.py generation quality of a model, judged by the analyser
+recipes.py  each editing method's settings for this model (benchmark and demo)
+demo.py     ``overpaint demo``: a bundled red -> blue circle edit
 """

@@ -1,0 +1,77 @@
+"""ShapesEdit end to end on a few colour swaps with the bundled model: the edit is seen by
+the analyser and the background is kept."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine.loader import BUNDLED  # noqa: E402
+from engine.shapes import world  # noqa: E402
+
+needs_model = pytest.mark.skipif(not (BUNDLED["shapes"] / "model_index.json").is_file(),
+                                 reason="bundled shapes model not present")
+METHOD = "ledits++"  # the demo's method (P2P scores higher on ShapesEdit colour swaps but misses the demo edit)
+MIN_BG_PSNR = 25.0
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    import engine
+
+    return engine.load("shapes")
+
+
+def _colour_cases(n: int):
+    from benchmarks import shapes_edit as se
+
+    return [c for c in se.make_cases(7 * n) if c[1].kind == "colour"][:n]
+
+
+@needs_model
+def test_demo_colour_swap_succeeds_and_keeps_background(pipe):
+    from benchmarks import shapes_edit as se
+    from engine.shapes import demo
+
+    r = se.run_case(pipe, [METHOD], demo.SCENE, demo.EDIT)[METHOD]
+    assert r["success"] and r["bg_psnr"] >= MIN_BG_PSNR, r
+    assert r["recon_psnr"] >= 28.0, r
+
+
+@pytest.fixture(scope="module")
+def subset(pipe):
+    """The first three colour swaps of ShapesEdit, run once: [(edit, metrics)]."""
+    from benchmarks import shapes_edit as se
+
+    return [(edit, se.run_case(pipe, [METHOD], scene, edit)[METHOD]) for scene, edit in _colour_cases(3)]
+
+
+@needs_model
+def test_benchmark_subset_runs_end_to_end(subset):
+    for edit, r in subset:
+        assert r["recon_psnr"] >= 28.0, (edit, r)  # LEDITS++ replays the inversion exactly up to the VAE
+        assert set(r) >= {"success", "bg_psnr", "edit_psnr", "edit_ssim", "edit_s", "invert_s"}
+
+
+@needs_model
+@pytest.mark.xfail(reason="the shipped model (1400 UNet steps) misses some colour swaps: see the ShapesEdit "
+                          "results (issue 5, open); make this pass by retraining, not by lowering the bar", strict=True)
+def test_benchmark_colour_swaps_succeed_and_keep_background(subset):
+    for edit, r in subset:
+        assert r["success"] and r["bg_psnr"] >= MIN_BG_PSNR, (edit, r)
+
+
+def test_cases_are_seeded_and_balanced():
+    from benchmarks import shapes_edit as se
+
+    a, b = se.make_cases(14), se.make_cases(14)
+    assert a == b
+    assert sorted(e.kind for _, e in a) == sorted(list(se.KINDS) * 2)
+    for scene, edit in a:  # the region covers every pixel the ground truth changes
+        changed = np.any(world.render(scene) != world.render(world.apply(scene, edit)), axis=-1)
+        assert not (changed & ~se.edit_region(scene, edit)).any(), edit

@@ -1,0 +1,46 @@
+"""The bundled Shapes model: it loads by name, matches diffusers, and drives ``overpaint demo``."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.loader import BUNDLED, resolve
+
+FOLDER = BUNDLED["shapes"]
+pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").is_file(), reason="bundled shapes model not present")
+PROMPT = "a large red circle on the left and a small blue square on the right, on a white background"
+
+
+def test_name_resolves_to_package_folder():
+    assert resolve("shapes") == FOLDER.resolve()
+    assert sum(p.stat().st_size for p in FOLDER.rglob("*") if p.is_file()) <= 30 * 2**20
+
+
+def test_engine_matches_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    import engine
+
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    ours = engine.load("shapes").generate(PROMPT, steps=10, guidance_scale=5.0, latents=latents,
+                                          output_type="np", progress=False)
+    ref = StableDiffusionPipeline.from_pretrained(str(FOLDER))
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(PROMPT, num_inference_steps=10, guidance_scale=5.0, height=64, width=64, latents=latents.clone(),
+                 output_type="np").images
+    assert ours.shape == theirs.shape == (1, 64, 64, 3)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_cli_demo_writes_four_images(tmp_path):
+    from PIL import Image
+
+    from engine.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out)]) == 0
+    for name in ("input", "reconstruction", "edited", "side_by_side"):
+        img = Image.open(out / f"{name}.png")
+        assert img.width >= 256 and img.height >= 256
