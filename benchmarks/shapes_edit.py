@@ -64,20 +64,12 @@ def make_cases(n: int, seed: int = SEED) -> list[tuple[world.Scene, world.Edit]]
     return out
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(r):
-        p = np.pad(out, 1)
-        out = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-    return out
-
-
 def edit_region(scene: world.Scene, e: world.Edit) -> np.ndarray:
     """Pixels the edit may change, bool [64, 64] (excluded from the background PSNR)."""
     if e.kind == "background":  # keep only the objects' interiors
         keep = np.zeros((world.SIZE, world.SIZE), bool)
         for o in scene.objects:
-            keep |= ~_dilate(~(world.coverage(o) >= 1.0), 1)
+            keep |= ~analyser.dilate(~(world.coverage(o) >= 1.0), 1)
         return ~keep
     target = world.apply(scene, e)
     objs = []
@@ -88,7 +80,7 @@ def edit_region(scene: world.Scene, e: world.Edit) -> np.ndarray:
     region = np.zeros((world.SIZE, world.SIZE), bool)
     for o in objs:
         region |= world.footprint(o)
-    return _dilate(region, 2)
+    return analyser.dilate(region, 2)
 
 
 def edit_success(image: np.ndarray, scene: world.Scene, e: world.Edit) -> bool:

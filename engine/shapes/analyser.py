@@ -144,7 +144,8 @@ def _position(cx: float) -> str:
     return "left" if cx < SIZE / 3 else ("right" if cx >= 2 * SIZE / 3 else "center")
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation of a bool mask [H, W] by r pixels (4-neighbourhood)."""
     out = mask.copy()
     for _ in range(r):
         p = np.pad(out, 1)
@@ -159,7 +160,7 @@ def _refine(a: np.ndarray, seed: np.ndarray, colour: np.ndarray, bg: np.ndarray)
     happens to land; projecting onto the background->object line and cutting at
     alpha = 1/2 instead keeps the outline where the true edge is.
     """
-    near = _dilate(seed, 2)
+    near = dilate(seed, 2)
     d = colour - bg  # [3]
     alpha = ((a - bg) @ d) / max(float(d @ d), 1.0)  # [H, W]
     m = near & (alpha >= 0.5)
