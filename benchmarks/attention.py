@@ -14,8 +14,6 @@ import datetime
 import json
 import os
 import platform
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
 
 # name, B, H, Nq, Nk, D  (B=2: classifier-free guidance batch)
 SHAPES = [
@@ -42,14 +42,6 @@ SHAPES = [
 ]
 N_IP = 4  # IP-Adapter image tokens (16 for the "plus" variant)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def _sdpa(backend):
@@ -161,11 +153,11 @@ def main(argv=None):
         print(f"{r['shape']:<21} {r['dtype']:<8} {r['impl']:<19} {r['ms']:>8.3f} {r['tflops']:>8.1f} {sp:>8}")
     meta = dict(device=device, capability=".".join(map(str, torch.cuda.get_device_capability())),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                git_commit=_git_commit(), torch=torch.__version__, triton=triton.__version__,
+                git_commit=common.git_commit(), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(),
                 settings=dict(dtypes=args.dtypes, rep_ms=args.rep, autotune=not args.no_autotune, n_ip=N_IP,
                               timer="triton.testing.do_bench (median)", layout="contiguous [B, H, N, D]"))
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    slug = common.slug(device)
     path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"attention-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))

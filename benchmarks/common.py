@@ -154,9 +154,16 @@ def source_image(size: int, seed: int = 0) -> torch.Tensor:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or "cpu <model name>" (every benchmark JSON names its device)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"cpu {platform.processor() or platform.machine()}"
 
 
 def slug(name: str) -> str:

@@ -29,8 +29,6 @@ import argparse
 import datetime
 import json
 import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import common  # noqa: E402
 from engine.shapes import analyser, metrics, recipes, world  # noqa: E402
 
 KINDS = ("colour", "shape", "position", "size", "background", "add", "remove")
@@ -153,26 +152,6 @@ def summarise(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- output
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"cpu {platform.processor() or platform.machine()}"
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def plot(sweeps: dict, summary: dict, path: Path) -> Path:
     """Fidelity (background PSNR) against editability (success rate), one curve per sweep."""
     import matplotlib
@@ -237,12 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     sweeps = {m: [{"value": v, **{k: float(np.mean([r[m][j][k] for r in sweep_rows]))
                                   for k in ("bg_psnr", "success", "edit_psnr")}}
                   for j, v in enumerate(recipes.SWEEP[m][1])] for m in swept if sweep_rows}
-    device = device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"shapes_edit-{slug}.json"
+    device = common.device_name("cuda" if torch.cuda.is_available() else "cpu")
+    path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"shapes_edit-{common.slug(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, threads=torch.get_num_threads(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                git_commit=_git_commit(), model=a.model, wall_s=round(time.time() - t0, 1),
+                git_commit=common.git_commit(), model=a.model, wall_s=round(time.time() - t0, 1),
                 versions={"torch": torch.__version__, "python": platform.python_version()},
                 settings=dict(cases=a.cases, seed=a.seed, methods=methods, sweep_cases=len(pool), invert=recipes.INVERT,
                               edit=recipes.EDIT, sweep={k: list(v[1]) for k, v in recipes.SWEEP.items()},

@@ -35,6 +35,12 @@ class Guidance:
     def __len__(self) -> int:
         return len(self.cond)
 
+    def tile(self, n: int) -> "Guidance":
+        """The same guidance for n blocks of rows (e.g. n timesteps of B images in one call)."""
+        ids = None if self.time_ids is None else self.time_ids.repeat(n, 1)
+        return Guidance(self.cond.tile(n), None if self.uncond is None else self.uncond.tile(n), ids,
+                        self.scale, self.rescale)
+
 
 def cfg_combine(out: torch.Tensor, scale, rescale=0.0, keep=None) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022) of a UNet output [2B, ...] whose rows are

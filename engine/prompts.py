@@ -31,6 +31,15 @@ class Conditioning:
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
         return Conditioning(self.context.repeat_interleave(n, 0), pooled)
 
+    def tile(self, n: int) -> "Conditioning":
+        """All rows n times over (row-major blocks: rows of step 0, then of step 1, ...)."""
+        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
+        return Conditioning(self.context.repeat(n, 1, 1), pooled)
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return Conditioning(self.context.to(device, dtype), pooled)
+
     def zeros_like(self) -> "Conditioning":
         pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
         return Conditioning(torch.zeros_like(self.context), pooled)

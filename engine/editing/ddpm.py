@@ -84,7 +84,7 @@ def noise_maps(pipe, g, smp, xs, target, batch_size: int, progress: bool = True,
         hi = min(lo + size, steps)
         idx = torch.arange(lo, hi, device=xs.device).repeat_interleave(b)  # [n*B] step of each row
         x = xs[lo:hi].flatten(0, 1)  # [n*B, C, h, w]
-        out = pipe.model_fn(_tile(g, hi - lo))(x, smp.timesteps[idx])  # [n*B, C, h, w]
+        out = pipe.model_fn(g.tile(hi - lo))(x, smp.timesteps[idx])  # [n*B, C, h, w]
         s = sigma[idx].view(-1, 1, 1, 1)  # [n*B, 1, 1, 1]
         mu, _ = smp.step(idx, x, out, noise=torch.zeros_like(x))  # the step's mean
         zz = torch.where(s > 0, (target[lo:hi].flatten(0, 1) - mu) / s.clamp(min=1e-12), torch.zeros_like(mu))
@@ -92,18 +92,6 @@ def noise_maps(pipe, g, smp, xs, target, batch_size: int, progress: bool = True,
         if exact and hi < steps:
             xs[hi] = smp.step(idx, x, out, noise=zz)[0].view(b, *xs.shape[2:])  # where a replay lands
     return z
-
-
-def _tile(g, n: int):
-    """The same guidance for n timesteps of B rows each: [n*B] rows, step-major."""
-    from ..pipeline import Guidance
-    from ..prompts import Conditioning
-
-    def rep(c):
-        return None if c is None else Conditioning(c.context.repeat(n, 1, 1), None if c.pooled is None else c.pooled.repeat(n, 1))
-
-    ids = None if g.time_ids is None else g.time_ids.repeat(n, 1)
-    return Guidance(rep(g.cond), rep(g.uncond), ids, g.scale, g.rescale)
 
 
 @torch.no_grad()

@@ -50,9 +50,8 @@ class Inversion:
         def mv(t):
             return None if t is None else t.to(device)
 
-        cond = lambda c: None if c is None else Conditioning(mv(c.context), mv(c.pooled))  # noqa: E731
-        return Inversion(self.method, mv(self.x0), mv(self.latents), mv(self.timesteps), cond(self.source),
-                         cond(self.uncond), mv(self.noise), dict(self.settings),
+        return Inversion(self.method, mv(self.x0), mv(self.latents), mv(self.timesteps), self.source.to(device),
+                         None if self.uncond is None else self.uncond.to(device), mv(self.noise), dict(self.settings),
                          {k: mv(v) for k, v in self.extras.items()})
 
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -223,17 +223,14 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
     # ---- conditioning and the loop
     src = inv.source if len(inv.source) == B else pipe.encode_prompt(sources, guidance=False)[0]
     target = pipe.encode_prompt(targets, guidance=False)[0]
-    def dev_(c):
-        return Conditioning(c.context.to(dev, pipe.dtype), None if c.pooled is None else c.pooled.to(dev, pipe.dtype))
-
-    both = dev_(Conditioning.cat([src, target]))  # [2B, ...]: source rows, edit rows
+    both = Conditioning.cat([src, target]).to(dev, pipe.dtype)  # [2B, ...]: source rows, edit rows
     uncond = None
     if cfg:
         neg = inv.settings.get("negative_prompt") if negative_prompt is None else negative_prompt
         uncond = inv.uncond
         if negative_prompt is not None or uncond is None or len(uncond) != B:
             uncond = pipe.encode_prompt(sources, neg, guidance=True)[1]
-        uncond = dev_(Conditioning.cat([uncond, uncond]))
+        uncond = Conditioning.cat([uncond, uncond]).to(dev, pipe.dtype)
     f = pipe.vae_scale_factor
     g = Guidance(both, uncond, pipe.time_ids(2 * B, h * f, w * f), guidance_scale if cfg else 1.0)
     # The pipeline's guided step (rows [uncond_src, uncond_edit, src, edit] with guidance),

@@ -1,6 +1,5 @@
 """The bundled Shapes model: it loads by name, matches diffusers, and drives ``overpaint demo``."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
