@@ -1,10 +1,10 @@
 """The ``overpaint`` command line.
 
     overpaint tiny DIR [--arch sd15|sdxl]          write a tiny random-weight pipeline
-    overpaint generate --model PATH_OR_ID --prompt TEXT -o out.png [--steps ...]
+    overpaint generate [--model PATH_OR_ID] --prompt TEXT -o out.png [--steps ...]   (default model: shapes)
     overpaint demo -o DIR                           edit a bundled example scene with the shapes model
     overpaint bench [e2e|edit] [--device cpu --tiny ...]  benchmark against diffusers
-    overpaint edit IMAGE --model PATH_OR_ID --method p2p|ledits++|ddim|ddpm \
+    overpaint edit IMAGE [--model PATH_OR_ID] --method p2p|ledits++|ddim|ddpm \
         --source-prompt TEXT --target-prompt TEXT -o out.png [--edit-prompt ... --edit-scale ... --reverse]
 """
 
@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled; the default)"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tiny)
 
     g = sub.add_parser("generate", help="text to image")
-    g.add_argument("--model", required=True, help="a diffusers pipeline folder or a hub id in the local cache")
+    g.add_argument("--model", default="shapes", help=MODEL_HELP)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("-o", "--output", required=True, help="output image path (.png, .jpg, ...)")
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("edit", help="edit a real image with a sentence")
     e.add_argument("image", help="the image to edit (.png, .jpg, ...)")
-    e.add_argument("--model", required=True, help="a diffusers pipeline folder or a hub id in the local cache")
+    e.add_argument("--model", default="shapes", help=MODEL_HELP)
     e.add_argument("--method", choices=tuple(EDIT_METHODS), default="p2p")
     e.add_argument("--source-prompt", default="", help="a caption of the input image")
     e.add_argument("--target-prompt", default=None, help="the caption of the edited image (p2p, ddim, ddpm)")

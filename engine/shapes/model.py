@@ -80,12 +80,12 @@ def text_config(s: ModelSizes, vocab: dict[str, int]):
     )
 
 
-def scheduler():
+def scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
 
 
@@ -112,7 +112,8 @@ def build(sizes: ModelSizes, tokenizer_dir: str | Path) -> Models:
     )
 
 
-def save_pipeline(models: Models, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def save_pipeline(models: Models, folder: str | Path, dtype: torch.dtype = torch.float32,
+                  prediction_type: str = "epsilon") -> Path:
     """Write a diffusers StableDiffusionPipeline folder (safetensors) into ``folder``."""
     import copy
 
@@ -124,7 +125,7 @@ def save_pipeline(models: Models, folder: str | Path, dtype: torch.dtype = torch
 
     pipe = StableDiffusionPipeline(
         vae=cast(models.vae), text_encoder=cast(models.text_encoder), tokenizer=models.tokenizer,
-        unet=cast(models.unet), scheduler=scheduler(), safety_checker=None, feature_extractor=None,
+        unet=cast(models.unet), scheduler=scheduler(prediction_type), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)

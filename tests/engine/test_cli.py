@@ -29,6 +29,17 @@ def test_tiny_then_generate(tmp_path, capsys):
     assert "not empty" in _err(capsys)
 
 
+def test_shapes_is_the_default_model(tmp_path):
+    from engine.cli import build_parser
+
+    for argv in (["generate", "--prompt", "x", "-o", "o.png"], ["edit", "in.png", "-o", "o.png"], ["demo", "-o", "d"]):
+        assert build_parser().parse_args(argv).model == "shapes"
+    out = tmp_path / "circle.png"
+    assert main(["generate", "--prompt", "a large red circle in the center, on a white background", "-o", str(out),
+                 "--steps", "2", "--no-progress"]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
 def test_generate_several_images(tiny_sd15_dir, tmp_path):
     assert main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", str(tmp_path / "o.png"),
                  "--steps", "1", "--num-images", "2", "--no-progress"]) == 0

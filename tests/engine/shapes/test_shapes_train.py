@@ -30,7 +30,7 @@ def test_smoke_folder_loads_in_diffusers(straight):
     out = pipe("a large blue square in the center, on a gray background", num_inference_steps=2,
                height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3)
-    assert pipe.vae.config.scaling_factor > 0 and pipe.vae.config.scaling_factor != 0.18215
+    assert pipe.vae.config.scaling_factor == 1.0  # the per-channel standardisation lives in the quant convs
 
 
 def test_smoke_folder_loads_in_overpaint(straight):
@@ -59,3 +59,29 @@ def test_resume_matches_uninterrupted_run(straight, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     steps = [int(r["step"]) for r in csv.DictReader((out / "train_log.csv").open()) if r["stage"] == "unet"]
     assert steps == sorted(set(steps)) and steps[-1] == 4
+
+
+def test_normalise_latents_standardises_channels_and_keeps_the_decoder_output():
+    import copy
+
+    from engine.shapes.model import ModelSizes, vae_config
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**vae_config(ModelSizes.smoke())).eval()
+    with torch.no_grad():  # give the channels very different scales and offsets, as training did
+        vae.quant_conv.weight[:4] *= torch.tensor([0.2, 1.0, 5.0, 2.0]).view(-1, 1, 1, 1)
+        vae.quant_conv.bias[:4] += torch.tensor([0.5, -1.0, 2.0, 0.0])
+    before = copy.deepcopy(vae)
+    cfg = T.TrainConfig(out="unused", seed=3)
+    stats = T.normalise_latents(cfg, vae)
+    x, _ = T.scene_batch(cfg.seed, 2, 0, 256)  # the batch the statistics came from
+    with torch.no_grad():
+        post, ref = vae.encode(x).latent_dist, before.encode(x).latent_dist
+        z = post.mean  # [256, 4, 16, 16]
+        torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+        torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(4), atol=1e-4, rtol=0)
+        sigma = torch.tensor(stats["latent_std"]).view(1, -1, 1, 1)
+        torch.testing.assert_close(post.std * sigma, ref.std, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(vae.decode(z[:8]).sample, before.decode(ref.mean[:8]).sample, rtol=1e-4, atol=1e-4)
+    assert vae.config.scaling_factor == 1.0
