@@ -19,3 +19,19 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     from engine.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "sdxl", arch="sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd15_pipe(tiny_sd15_dir):
+    """The tiny SD1.5 pipeline loaded through ``engine.load``; shared, so tests must not change it."""
+    import engine
+
+    return engine.load(tiny_sd15_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(tiny_sdxl_dir):
+    """The tiny SDXL pipeline loaded through ``engine.load``; shared, so tests must not change it."""
+    import engine
+
+    return engine.load(tiny_sdxl_dir)

@@ -75,3 +75,16 @@ def test_cases_are_seeded_and_balanced():
     for scene, edit in a:  # the region covers every pixel the ground truth changes
         changed = np.any(world.render(scene) != world.render(world.apply(scene, edit)), axis=-1)
         assert not (changed & ~se.edit_region(scene, edit)).any(), edit
+
+
+@needs_model
+def test_generate_benchmark_writes_json_with_device(tmp_path):
+    import json
+
+    from benchmarks import shapes_generate
+
+    out = tmp_path / "g.json"
+    res = shapes_generate.main(["--n", "2", "--steps", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"] and data["meta"]["git_commit"] and data["meta"]["settings"]["n"] == 2
+    assert data["results"][0]["named_rate"] == res["named_rate"] and set(res["attributes"]) >= {"background"}

@@ -1,18 +1,6 @@
 import pytest
 import torch
 
-import engine
-
-
-@pytest.fixture(scope="package")
-def sd15_pipe(tiny_sd15_dir):
-    return engine.load(tiny_sd15_dir)
-
-
-@pytest.fixture(scope="package")
-def sdxl_pipe(tiny_sdxl_dir):
-    return engine.load(tiny_sdxl_dir)
-
 
 @pytest.fixture(scope="package")
 def image():

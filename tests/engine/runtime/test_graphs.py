@@ -21,16 +21,6 @@ from engine.sampling import make_sampler, sample
 SIZE = 32  # latent 16x16
 
 
-@pytest.fixture(scope="module")
-def sd15(tiny_sd15_dir):
-    return engine.load(tiny_sd15_dir)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir):
-    return engine.load(tiny_sdxl_dir)
-
-
 def _latents(pipe, b=2, seed=0):
     h = SIZE // pipe.vae_scale_factor
     return torch.randn(b, 4, h, h, generator=torch.Generator().manual_seed(seed))
@@ -67,11 +57,11 @@ def test_key_ignores_values_but_not_structure():
     assert GraphRunner.key("step", dict(x=torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16)), dict(plan=_plan())) != base
 
 
-def test_key_follows_sampler_and_guidance_structure(sd15):
+def test_key_follows_sampler_and_guidance_structure(sd15_pipe):
     def key(sampler, steps, scale=7.5, size=SIZE, rescale=0.0):
-        g = sd15.guidance("x", guidance_scale=scale, height=size, width=size, guidance_rescale=rescale)
-        m = GuidedUNet.from_guidance(sd15.unet, g)
-        smp = make_sampler(sampler, sd15.schedule, steps)
+        g = sd15_pipe.guidance("x", guidance_scale=scale, height=size, width=size, guidance_rescale=rescale)
+        m = GuidedUNet.from_guidance(sd15_pipe.unet, g)
+        smp = make_sampler(sampler, sd15_pipe.schedule, steps)
         h = size // 2
         return GraphRunner.key("step", dict(x=torch.zeros(1, 4, h, h), sampler=smp), m.consts())
 
@@ -88,26 +78,26 @@ def test_key_follows_sampler_and_guidance_structure(sd15):
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_sde", "ddpm"])
 @pytest.mark.parametrize("whole_loop", [False, True])
-def test_fake_capture_is_bit_identical_to_the_plain_loop(sd15, sampler, whole_loop):
-    g = sd15.guidance(["a red circle", "a blue square"], guidance_scale=6.0, height=SIZE, width=SIZE)
-    smp = make_sampler(sampler, sd15.schedule, 3)
-    x = _latents(sd15) * smp.init_noise_sigma
-    want = sample(sd15.model_fn(g), x.clone(), smp, generator=torch.Generator().manual_seed(1), progress=False)
+def test_fake_capture_is_bit_identical_to_the_plain_loop(sd15_pipe, sampler, whole_loop):
+    g = sd15_pipe.guidance(["a red circle", "a blue square"], guidance_scale=6.0, height=SIZE, width=SIZE)
+    smp = make_sampler(sampler, sd15_pipe.schedule, 3)
+    x = _latents(sd15_pipe) * smp.init_noise_sigma
+    want = sample(sd15_pipe.model_fn(g), x.clone(), smp, generator=torch.Generator().manual_seed(1), progress=False)
     runner = GraphRunner(mode="fake")
-    got = sample_graphed(runner, GuidedUNet.from_guidance(sd15.unet, g), x.clone(), smp,
+    got = sample_graphed(runner, GuidedUNet.from_guidance(sd15_pipe.unet, g), x.clone(), smp,
                          generator=torch.Generator().manual_seed(1), progress=False, whole_loop=whole_loop)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert 1 <= len(runner.cache) <= 2  # DDPM's last step draws no noise: a second graph
 
 
-def test_fake_capture_sdxl_callback_and_reuse_across_prompts(sdxl):
+def test_fake_capture_sdxl_callback_and_reuse_across_prompts(sdxl_pipe):
     runner = GraphRunner(mode="fake")
-    smp = make_sampler("dpmpp_2m", sdxl.schedule, 4)
+    smp = make_sampler("dpmpp_2m", sdxl_pipe.schedule, 4)
     for prompt, scale in (("a cat", 5.0), ("a dog on a hill", 8.0)):
-        g = sdxl.guidance(prompt, guidance_scale=scale, height=SIZE, width=SIZE, num_images=2, guidance_rescale=0.3)
+        g = sdxl_pipe.guidance(prompt, guidance_scale=scale, height=SIZE, width=SIZE, num_images=2, guidance_rescale=0.3)
         seen_plain, seen_graph = [], []
-        want = sample(sdxl.model_fn(g), _latents(sdxl), smp, progress=False, callback=lambda d: seen_plain.append(d))
-        got = sample_graphed(runner, GuidedUNet.from_guidance(sdxl.unet, g), _latents(sdxl), smp, progress=False,
+        want = sample(sdxl_pipe.model_fn(g), _latents(sdxl_pipe), smp, progress=False, callback=lambda d: seen_plain.append(d))
+        got = sample_graphed(runner, GuidedUNet.from_guidance(sdxl_pipe.unet, g), _latents(sdxl_pipe), smp, progress=False,
                              callback=lambda d: seen_graph.append(d))
         torch.testing.assert_close(got, want, atol=0, rtol=0)
         for a, b in zip(seen_plain, seen_graph):
@@ -117,17 +107,17 @@ def test_fake_capture_sdxl_callback_and_reuse_across_prompts(sdxl):
     assert len(runner.cache) == 1  # new prompt and scale: the same graph, new static inputs
 
 
-def test_fake_capture_copies_attention_maps_back(sd15):
+def test_fake_capture_copies_attention_maps_back(sd15_pipe):
     """A plan's map store is written into the static buffer and handed back after each run."""
-    layer = next(l for l in sd15.unet.attn_layers if l.cross)
+    layer = next(l for l in sd15_pipe.unet.attn_layers if l.cross)
     h = SIZE // 2
     n_q = (h // layer.scale) ** 2
-    g = sd15.guidance("a cat", guidance_scale=1.0, height=SIZE, width=SIZE, num_images=2)
-    x, t = _latents(sd15), torch.tensor([900, 500])
+    g = sd15_pipe.guidance("a cat", guidance_scale=1.0, height=SIZE, width=SIZE, num_images=2)
+    x, t = _latents(sd15_pipe), torch.tensor([900, 500])
     want = torch.zeros(2, n_q, 77)
-    out_want = sd15.unet(x, t, g.cond.context, plan=AttentionPlan(store={layer.index: want}))
+    out_want = sd15_pipe.unet(x, t, g.cond.context, plan=AttentionPlan(store={layer.index: want}))
     got = torch.zeros(2, n_q, 77)
-    model = GuidedUNet.from_guidance(sd15.unet, g, plan=AttentionPlan(store={layer.index: got}))
+    model = GuidedUNet.from_guidance(sd15_pipe.unet, g, plan=AttentionPlan(store={layer.index: got}))
     runner = GraphRunner(mode="fake")
     out = runner.run("fwd", lambda inp, c: model.forward(inp["x"], inp["t"], c), dict(x=x, t=t), model.consts())
     torch.testing.assert_close(out, out_want, atol=0, rtol=0)
@@ -138,21 +128,21 @@ def test_fake_capture_copies_attention_maps_back(sd15):
 # ---- eager fallback -------------------------------------------------------------------------
 
 
-def test_cpu_falls_back_to_eager_and_logs_once(sd15, caplog):
+def test_cpu_falls_back_to_eager_and_logs_once(sd15_pipe, caplog):
     graphs._LOGGED.clear()
     kw = dict(steps=3, guidance_scale=7.0, height=SIZE, width=SIZE, output_type="pt", progress=False)
-    lat = _latents(sd15, 1)
-    want = sd15.generate("a cat", latents=lat.clone(), **kw)
+    lat = _latents(sd15_pipe, 1)
+    want = sd15_pipe.generate("a cat", latents=lat.clone(), **kw)
     with caplog.at_level(logging.WARNING, logger="overpaint"):
-        got = sd15.generate("a cat", latents=lat.clone(), cuda_graphs=True, **kw)
-        again = sd15.generate("a dog", latents=lat.clone(), cuda_graphs=True, **kw)
+        got = sd15_pipe.generate("a cat", latents=lat.clone(), cuda_graphs=True, **kw)
+        again = sd15_pipe.generate("a dog", latents=lat.clone(), cuda_graphs=True, **kw)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert torch.isfinite(again).all()
     msgs = [r.getMessage() for r in caplog.records if "cuda graphs" in r.getMessage()]
     assert len(msgs) == 1 and "device is cpu" in msgs[0]
 
 
-def test_too_many_structures_fall_back(sd15, caplog):
+def test_too_many_structures_fall_back(sd15_pipe, caplog):
     graphs._LOGGED.clear()
     runner = GraphRunner(mode="fake", max_graphs=1)
     body = lambda inp, c: inp["x"] * 2  # noqa: E731
