@@ -11,7 +11,6 @@ analyser: named colour, shape and position; per-attribute rates) and writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
