@@ -42,7 +42,7 @@ def test_smoke_folder_loads_in_overpaint(straight):
 
 def test_log_and_summary(straight):
     rows = list(csv.DictReader((straight / "train_log.csv").open()))
-    assert {r["stage"] for r in rows} == {"vae", "unet"}
+    assert {r["stage"] for r in rows} == {"vae", "text", "unet"}
     assert rows[-1]["stage"] == "unet" and int(rows[-1]["step"]) == 4
     assert (straight / "checkpoint.pt").exists() and (straight / "train_summary.json").exists()
 
@@ -85,3 +85,19 @@ def test_normalise_latents_standardises_channels_and_keeps_the_decoder_output():
         torch.testing.assert_close(post.std * sigma, ref.std, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(vae.decode(z[:8]).sample, before.decode(ref.mean[:8]).sample, rtol=1e-4, atol=1e-4)
     assert vae.config.scaling_factor == 1.0
+
+
+def test_scene_batch_masks_cover_the_objects():
+    import numpy as np
+
+    from engine.shapes import world
+
+    x, caps, m = T.scene_batch(5, 0, 3, 4, masks=True)
+    x2, caps2 = T.scene_batch(5, 0, 3, 4)
+    torch.testing.assert_close(x, x2, rtol=0, atol=0)  # asking for masks does not change the scenes
+    assert caps == caps2 and m.shape == (4, 1, 64, 64)
+    rng = np.random.default_rng([5, 0, 3])
+    for i in range(4):
+        scene = world.sample_scene(rng)
+        assert world.caption(scene) == caps[i]
+        torch.testing.assert_close(m[i, 0], torch.from_numpy(world.render_masks(scene).any(0)).float(), rtol=0, atol=0)
