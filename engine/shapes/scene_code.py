@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from engine.shapes import world
 
 # Label groups decoded from the caption: (name, number of classes). Class 0 of a slot group is "empty".
+SLOT_ATTRS = (("colour", len(world.COLOURS)), ("shape", len(world.SHAPES)), ("size", len(world.SIZES)))
 GROUPS: tuple[tuple[str, int], ...] = tuple(
-    (f"{pos}.{attr}", n + 1)
-    for pos in world.POSITIONS
-    for attr, n in (("colour", len(world.COLOURS)), ("shape", len(world.SHAPES)), ("size", len(world.SIZES)))
+    (f"{pos}.{attr}", n + 1) for pos in world.POSITIONS for attr, n in SLOT_ATTRS
 ) + (("background", len(world.BACKGROUNDS)),)
 N_LOGITS = sum(n for _, n in GROUPS)
 HELD_OUT = 10**9  # the step index of the held-out captions (training never gets there)
@@ -38,7 +37,7 @@ def labels(scene: world.Scene) -> list[int]:
     out = []
     for pos in world.POSITIONS:
         o = by_pos.get(pos)
-        out += [0, 0, 0] if o is None else [
+        out += [0] * len(SLOT_ATTRS) if o is None else [
             1 + list(world.COLOURS).index(o.colour), 1 + world.SHAPES.index(o.shape), 1 + world.SIZES.index(o.size)]
     return out + [list(world.BACKGROUNDS).index(scene.background)]
 
@@ -59,9 +58,10 @@ def token_labels(scene: world.Scene, length: int) -> torch.Tensor:
     full = labels(scene)
     known = torch.full((len(GROUPS),), end)  # [G]: first token index at which each group is known
     pos_words = [i + 1 for i, w in enumerate(ws) if w in world.POSITIONS]  # objects are listed left to right
+    k = len(SLOT_ATTRS)
     for obj, at in zip(scene.objects, pos_words):
         s = world.POSITIONS.index(obj.position)
-        known[3 * s:3 * s + 3] = at
+        known[k * s:k * (s + 1)] = at
     known[-1] = ws.index("background") + 1
     idx = torch.arange(length).view(-1, 1)  # [L, 1]
     return torch.where(idx >= known.view(1, -1), torch.tensor(full).view(1, -1), torch.tensor(-100))  # [L, G]
@@ -106,8 +106,9 @@ def pretrain(text_encoder, tokens, eos_id: int, seed: int, steps: int, batch: in
              device: str = "cpu", bar=None, log=None) -> float:
     """Train ``text_encoder`` (in place) to decode the scene from its tokens; returns the held-out
     accuracy of the labels decoded from the end token. ``tokens`` maps captions to padded ids [B, L]."""
-    torch.manual_seed(seed)  # the head's init; the encoder comes in already initialised
-    head = torch.nn.Linear(text_encoder.config.hidden_size, N_LOGITS).to(device)
+    with torch.random.fork_rng(devices=[]):  # seed the head's init without touching the caller's RNG
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(text_encoder.config.hidden_size, N_LOGITS).to(device)
     params = [*text_encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     length = text_encoder.config.max_position_embeddings

@@ -101,3 +101,10 @@ def test_scene_batch_masks_cover_the_objects():
         scene = world.sample_scene(rng)
         assert world.caption(scene) == caps[i]
         torch.testing.assert_close(m[i, 0], torch.from_numpy(world.render_masks(scene).any(0)).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag", ["--min-snr", "--vae-object-weight", "--text-steps"])
+def test_negative_weights_and_steps_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "unused", flag, "-1"])
+    assert f"{flag} must be 0 or more" in capsys.readouterr().err
