@@ -12,9 +12,9 @@ for exactly the settings the demo uses. Settings follow the papers, scaled to th
   p2p       Prompt-to-Prompt (Hertz et al. 2022) on the edit-friendly DDPM inversion (the
             DDPM-inversion paper's "P2P + ours"): cross-attention replaced for 80% of the
             steps, self-attention for 40%, local blending on the edited object's words.
-  ledits++  LEDITS++ (Brack et al. 2024): DPM-Solver++ SDE inversion, one SEGA concept
-            towards the target caption and one away from the source caption, intersect
-            (attention and guidance) mask; edit scale 2.5 and threshold 0.5 (see EDIT).
+  ledits++  LEDITS++ (Brack et al. 2024): DPM-Solver++ SDE inversion, SEGA concepts that are
+            the captions' phrases for what changes ("a small blue circle on the left"),
+            intersect (attention and guidance) mask; edit scale 5 and threshold 0.5 (see EDIT).
 
 A :class:`Change` says what the edit touches in words (the prompts, P2P's local-blend
 words); ``engine.shapes.world`` edits convert with :func:`change_of`.
@@ -42,37 +42,48 @@ EDIT = {
     "ddpm": dict(guidance_scale=15.0),
     "p2p": dict(guidance_scale=7.5, cross_replace_steps=0.8, self_replace_steps=0.4, blend_threshold=0.3,
                 source="inversion"),
-    # The concepts are whole captions: this model only ever saw whole captions, and its text
-    # encoder says where an object is at the object's position word, so a fragment concept such
-    # as "purple square" draws a new square in a default place. Scale and threshold are below
-    # the paper's (5-15, 0.9): with caption concepts on 10 colour swaps, scale 5 and more
-    # overshot the colour (blue -> white for "purple"), threshold 0.9 left the object half
-    # edited; 20 swaps: 45% at 2.5 / 0.5 (bg 31.8 dB), 30% at 2.5 / 0.7, 40% at 1.5 / 0.5;
-    # word concepts at the paper's 10 / 0.9: 5% (bg 21.8 dB).
-    "ledits++": dict(edit_guidance_scale=2.5, edit_threshold=0.5, use_intersect_mask=True),
+    # Concepts are phrases of the captions (Change.concepts); the model learned such fragments in
+    # training (20% of captions). Threshold 0.5 keeps half of the 4x4 attention map (an object is
+    # one or two of its columns); the paper's 0.9 kept too little of a large object. On the first
+    # 20 colour swaps of ShapesEdit (a sweep run while tuning): towards-only concepts 95% at
+    # scale 5 (bg 30.5 dB), 80% at 2.5, 55% at 7.5 / 0.7, 20% at 10 / 0.9; towards + away 60% at
+    # 2.5, 45% at 5 (the away term overshoots: blue -> purple came out white); whole captions as
+    # concepts 50%. Shape swaps (10): towards-only 100% at 5; backgrounds 80%.
+    "ledits++": dict(edit_guidance_scale=5.0, edit_threshold=0.5, use_intersect_mask=True),
 }
 # The parameter each method's fidelity-editability sweep varies (benchmark plot).
 SWEEP = {"p2p": ("cross_replace_steps", (0.2, 0.4, 0.6, 0.8, 1.0)),
-         "ledits++": ("edit_guidance_scale", (1.5, 2.5, 3.5, 5.0, 10.0))}
+         "ledits++": ("edit_guidance_scale", (1.5, 2.5, 5.0, 7.5, 10.0))}
 
 
 @dataclass
 class Change:
-    """An edit in words: the source and target captions and the words that name the region."""
+    """An edit in words: the source and target captions, the words that name the region (P2P),
+    and the LEDITS++ concepts: phrases to guide towards and away from."""
 
     source_prompt: str
     target_prompt: str
     blend: tuple[list[str], list[str]] | None = None  # P2P local-blend words (source, target)
+    concepts: tuple[list[str], list[str]] = ([], [])  # LEDITS++ (towards, away)
 
 
 def change_of(scene: world.Scene, e: world.Edit) -> Change:
-    """The :class:`Change` of a world edit."""
-    src, tgt = world.caption(scene), world.edit_prompt(scene, e)
+    """The :class:`Change` of a world edit. LEDITS++ concepts are the captions' own phrases:
+    towards the new object (or background clause), and away from the old object only where it
+    must disappear (position, remove). Steering away from an object that is only recoloured or
+    reshaped in place pushed past the target (blue -> purple came out white); see EDIT."""
+    target = world.apply(scene, e)
+    src, tgt = world.caption(scene), world.caption(target)
+    if e.kind == "background":
+        return Change(src, tgt, concepts=([world.fragment(target, (), True)], []))
+    towards = [] if e.kind == "remove" else [world.phrase(e.value if e.kind == "add" else target.objects[e.index])]
+    away = [world.phrase(scene.objects[e.index])] if e.kind in ("position", "remove") else []
+    blend = None
     if e.kind in ("colour", "shape", "size"):  # one object changes in place: blend on its words
-        old, new = scene.objects[e.index], world.apply(scene, e).objects[e.index]
+        old, new = scene.objects[e.index], target.objects[e.index]
         attr = "size" if e.kind == "size" else "colour"
-        return Change(src, tgt, ([getattr(old, attr), old.shape], [getattr(new, attr), new.shape]))
-    return Change(src, tgt)
+        blend = ([getattr(old, attr), old.shape], [getattr(new, attr), new.shape])
+    return Change(src, tgt, blend, (towards, away))
 
 
 def invert(pipe, image, source_prompt: str, method: str, **overrides):
@@ -91,9 +102,13 @@ def reconstruct(pipe, inv, method: str):
 def edit(pipe, inv, method: str, change: Change, **overrides):
     """Apply ``change`` with ``method``: images [B, 3, H, W] in [0, 1]."""
     kw = {**EDIT[method], **overrides}
-    if method == "ledits++":  # towards the target caption, away from the source caption
-        return pipe.edit(inv, "ledits++", editing_prompt=[change.target_prompt, change.source_prompt],
-                         reverse_editing_direction=[False, True], output_type="pt", progress=False, **kw)
+    if method == "ledits++":
+        towards, away = change.concepts
+        if not towards and not away:
+            raise ValueError("LEDITS++ needs at least one concept (Change.concepts: towards, away)")
+        return pipe.edit(inv, "ledits++", editing_prompt=[*towards, *away],
+                         reverse_editing_direction=[False] * len(towards) + [True] * len(away),
+                         output_type="pt", progress=False, **kw)
     if method == "p2p":
         if change.blend is not None and "local_blend_words" not in kw:
             kw["local_blend_words"] = change.blend

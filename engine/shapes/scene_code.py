@@ -16,6 +16,8 @@ The head is discarded: the shipped encoder is a plain ``CLIPTextModel``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,8 @@ def labels(scene: world.Scene) -> list[int]:
     return out + [list(world.BACKGROUNDS).index(scene.background)]
 
 
-def token_labels(scene: world.Scene, length: int) -> torch.Tensor:
+def token_labels(scene: world.Scene, length: int, objects: Sequence[int] | None = None,
+                 background: bool = True) -> torch.Tensor:
     """Per-token targets [length, G]: what the caption has said so far, -100 where not yet said.
 
     Token i is the start token (0), caption word i - 1, then the end token and its pads (every
@@ -50,19 +53,24 @@ def token_labels(scene: world.Scene, length: int) -> torch.Tensor:
     word on ("... circle on the left": "left" binds the phrase to a place), an empty slot's from
     the end token on, the background's from the word "background" on. So the position word, the
     token a query at that place most needs, carries its object, and the pads carry everything.
+    A partial caption (``objects`` and ``background`` as in :func:`world.fragment`) says nothing
+    about the objects and background it leaves out: their labels stay -100 on every token.
     """
-    ws = world.words(world.caption(scene))
+    whole = objects is None
+    objects = range(len(scene.objects)) if whole else sorted(objects)
+    ws = world.words(world.fragment(scene, objects, background))
     end = len(ws) + 1  # index of the end token
     if end >= length:
         raise ValueError(f"caption of {len(ws)} words does not fit {length} tokens")
     full = labels(scene)
-    known = torch.full((len(GROUPS),), end)  # [G]: first token index at which each group is known
+    never = length  # a token index no token reaches
+    known = torch.full((len(GROUPS),), end if whole else never)  # [G]: first token index at which each group is known
     pos_words = [i + 1 for i, w in enumerate(ws) if w in world.POSITIONS]  # objects are listed left to right
     k = len(SLOT_ATTRS)
-    for obj, at in zip(scene.objects, pos_words):
-        s = world.POSITIONS.index(obj.position)
+    for i, at in zip(objects, pos_words):
+        s = world.POSITIONS.index(scene.objects[i].position)
         known[k * s:k * (s + 1)] = at
-    known[-1] = ws.index("background") + 1
+    known[-1] = ws.index("background") + 1 if background else never
     idx = torch.arange(length).view(-1, 1)  # [L, 1]
     return torch.where(idx >= known.view(1, -1), torch.tensor(full).view(1, -1), torch.tensor(-100))  # [L, G]
 
@@ -94,18 +102,23 @@ def accuracy(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, head: torch.n
     return torch.stack(right).float().mean().item()
 
 
-def caption_batch(seed: int, step: int, n: int, length: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """``n`` captions, their scene labels [n, G] and per-token targets [n, length, G], fixed by (seed, step)."""
+def caption_batch(seed: int, step: int, n: int, length: int,
+                  partial: float = 0.0) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``n`` captions, their scenes' labels [n, G] and per-token targets [n, length, G], fixed by
+    (seed, step); a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`)."""
     rng = np.random.default_rng([seed, 4, step])
     scenes = [world.sample_scene(rng) for _ in range(n)]
-    return ([world.caption(s) for s in scenes], torch.tensor([labels(s) for s in scenes]),
-            torch.stack([token_labels(s, length) for s in scenes]))
+    parts = [world.sample_fragment(s, rng) if rng.random() < partial else (None, True) for s in scenes]
+    caps = [world.caption(s) if o is None else world.fragment(s, o, b) for s, (o, b) in zip(scenes, parts)]
+    return (caps, torch.tensor([labels(s) for s in scenes]),
+            torch.stack([token_labels(s, length, o, b) for s, (o, b) in zip(scenes, parts)]))
 
 
 def pretrain(text_encoder, tokens, eos_id: int, seed: int, steps: int, batch: int = 64, lr: float = 1e-3,
-             device: str = "cpu", bar=None, log=None) -> float:
-    """Train ``text_encoder`` (in place) to decode the scene from its tokens; returns the held-out
-    accuracy of the labels decoded from the end token. ``tokens`` maps captions to padded ids [B, L]."""
+             device: str = "cpu", bar=None, log=None, partial: float = 0.0) -> float:
+    """Train ``text_encoder`` (in place) to decode the scene from its tokens, a ``partial`` share of
+    them fragments; returns the held-out accuracy of the labels decoded from whole captions' end
+    tokens. ``tokens`` maps captions to padded ids [B, L]."""
     with torch.random.fork_rng(devices=[]):  # seed the head's init without touching the caller's RNG
         torch.manual_seed(seed)
         head = torch.nn.Linear(text_encoder.config.hidden_size, N_LOGITS).to(device)
@@ -114,7 +127,7 @@ def pretrain(text_encoder, tokens, eos_id: int, seed: int, steps: int, batch: in
     length = text_encoder.config.max_position_embeddings
     text_encoder.train()
     for step in range(steps):
-        caps, _, target = caption_batch(seed, step, batch, length)
+        caps, _, target = caption_batch(seed, step, batch, length, partial)
         loss = code_loss(text_encoder(tokens(caps).to(device)).last_hidden_state, head, target.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,6 +11,8 @@ same data as an uninterrupted one):
            (normalise_latents).
   2. text  the CLIP text encoder learns to decode the scene (what is in each slot, the background)
            from its tokens (engine.shapes.scene_code); seconds, captions only.
+           In stages 2 and 3, 20% of captions are fragments that name only some objects or only
+           the background (world.fragment), the phrases LEDITS++ uses as concepts.
   3. unet  UNet on the frozen text encoder, v-prediction (Salimans & Ho 2022) on SD's
            scaled_linear schedule with Min-SNR-5 weights, 10% empty captions for classifier-free
            guidance, AdamW with warmup and cosine decay, gradient clipping, EMA of the weights,
@@ -65,6 +67,11 @@ class TrainConfig:
     # with uniform weights the VAE got 9% of scenes' colours or shapes wrong (black on gray came back green).
     vae_object_weight: float = 5.0
     cfg_drop: float = 0.1
+    # Share of captions (text and UNet stages) that name only part of the scene: some objects, or
+    # the background alone (engine.shapes.world.fragment). LEDITS++ guides with such phrases as
+    # concepts ("a small blue circle on the left"); a model that only ever saw whole captions drew
+    # a fragment's object as a new scene, and colour swaps succeeded 43% of the time.
+    partial_captions: float = 0.2
     text_steps: int = 250  # scene-code pretraining of the text encoder (engine.shapes.scene_code); 0 skips it
     text_batch_size: int = 64
     freeze_text: bool = True  # keep the scene-coded text encoder fixed in the UNet stage (as SD keeps CLIP)
@@ -98,14 +105,16 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def scene_batch(seed: int, stage: int, step: int, n: int, masks: bool = False):
+def scene_batch(seed: int, stage: int, step: int, n: int, masks: bool = False, partial: float = 0.0):
     """Rendered scenes in [-1, 1] as [n, 3, 64, 64] and their captions, fixed by (seed, stage, step);
-    with ``masks`` also the union of each scene's object masks as [n, 1, 64, 64] floats."""
+    a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`); with
+    ``masks`` also the union of each scene's object masks as [n, 1, 64, 64] floats."""
     rng = np.random.default_rng([seed, stage, step])
     scenes = [world.sample_scene(rng) for _ in range(n)]
     imgs = np.stack([world.render(s) for s in scenes])  # [n, 64, 64, 3] uint8
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [n, 3, 64, 64]
-    caps = [world.caption(s) for s in scenes]
+    caps = [world.fragment(s, *world.sample_fragment(s, rng)) if partial and rng.random() < partial
+            else world.caption(s) for s in scenes]
     if not masks:
         return x, caps
     m = np.stack([world.render_masks(s).any(0) for s in scenes])  # [n, 64, 64] bool
@@ -173,6 +182,11 @@ class EMA:
     def copy_to(self, modules: list[torch.nn.Module]) -> None:
         for s, p in zip(self.shadow, (p for m in modules for p in m.parameters())):
             p.copy_(s)
+
+
+def trained_modules(cfg: TrainConfig, m) -> list[torch.nn.Module]:
+    """The modules the UNet stage trains, whose EMA is exported (a frozen text encoder ships as trained)."""
+    return [m.unet] if cfg.freeze_text else [m.unet, m.text_encoder]
 
 
 def _save_checkpoint(path: Path, **state) -> None:
@@ -303,7 +317,8 @@ def train_text(cfg, m, t0: float, logger) -> dict:
     log = lambda i, loss: logger.log(stage="text", step=i, loss=f"{loss:.5f}", lr=f"{cfg.lr:.2e}",  # noqa: E731
                                      elapsed_s=f"{time.time() - t0:.1f}")
     acc = scene_code.pretrain(m.text_encoder, TokenCache(m.tokenizer), m.tokenizer.eos_token_id, cfg.seed,
-                              cfg.text_steps, cfg.text_batch_size, cfg.lr, cfg.device, bar, log)
+                              cfg.text_steps, cfg.text_batch_size, cfg.lr, cfg.device, bar, log,
+                              cfg.partial_captions)
     bar.close()
     print(f"text: {cfg.text_steps} steps, end tokens decode {acc:.1%} of held-out scene labels")
     return {"text_s": round(time.time() - ts, 1), "text_code_accuracy": round(acc, 4)}
@@ -322,7 +337,7 @@ def train_unet(cfg, m, opt, ema, start: int, deadline: float, t0: float, logger,
     step = start
     bar = _bar(cfg, start, cfg.steps, "unet")
     while step < cfg.steps and time.time() < deadline:
-        x, caps = scene_batch(cfg.seed, 1, step, cfg.batch_size)
+        x, caps = scene_batch(cfg.seed, 1, step, cfg.batch_size, partial=cfg.partial_captions)
         g = _generator(cfg.seed, 1, step)
         drop = torch.rand(len(caps), generator=g) < cfg.cfg_drop
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
@@ -347,7 +362,7 @@ def train_unet(cfg, m, opt, ema, start: int, deadline: float, t0: float, logger,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema is not None:
-            ema.update([m.unet, m.text_encoder], step)
+            ema.update(trained_modules(cfg, m), step)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -378,7 +393,7 @@ def run(cfg: TrainConfig) -> Path:
     vae_opt = torch.optim.AdamW(m.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     unet_params = [p for mod in (m.unet, m.text_encoder) for p in mod.parameters()]
     unet_opt = torch.optim.AdamW(unet_params, lr=cfg.lr, weight_decay=0.01)
-    ema = EMA([m.unet, m.text_encoder], cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(trained_modules(cfg, m), cfg.ema_decay) if cfg.ema_decay > 0 else None
     stage, step = "vae", 0
     if cfg.resume and ckpt_path.exists():
         st = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
@@ -422,7 +437,7 @@ def run(cfg: TrainConfig) -> Path:
             timings["unet_s_per_step"] = (time.time() - ts) / (step - s0)
         checkpoint(stage, step)
     if ema is not None:
-        ema.copy_to([m.unet, m.text_encoder])  # export the averaged weights
+        ema.copy_to(trained_modules(cfg, m))  # export the averaged weights
     m.vae.eval(), m.unet.eval(), m.text_encoder.eval()
     save_pipeline(m, out, prediction_type=cfg.prediction)
     summary = {"unet_steps": step, "scaling_factor": float(m.vae.config.scaling_factor),
@@ -460,6 +475,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--noisy-frac", type=float, default=d.noisy_frac)
     p.add_argument("--text-steps", type=int, default=None,
                    help=f"scene-code pretraining steps of the text encoder (default {d.text_steps}; 0 skips)")
+    p.add_argument("--partial-captions", type=float, default=d.partial_captions,
+                   help="share of training captions that name only part of the scene")
     p.add_argument("--train-text", action="store_true", help="train the text encoder jointly in the UNet stage")
     p.add_argument("--min-snr", type=float, default=d.min_snr, help="Min-SNR-gamma loss weighting (0: off)")
     p.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
@@ -471,7 +488,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = TrainConfig(out=a.out, seed=a.seed, lr=a.lr, vae_lr=a.vae_lr, vae_crop=a.vae_crop, vae_object_weight=a.vae_object_weight, device=a.device,
-                      ema_decay=a.ema_decay, prediction=a.prediction, noisy_frac=a.noisy_frac, min_snr=a.min_snr, freeze_text=not a.train_text, bf16=not a.fp32,
+                      ema_decay=a.ema_decay, prediction=a.prediction, noisy_frac=a.noisy_frac, min_snr=a.min_snr,
+                      partial_captions=a.partial_captions, freeze_text=not a.train_text, bf16=not a.fp32,
                       threads=a.threads, resume=a.resume, smoke=a.smoke, progress=not a.no_progress,
                       lr_decay=not (a.no_lr_decay or a.smoke), export=a.export)
     if a.smoke:  # small enough for a unit test; still exercises every code path
@@ -487,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         ("--text-steps", cfg.text_steps)):
         if not math.isfinite(value) or value < 0:
             p.error(f"{flag} must be 0 or more (0 turns it off), got {value}")
+    if not 0 <= cfg.partial_captions <= 1:
+        p.error(f"--partial-captions is a share between 0 and 1, got {cfg.partial_captions}")
     return cfg
 
 

@@ -9,12 +9,14 @@ rendered with the same seed changes exactly the pixels the edit touches.
 
     sample_scene(rng) -> Scene             render(scene)       -> uint8 [64, 64, 3]
     caption(scene)    -> str               render_masks(scene) -> bool [n, 64, 64]
+    fragment(scene, objects, background) -> str (a partial caption)
     sample_edit(scene, rng) -> Edit        apply(scene, edit)  -> Scene
     edit_prompt(scene, edit) -> str        word_swap(src, tgt) -> [(i, old, new)]
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -73,9 +75,34 @@ def phrase(obj: Obj) -> str:
 
 def caption(scene: Scene) -> str:
     """E.g. 'a small red circle on the left and a large blue square on the right, on a white background'."""
-    parts = [phrase(o) for o in scene.objects]
-    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{body}, on a {scene.background} background"
+    return fragment(scene, range(len(scene.objects)), background=True)
+
+
+def fragment(scene: Scene, objects: Sequence[int], background: bool = False) -> str:
+    """The caption's words for some of the scene: the objects at indices ``objects`` (listed left
+    to right) and, with ``background``, the background clause. All objects and the background
+    make the full :func:`caption`; one object alone is its phrase ('a small red circle on the
+    left'), the background alone its clause ('on a white background'). A fragment that names
+    objects never names the background, so the model can tell a partial caption from a whole one.
+    """
+    parts = [phrase(scene.objects[i]) for i in sorted(objects)]
+    body = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
+    if not background:
+        if not body:
+            raise ValueError("a fragment names at least one object or the background")
+        return body
+    clause = f"on a {scene.background} background"
+    return f"{body}, {clause}" if body else clause
+
+
+def sample_fragment(scene: Scene, rng: np.random.Generator) -> tuple[tuple[int, ...], bool]:
+    """A random partial caption's content (object indices, background?), uniform over the
+    ``2 ** n`` choices: any non-empty set of objects without the background, or the background alone."""
+    n = len(scene.objects)
+    k = int(rng.integers(2 ** n))
+    if k == 0:
+        return (), True
+    return tuple(i for i in range(n) if k >> i & 1), False
 
 
 def vocabulary() -> list[str]:

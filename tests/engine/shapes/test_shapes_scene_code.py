@@ -37,6 +37,28 @@ def test_token_labels_follow_the_caption(models):
         assert t[ws.index("background"), -1] == -100 and t[ws.index("background") + 1, -1] == full[-1]
 
 
+def test_partial_captions_label_only_what_they_name():
+    scene = world.Scene((world.Obj("circle", "red", "left", "small"), world.Obj("square", "blue", "right", "large")),
+                        "gray", 0)
+    full = torch.tensor(C.labels(scene))
+    t = C.token_labels(scene, 77, objects=[1], background=False)  # "a large blue square on the right"
+    at = 1 + world.words(world.fragment(scene, [1])).index("right")
+    assert (t[:, :6] == -100).all() and (t[:, -1] == -100).all()  # left, center and background: not said
+    assert (t[:at, 6:9] == -100).all() and (t[at:, 6:9] == full[6:9]).all()
+    t = C.token_labels(scene, 77, objects=(), background=True)  # "on a gray background"
+    assert (t[:, :-1] == -100).all()  # no slot is said to be empty
+    assert (t[:4, -1] == -100).all() and (t[4:, -1] == full[-1]).all()
+
+
+def test_caption_batch_mixes_in_fragments():
+    caps, target, tok = C.caption_batch(0, 0, 64, 77, partial=0.5)
+    frags = [c for c in caps if "background" not in c or c.startswith("on a")]
+    assert 16 <= len(frags) <= 48
+    assert C.caption_batch(0, 0, 64, 77)[0] != caps  # partial=0 keeps every caption whole
+    assert all("background" in c for c in C.caption_batch(0, 0, 64, 77)[0])
+    assert tok.shape == (64, 77, len(C.GROUPS))
+
+
 def test_labels_name_each_slot():
     scene = world.Scene((world.Obj("circle", "red", "left", "small"),), "white", 0)
     lab = C.labels(scene)

@@ -103,6 +103,30 @@ def test_scene_batch_masks_cover_the_objects():
         torch.testing.assert_close(m[i, 0], torch.from_numpy(world.render_masks(scene).any(0)).float(), rtol=0, atol=0)
 
 
+def test_scene_batch_partial_captions_keep_the_scenes():
+    x, caps = T.scene_batch(5, 1, 3, 16)
+    xp, capsp = T.scene_batch(5, 1, 3, 16, partial=0.5)
+    torch.testing.assert_close(x, xp, rtol=0, atol=0)  # fragments change the words, never the images
+    changed = [(a, b) for a, b in zip(caps, capsp) if a != b]
+    assert changed and len(changed) < 16
+    assert all("background" not in b or b.startswith("on a") for _, b in changed)
+
+
+def test_ema_follows_only_what_the_unet_stage_trains():
+    cfg = T.TrainConfig(out="unused")
+    m = type("M", (), dict(unet=torch.nn.Linear(2, 2), text_encoder=torch.nn.Linear(2, 2)))()
+    assert T.trained_modules(cfg, m) == [m.unet]  # the frozen text encoder ships as the text stage left it
+    cfg.freeze_text = False
+    assert T.trained_modules(cfg, m) == [m.unet, m.text_encoder]
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_partial_caption_share_is_checked(value, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "unused", "--partial-captions", value])
+    assert "--partial-captions is a share between 0 and 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--min-snr", "--vae-object-weight", "--text-steps"])
 def test_negative_weights_and_steps_are_refused(flag, capsys):
     with pytest.raises(SystemExit):

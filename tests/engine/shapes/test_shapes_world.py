@@ -48,6 +48,28 @@ def test_caption_text():
         assert set(w.caption(sc).replace(",", "").split()) <= vocab
 
 
+def test_fragments_name_part_of_the_scene():
+    s = w.Scene((w.Obj("circle", "red", "left", "small"), w.Obj("triangle", "green", "center", "large"),
+                 w.Obj("square", "blue", "right", "large")), "white", 3)
+    assert w.fragment(s, range(3), background=True) == w.caption(s)
+    assert w.fragment(s, [2]) == "a large blue square on the right"
+    assert w.fragment(s, [2, 0]) == "a small red circle on the left and a large blue square on the right"
+    assert w.fragment(s, (), background=True) == "on a white background"
+    with pytest.raises(ValueError, match="at least one object or the background"):
+        w.fragment(s, ())
+
+
+def test_sampled_fragments_never_mix_objects_and_background():
+    rng = np.random.default_rng(0)
+    three = w.sample_scene(rng, n_objects=3)
+    seen = set()
+    for _ in range(400):
+        objs, bg = w.sample_fragment(three, rng)
+        assert (objs == ()) == bg  # either some objects, or the background alone
+        seen.add((objs, bg))
+    assert len(seen) == 2 ** 3  # every choice is drawn
+
+
 @pytest.mark.parametrize("kind", w.EDIT_KINDS)
 def test_edits_exact(kind):
     rng = np.random.default_rng(hash(kind) % 2**32)
