@@ -17,7 +17,7 @@ for exactly the settings the demo uses. Settings follow the papers, scaled to th
             intersect (attention and guidance) mask; edit scale 5 and threshold 0.5 (see EDIT).
 
 A :class:`Change` says what the edit touches in words (the prompts, P2P's local-blend
-words); ``engine.shapes.world`` edits convert with :func:`change_of`.
+words, LEDITS++'s concepts); ``engine.shapes.world`` edits convert with :func:`change_of`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Change:
     source_prompt: str
     target_prompt: str
     blend: tuple[list[str], list[str]] | None = None  # P2P local-blend words (source, target)
-    concepts: tuple[list[str], list[str]] = ([], [])  # LEDITS++ (towards, away)
+    concepts: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # LEDITS++ (towards, away)
 
 
 def change_of(scene: world.Scene, e: world.Edit) -> Change:
@@ -75,9 +75,10 @@ def change_of(scene: world.Scene, e: world.Edit) -> Change:
     target = world.apply(scene, e)
     src, tgt = world.caption(scene), world.caption(target)
     if e.kind == "background":
-        return Change(src, tgt, concepts=([world.fragment(target, (), True)], []))
-    towards = [] if e.kind == "remove" else [world.phrase(e.value if e.kind == "add" else target.objects[e.index])]
-    away = [world.phrase(scene.objects[e.index])] if e.kind in ("position", "remove") else []
+        return Change(src, tgt, concepts=((world.fragment(target, (), True),), ()))
+    new_obj = e.value if e.kind == "add" else None if e.kind == "remove" else target.objects[e.index]
+    towards = () if new_obj is None else (world.phrase(new_obj),)
+    away = (world.phrase(scene.objects[e.index]),) if e.kind in ("position", "remove") else ()
     blend = None
     if e.kind in ("colour", "shape", "size"):  # one object changes in place: blend on its words
         old, new = scene.objects[e.index], target.objects[e.index]

@@ -19,7 +19,7 @@ SCENE = world.Scene((world.Obj("circle", "red", "left", "small"), world.Obj("squ
 ])
 def test_ledits_concepts_are_the_captions_phrases_for_what_changes(edit, towards, away):
     ch = recipes.change_of(SCENE, edit)
-    assert ch.concepts == (towards, away)
+    assert ch.concepts == (tuple(towards), tuple(away))
     assert ch.source_prompt == world.caption(SCENE) and ch.target_prompt == world.edit_prompt(SCENE, edit)
     for phrase in towards:
         assert phrase in ch.target_prompt
