@@ -56,8 +56,8 @@ def token_labels(scene: world.Scene, length: int, objects: Sequence[int] | None 
     A partial caption (``objects`` and ``background`` as in :func:`world.fragment`) says nothing
     about the objects and background it leaves out: their labels stay -100 on every token.
     """
-    whole = objects is None
-    objects = range(len(scene.objects)) if whole else sorted(objects)
+    objects = range(len(scene.objects)) if objects is None else sorted(objects)
+    whole = background and len(objects) == len(scene.objects)  # only a whole caption says a slot is empty
     ws = world.words(world.fragment(scene, objects, background))
     end = len(ws) + 1  # index of the end token
     if end >= length:
@@ -108,8 +108,8 @@ def caption_batch(seed: int, step: int, n: int, length: int,
     (seed, step); a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`)."""
     rng = np.random.default_rng([seed, 4, step])
     scenes = [world.sample_scene(rng) for _ in range(n)]
-    parts = [world.sample_fragment(s, rng) if rng.random() < partial else (None, True) for s in scenes]
-    caps = [world.caption(s) if o is None else world.fragment(s, o, b) for s, (o, b) in zip(scenes, parts)]
+    parts = [world.sample_fragment(s, rng, partial) for s in scenes]
+    caps = [world.fragment(s, o, b) for s, (o, b) in zip(scenes, parts)]
     return (caps, torch.tensor([labels(s) for s in scenes]),
             torch.stack([token_labels(s, length, o, b) for s, (o, b) in zip(scenes, parts)]))
 

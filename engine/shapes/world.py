@@ -82,8 +82,9 @@ def fragment(scene: Scene, objects: Sequence[int], background: bool = False) -> 
     """The caption's words for some of the scene: the objects at indices ``objects`` (listed left
     to right) and, with ``background``, the background clause. All objects and the background
     make the full :func:`caption`; one object alone is its phrase ('a small red circle on the
-    left'), the background alone its clause ('on a white background'). A fragment that names
-    objects never names the background, so the model can tell a partial caption from a whole one.
+    left'), the background alone its clause ('on a white background'). Training fragments
+    (:func:`sample_fragment`) that name objects never name the background, so the model can
+    tell a partial caption from a whole one, which always ends with it.
     """
     parts = [phrase(scene.objects[i]) for i in sorted(objects)]
     body = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
@@ -95,10 +96,15 @@ def fragment(scene: Scene, objects: Sequence[int], background: bool = False) -> 
     return f"{body}, {clause}" if body else clause
 
 
-def sample_fragment(scene: Scene, rng: np.random.Generator) -> tuple[tuple[int, ...], bool]:
-    """A random partial caption's content (object indices, background?), uniform over the
-    ``2 ** n`` choices: any non-empty set of objects without the background, or the background alone."""
+def sample_fragment(scene: Scene, rng: np.random.Generator,
+                    partial: float = 1.0) -> tuple[tuple[int, ...], bool]:
+    """What a training caption names, as :func:`fragment`'s (objects, background): with
+    probability ``partial`` a partial caption, uniform over the ``2 ** n`` choices (any non-empty
+    set of objects without the background, or the background alone), else the whole scene.
+    ``partial`` 0 draws nothing from ``rng``."""
     n = len(scene.objects)
+    if not partial or (partial < 1 and rng.random() >= partial):
+        return tuple(range(n)), True
     k = int(rng.integers(2 ** n))
     if k == 0:
         return (), True

@@ -70,6 +70,16 @@ def test_sampled_fragments_never_mix_objects_and_background():
     assert len(seen) == 2 ** 3  # every choice is drawn
 
 
+def test_fragment_share_and_whole_captions():
+    scene = w.sample_scene(np.random.default_rng(1), n_objects=2)
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert w.sample_fragment(scene, rng, partial=0.0) == ((0, 1), True)
+    assert rng.bit_generator.state == state  # a share of 0 draws nothing (the VAE stage's data stays put)
+    picks = [w.sample_fragment(scene, rng, partial=0.25) for _ in range(400)]
+    assert 60 <= sum(p != ((0, 1), True) for p in picks) <= 140
+
+
 @pytest.mark.parametrize("kind", w.EDIT_KINDS)
 def test_edits_exact(kind):
     rng = np.random.default_rng(hash(kind) % 2**32)
