@@ -1,64 +1,30 @@
-"""The pipeline object users hold: text encoding, the batched denoising step, VAE, generation.
+"""The façade users hold: text encoding, VAE, and generation / inversion / editing as
+programs on the one loop.
 
-Every branch of a forward (unconditional and conditional rows today; source,
-edit and guidance rows for the editing methods) goes through one UNet call per
-timestep. Rows carry their own timestep ([B] tensor), so batches may mix rows
-at different timesteps.
+Everything below it is imported downward: the step layer (:mod:`engine.step`: guidance,
+the Denoiser, programs, the loop), the methods (:mod:`engine.editing`), the runtime
+(CUDA graphs). Every request -- a generation, an inversion, an edit of any method --
+becomes a program whose rows join one model call per step with those of every other
+request run with it (:meth:`Pipeline.edit_many`, :meth:`Pipeline.invert_many`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
+from .editing import edit_program, inversion_program
 from .images import load_image, to_output
-from .models.attention import AttentionPlan
 from .prompts import Conditioning, as_list, encode
-from .sampling import NoiseSchedule, SchedulerConfig, make_sampler, sample, sampler_name_for
+from .sampling import NoiseSchedule, SchedulerConfig, make_sampler, sampler_name_for
 from .sampling.schedule import UnsupportedConfigError
+from .runtime.graphs import GraphRunner
+from .step import Guidance, Loop, SamplerProgram, UNetDenoiser, drawn_noise
+
+__all__ = ["Pipeline", "Guidance"]
 
 log = logging.getLogger("overpaint")
-
-
-@dataclass
-class Guidance:
-    """Conditioning of a (possibly classifier-free-guided) batch of B rows."""
-
-    cond: Conditioning  # [B, ...]
-    uncond: Conditioning | None  # [B, ...]; None: no guidance, one UNet row per sample
-    time_ids: torch.Tensor | None  # [B, 6] SDXL micro-conditioning
-    scale: float = 1.0
-    rescale: float = 0.0
-
-    def __len__(self) -> int:
-        return len(self.cond)
-
-    def tile(self, n: int) -> "Guidance":
-        """The same guidance for n blocks of rows (e.g. n timesteps of B images in one call)."""
-        ids = None if self.time_ids is None else self.time_ids.repeat(n, 1)
-        return Guidance(self.cond.tile(n), None if self.uncond is None else self.uncond.tile(n), ids,
-                        self.scale, self.rescale)
-
-
-def cfg_combine(out: torch.Tensor, scale, rescale=0.0, keep=None) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022) of a UNet output [2B, ...] whose rows are
-    [uncond, cond]; returns [B, ...] in float32 (the difference of two close half-precision
-    outputs, times the scale, is where half precision hurts).
-
-    ``scale`` / ``rescale``: Python floats, or 0-dim float32 tensors (a CUDA graph's static
-    inputs; same results as the floats). A ``rescale`` float of 0 skips the rescaling.
-    ``keep``: 1 - rescale, rounded from double like the float expression (for tensors).
-    """
-    uncond, cond = out.float().chunk(2)  # [B, ...] each
-    guided = uncond + scale * (cond - uncond)
-    if isinstance(rescale, torch.Tensor) or rescale > 0:
-        # Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Sec. 3.4
-        dims = list(range(1, cond.ndim))
-        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        guided = rescale * rescaled + ((1 - rescale) if keep is None else keep) * guided
-    return guided
 
 
 class Pipeline:
@@ -118,16 +84,16 @@ class Pipeline:
 
     def time_ids(self, n: int, height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
                  target_size=None) -> torch.Tensor | None:
-        """SDXL micro-conditioning rows [n, 6]: original size, crop top-left, target size."""
-        if self.arch != "sdxl":
-            return None
-        ids = list(original_size or (height, width)) + list(crops_coords_top_left) + list(target_size or (height, width))
-        cfg = self.unet.config
-        expected = cfg.projection_class_embeddings_input_dim
-        got = cfg.addition_time_embed_dim * len(ids) + self.text_encoders[-1].config.projection_dim
-        if expected != got:
-            raise ValueError(f"UNet expects an added embedding of {expected} but text encoder 2 and time ids give {got}")
-        return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(n, 1)
+        """SDXL micro-conditioning rows [n, 6] (the Denoiser's; None for SD)."""
+        return self.denoiser.time_ids(n, height, width, original_size, crops_coords_top_left, target_size)
+
+    @property
+    def denoiser(self) -> UNetDenoiser:
+        """The model call on rows (eager); ``denoiser.with_runner(self.graphs)`` for CUDA graphs."""
+        if getattr(self, "_denoiser", None) is None:
+            proj = self.text_encoders[-1].config.projection_dim if self.arch == "sdxl" else None
+            self._denoiser = UNetDenoiser(self.unet, proj)
+        return self._denoiser
 
     # ---- the batched step ---------------------------------------------------------------
     def guidance(self, prompt, negative_prompt=None, guidance_scale: float = 7.5, height: int | None = None,
@@ -138,25 +104,6 @@ class Pipeline:
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images, use_cfg)
         time_ids = self.time_ids(len(cond), height, width, **size_kw)
         return Guidance(cond, uncond, time_ids, guidance_scale, guidance_rescale)
-
-    def model_fn(self, g: Guidance, plan: AttentionPlan | None = None):
-        """A function (x [B, C, h, w], t [B]) -> guided model output [B, C, h, w].
-
-        With guidance, unconditional and conditional rows run in one UNet call of 2B rows.
-        """
-        if g.uncond is None:
-            added = None if g.cond.pooled is None else {"text_embeds": g.cond.pooled, "time_ids": g.time_ids}
-            return lambda x, t: self.unet(x, t, g.cond.context, added, plan=plan)
-        both = Conditioning.cat([g.uncond, g.cond])
-        added = None
-        if both.pooled is not None:
-            added = {"text_embeds": both.pooled, "time_ids": torch.cat([g.time_ids, g.time_ids])}
-
-        def fn(x, t):
-            out = self.unet(torch.cat([x, x]), torch.cat([t, t]), both.context, added, plan=plan)  # [2B, C, h, w]
-            return cfg_combine(out, g.scale, g.rescale)
-
-        return fn
 
     # ---- VAE ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -203,25 +150,74 @@ class Pipeline:
         return z.to(self.dtype)
 
     # ---- editing ------------------------------------------------------------------------
-    def invert(self, image, prompt: str = "", method: str = "ddim", **params):
+    def invert(self, image, prompt: str = "", method: str = "ddim", *, progress: bool = True,
+               cuda_graphs: bool | None = None, **params):
         """Invert a real image into the model's noise space; returns an :class:`Inversion`
         that can be edited many times (``edit``) and saved (``inv.save(path)``)."""
-        from .editing import inverter
-
-        return inverter(method)(self, image, prompt, **params)
+        return self.invert_many([dict(image=image, prompt=prompt, method=method, **params)], progress=progress,
+                                cuda_graphs=cuda_graphs)[0]
 
     def edit(self, inv, method: str | None = None, target_prompt: str | None = None, *,
-             output_type: str = "pil", **params):
+             output_type: str = "pil", progress: bool = True, cuda_graphs: bool | None = None, **params):
         """Regenerate an inverted image under an edit. ``method``: "p2p", "ledits++",
         "ddim" or "ddpm" (default: the inversion's own method)."""
-        from .editing import editor
-
-        latents = editor(method or inv.method)(self, inv, target_prompt, **params)
-        return to_output(self.decode(latents), output_type)
+        return self.edit_many([dict(inv=inv, method=method, target_prompt=target_prompt, **params)],
+                              output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
 
     def reconstruct(self, inv, *, output_type: str = "pil", **params):
         """Regenerate the source image from an inversion (no edit)."""
         return self.edit(inv, inv.method, None, output_type=output_type, **params)
+
+    @torch.no_grad()
+    def invert_many(self, requests: list[dict], *, progress: bool = False, cuda_graphs: bool | None = None,
+                    batch_invariant: bool = False, bucket_rows: int | None = None) -> list:
+        """Invert several images together: each request is a dict of :meth:`invert`'s keyword
+        arguments (``image``, ``prompt``, ``method``, ...). Every request's rows share one model
+        call per step. Returns the :class:`Inversion` s in order."""
+        progs = [self._inversion(dict(r)) for r in _requests(requests)]
+        return self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows)
+
+    @torch.no_grad()
+    def edit_many(self, requests: list[dict], *, output_type: str = "pil", progress: bool = False,
+                  cuda_graphs: bool | None = None, batch_invariant: bool = False, bucket_rows: int | None = None) -> list:
+        """Run several edits (and generations) together, sharing one model call per step.
+
+        Each request is a dict of :meth:`edit`'s keyword arguments (``inv``, ``method``,
+        ``target_prompt`` and the method's parameters), or, without ``inv``, of
+        :meth:`generate`'s (``prompt``, ``steps``, ``seed``, ...). Results come back in order,
+        each as :meth:`edit` / :meth:`generate` would return it (``output_type`` per call, or
+        per request). ``batch_invariant``: every call has a fixed number of rows
+        (``bucket_rows``, default :data:`engine.step.BUCKET_ROWS`) and deterministic kernels,
+        so each result is bit-identical to the request run alone the same way.
+        """
+        reqs = [dict(r) for r in _requests(requests)]
+        types = [r.pop("output_type", output_type) for r in reqs]
+        progs = [self._edit(r) if "inv" in r else self._generation(r) for r in reqs]
+        latents = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows)
+        return [to_output(self.decode(x), t) for x, t in zip(latents, types)]
+
+    def _inversion(self, r: dict):
+        r.pop("progress", None)
+        if "image" not in r:
+            raise ValueError("an invert request needs 'image'")
+        method = r.pop("method", "ddim")
+        return inversion_program(method)(self, r.pop("image"), r.pop("prompt", ""), **r)
+
+    def _edit(self, r: dict):
+        r.pop("progress", None)
+        inv = r.pop("inv")
+        method = r.pop("method", None) or inv.method
+        return edit_program(method)(self, inv, r.pop("target_prompt", None), **r)
+
+    def _run(self, programs, progress, cuda_graphs, batch_invariant, bucket_rows):
+        runner = cuda_graphs if isinstance(cuda_graphs, GraphRunner) else self.graphs if cuda_graphs else None
+        den = self.denoiser.with_runner(runner)
+        kw = {} if bucket_rows is None else {"bucket_rows": bucket_rows}
+        loop = Loop(den, batch_invariant=batch_invariant, progress=progress, **kw)
+        for p in programs:
+            loop.add(p)
+        loop.run()
+        return [p.result() for p in programs]
 
     # ---- generation ---------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> None:
@@ -232,21 +228,33 @@ class Pipeline:
             log.info("size %dx%d is not a multiple of %d: the UNet upsamples to explicit sizes", height, width, m)
 
     @torch.no_grad()
-    def generate(self, prompt, negative_prompt=None, *, steps: int = 50, guidance_scale: float = 7.5,
-                 height: int | None = None, width: int | None = None, seed: int | None = None,
-                 num_images: int = 1, sampler: str | None = None, eta: float = 0.0,
-                 guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, original_size=None, crops_coords_top_left=(0, 0),
-                 target_size=None, output_type: str = "pil", callback=None, progress: bool = True,
-                 cuda_graphs: bool | None = None):
+    def generate(self, prompt, negative_prompt=None, *, output_type: str = "pil", progress: bool = True,
+                 cuda_graphs: bool | None = None, **params):
         """Text to image. Returns PIL images (or arrays / a tensor with ``output_type``).
 
-        ``seed`` seeds a CPU generator so results do not depend on the device; pass
-        ``generator`` or ``latents`` [B, 4, h, w] instead to control the draws. ``callback``
-        receives a dict per step (see :func:`engine.sampling.sample`). ``cuda_graphs``:
-        run the steps as captured CUDA graphs (:mod:`engine.runtime.graphs`; eager, with the
-        reason logged once, where capture is impossible); default off.
+        Parameters: ``steps``, ``guidance_scale``, ``height``, ``width``, ``seed``,
+        ``num_images``, ``sampler``, ``eta``, ``guidance_rescale``, ``latents``, ``generator``,
+        SDXL's ``original_size``, ``crops_coords_top_left``, ``target_size``, and ``callback``
+        (a dict per step: i, t, x, x0). ``seed`` seeds a CPU generator so results do not depend
+        on the device; pass ``generator`` or ``latents`` [B, 4, h, w] instead to control the
+        draws. ``cuda_graphs``: run the model calls as captured CUDA graphs
+        (:mod:`engine.runtime.graphs`; eager, with the reason logged once, where capture is
+        impossible); default off.
         """
+        return self.edit_many([dict(prompt=prompt, negative_prompt=negative_prompt, **params)],
+                              output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
+
+    def _generation(self, r: dict) -> SamplerProgram:
+        r.pop("progress", None)
+        return self.generation_program(**r)
+
+    def generation_program(self, prompt, negative_prompt=None, *, steps: int = 50, guidance_scale: float = 7.5,
+                           height: int | None = None, width: int | None = None, seed: int | None = None,
+                           num_images: int = 1, sampler: str | None = None, eta: float = 0.0,
+                           guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None, original_size=None,
+                           crops_coords_top_left=(0, 0), target_size=None, callback=None) -> SamplerProgram:
+        """Plain generation as a program (see :meth:`generate`); its result is latents."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if num_images < 1:
@@ -266,25 +274,21 @@ class Pipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         # Drawn in the model dtype (as diffusers, so seeds agree), then kept in float32 by the loop.
         x = latents.to(self.device).float()
-
         name = sampler or self.default_sampler
         opts = {"eta": eta} if name == "ddim" else {}
         smp = make_sampler(name, self.schedule, steps, device=self.device, **opts)
-        x = x * smp.init_noise_sigma
-        if cuda_graphs:
-            from .runtime.loop import GuidedUNet, sample_graphed
-
-            model = GuidedUNet.from_guidance(self.unet, g)
-            x = sample_graphed(self.graphs, model, x, smp, generator=generator, callback=callback, progress=progress)
-        else:
-            x = sample(self.model_fn(g), x, smp, generator=generator, callback=callback, progress=progress)
-        return to_output(self.decode(x), output_type)
+        return SamplerProgram(self.denoiser, g, x * smp.init_noise_sigma, smp, height=height, width=width,
+                              noise=drawn_noise(generator), callback=callback)
 
     @property
     def graphs(self):
         """This pipeline's :class:`~engine.runtime.graphs.GraphRunner` (created on first use)."""
         if getattr(self, "_graphs", None) is None:
-            from .runtime.graphs import GraphRunner
-
             self._graphs = GraphRunner()
         return self._graphs
+
+
+def _requests(requests) -> list[dict]:
+    if isinstance(requests, dict) or not all(isinstance(r, dict) for r in requests):
+        raise TypeError("requests must be a list of dicts of keyword arguments, one per request")
+    return list(requests)

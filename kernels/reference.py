@@ -7,6 +7,8 @@ fp32 math.  ``attention_reference`` is the float64 ground truth used by the test
 The Triton kernel computes the same thing blockwise with the FlashAttention-2
 online softmax (Dao, 2023).
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -123,11 +125,26 @@ def _explicit(q, k, v, scale, token_weights, store, ip, dtype):
     return o
 
 
+_EXPLICIT = [False]
+
+
+@contextlib.contextmanager
+def explicit_attention(on: bool = True):
+    """Within the block, the torch path computes every call the explicit way (never SDPA),
+    so a row's result does not depend on which options other rows of its batch need
+    (batch-invariant execution). The Triton kernel is per-row already."""
+    before, _EXPLICIT[0] = _EXPLICIT[0], on
+    try:
+        yield
+    finally:
+        _EXPLICIT[0] = before
+
+
 def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
                     store=None, ip=None, out=None):
     """Torch execution path (CPU); SDPA when no probabilities are needed explicitly."""
     q, k, v = _rows(q, q_from), _rows(k, k_from), _rows(v, v_from)
-    if store is None and token_weights is None:
+    if store is None and token_weights is None and not _EXPLICIT[0]:
         o = F.scaled_dot_product_attention(q, k, v, scale=scale)
         if ip is not None:
             ki, vi, s = ip

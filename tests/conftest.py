@@ -35,3 +35,13 @@ def sdxl_pipe(tiny_sdxl_dir):
     import engine
 
     return engine.load(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def image():
+    """A smooth random 64x64 RGB image [1, 3, 64, 64] in [0, 1]."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(1, 3, 8, 8, generator=g)
+    return torch.nn.functional.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)

@@ -1,10 +1,11 @@
 """Editing methods: invert a real image, then regenerate it under an edit.
 
-Each method is a pair of plain functions registered here by name:
-``invert(pipe, image, prompt, **params) -> Inversion`` and
-``edit(pipe, inv, target_prompt, **params) -> latents [B, C, h, w]``.
-All of them drive the same batched step (one UNet call per timestep for every
-branch, rows with their own timesteps and attention instructions).
+Each method is a program on the one loop (:mod:`engine.step`), built by functions
+registered here by name: ``invert_program(pipe, image, prompt, **params)`` (its result an
+:class:`Inversion`) and ``edit_program(pipe, inv, target_prompt, **params)`` (its result
+latents [B, C, h, w]). ``invert`` / ``edit`` run one such program alone. Any number of
+programs, of any methods, share one model call per step when run together
+(``Pipeline.edit_many`` / ``invert_many``).
 """
 
 from __future__ import annotations
@@ -35,11 +36,23 @@ def _lookup(table: dict, method: str, what: str):
 
 
 def inverter(method: str):
+    """invert(pipe, image, prompt, **params) -> Inversion, run alone."""
     return _lookup(INVERTERS, method, "inversion")
 
 
 def editor(method: str):
+    """edit(pipe, inv, target_prompt, **params) -> latents, run alone."""
     return _lookup(EDITORS, method, "edit")
 
 
-__all__ = ["Inversion", "INVERTERS", "EDITORS", "inverter", "editor"]
+def inversion_program(method: str):
+    """invert_program(pipe, image, prompt, **params) -> Program whose result is an Inversion."""
+    return _lookup({k: (m, "invert_program") for k, (m, _) in INVERTERS.items()}, method, "inversion")
+
+
+def edit_program(method: str):
+    """edit_program(pipe, inv, target_prompt, **params) -> Program whose result is latents."""
+    return _lookup({k: (m, "edit_program") for k, (m, _) in EDITORS.items()}, method, "edit")
+
+
+__all__ = ["Inversion", "INVERTERS", "EDITORS", "inverter", "editor", "inversion_program", "edit_program"]

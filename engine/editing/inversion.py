@@ -19,6 +19,39 @@ from ..prompts import Conditioning
 FORMAT = "overpaint.inversion/1"
 
 
+def ledits_replay(sampler: str, total: int) -> dict:
+    """The replay spec of a LEDITS++ inversion: diffusers' LEDITS++ scheduler settings ("leading"
+    spacing, steps_offset 1, no clipping; DPM-Solver++ SDE of order 2, or DDIM with eta 1)."""
+    overrides = dict(timestep_spacing="leading", steps_offset=1, clip_sample=False)
+    if sampler == "dpmpp_2m_sde":
+        return dict(sampler=sampler, steps=total, eta=0.0, overrides=dict(overrides, solver_order=2), skip=None)
+    if sampler == "ddim":
+        return dict(sampler=sampler, steps=total, eta=1.0, overrides=overrides, skip=None)
+    raise ValueError(f"ledits++ supports the samplers ('dpmpp_2m_sde', 'ddim'), got {sampler!r}")
+
+
+@dataclass
+class Replay:
+    """How an edit replays an inversion: ``sampler`` steps ``first + start`` .. end, from
+    ``latents[start]``, the noisy steps driven by ``noise[k]`` at sampler step ``first + k``
+    (None: a deterministic replay). latents: [S+1, B, ...] float32; noise: [S, B, ...]."""
+
+    sampler: object
+    first: int
+    start: int
+    latents: torch.Tensor
+    noise: torch.Tensor | None
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.latents[self.start]  # [B, C, h, w]
+
+    @property
+    def steps(self) -> int:
+        """The steps an edit runs."""
+        return self.latents.shape[0] - 1 - self.start
+
+
 @dataclass
 class Inversion:
     """method: "ddim" | "ddpm" | "ledits++".
@@ -29,7 +62,8 @@ class Inversion:
     timesteps: [S] the denoising timesteps, noisiest first.
     noise: [S, B, C, h, w] per-step noise maps (edit-friendly DDPM / LEDITS++), else None.
     source: the source prompt's conditioning (rows [B]); uncond: the unconditional one.
-    settings: prompt, steps, guidance_scale, skip, seed, sampler, height, width, ...
+    settings: prompt, steps, guidance_scale, skip, seed, sampler, height, width, ...;
+        ``settings["replay"]`` says how to replay it (see :meth:`replay`).
     """
 
     method: str
@@ -45,6 +79,41 @@ class Inversion:
     @property
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
+
+    def replay_spec(self) -> dict:
+        """{"sampler", "steps", "eta", "overrides", "skip"}: the sampler whose last ``self.steps``
+        steps regenerate the image (``steps`` in the schedule, ``overrides`` of its config), and
+        ``skip``, the default fraction of those steps an edit may skip (None: not skippable).
+        Files saved before the spec existed get it from their method."""
+        if "replay" in self.settings:
+            return self.settings["replay"]
+        s = self.settings
+        if self.method == "ddim":
+            return dict(sampler="ddim", steps=self.steps, eta=0.0, overrides={}, skip=None)
+        if self.method == "ddpm":
+            return dict(sampler="ddim", steps=self.steps, eta=float(s.get("eta", 1.0)), overrides={},
+                        skip=float(s.get("skip", 0.0)))
+        if self.method == "ledits++":
+            return ledits_replay(s["sampler"], s["total_steps"])
+        raise ValueError(f"inversion method {self.method!r} does not say how to replay it")
+
+    def replay(self, schedule, device, dtype, skip: float | None = None) -> "Replay":
+        """The :class:`Replay` of this inversion on ``schedule``: the sampler, the first step an
+        edit runs, and the stored latents and noise maps on ``device`` (noise in ``dtype``)."""
+        from ..sampling import make_sampler
+
+        spec = self.replay_spec()
+        extra = {"eta": spec["eta"]} if spec["sampler"] == "ddim" else {}
+        smp = make_sampler(spec["sampler"], schedule, spec["steps"], device=device, **extra, **spec["overrides"])
+        first = len(smp) - self.steps
+        if not torch.equal(smp.timesteps[first:].cpu().long(), self.timesteps.cpu().long()):
+            raise ValueError(f"cannot rebuild the {self.method} steps of this inversion with this pipeline's schedule")
+        frac = spec["skip"] if skip is None else skip
+        if frac is not None and not 0.0 <= frac < 1.0:
+            raise ValueError(f"skip must be in [0, 1), got {frac}")
+        start = int(self.steps * frac) if spec["skip"] is not None and frac else 0
+        noise = None if self.noise is None else self.noise.to(device, dtype)
+        return Replay(smp, first, start, self.latents.to(device, torch.float32), noise)
 
     def to(self, device) -> "Inversion":
         def mv(t):

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..images import load_image
 from ..models.attention import AttentionPlan
-from ..pipeline import Guidance
 from ..prompts import Conditioning, as_list, encode
 from ..sampling import DDIMSampler, DPMSolverSampler, make_sampler, randn
 from ..sampling.dpmsolver import dpmpp_2m_step, vp_alpha_sigma
-from .inversion import Inversion
+from ..step import Guidance, SamplerProgram, stored_noise
+from .common import run_one
+from .inversion import Inversion, ledits_replay
 from .sega import Concepts, attention_mask, make_map_store, mask_layers, sega_guidance, smoothing_kernel
 
 log = logging.getLogger("overpaint")
@@ -58,19 +58,18 @@ def _no_leftovers(params: dict, what: str) -> None:
         raise TypeError(f"ledits++ {what} got unexpected parameters: {', '.join(sorted(params))}")
 
 
+
 def make_ledits_sampler(pipe, name: str, total: int):
     """The sampler of diffusers' LEDITS++ pipelines for ``total`` schedule steps.
 
     As diffusers: "leading" spacing, steps_offset 1 and no sample clipping (its
     constructor forces the last two); DPM-Solver++ is the SDE variant of order 2, DDIM has eta 1.
     """
-    common = dict(timestep_spacing="leading", steps_offset=1, clip_sample=False)
-    if name == "dpmpp_2m_sde":
-        return make_sampler("dpmpp_2m_sde", pipe.schedule, total, device=pipe.device, solver_order=2, **common)
-    if name == "ddim":
-        return make_sampler("ddim", pipe.schedule, total, device=pipe.device, eta=1.0, **common)
-    raise ValueError(f"ledits++ supports the samplers {SAMPLERS}, got {name!r}")
-
+    if name not in SAMPLERS:
+        raise ValueError(f"ledits++ supports the samplers {SAMPLERS}, got {name!r}")
+    spec = ledits_replay(name, total)
+    extra = {"eta": spec["eta"]} if name == "ddim" else {}
+    return make_sampler(name, pipe.schedule, total, device=pipe.device, **extra, **spec["overrides"])
 
 def _noise_tables(smp, first: int):
     """Per used step (noisiest first), as [S] tensors: (a, s) with x_t = a x0 + s eps for the
@@ -123,18 +122,45 @@ def _prepare_image(pipe, image, height, width) -> torch.Tensor:
     return F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
-def _added(pipe, cond: Conditioning, height: int, width: int, crops) -> dict | None:
-    if cond.pooled is None:
-        return None
-    return {"text_embeds": cond.pooled, "time_ids": pipe.time_ids(len(cond), height, width, crops_coords_top_left=crops)}
+
+class LeditsInversion(SamplerProgram):
+    """Step 3 of the inversion as a program: at used step j the (source-guided) model output at
+    the drawn x_t gives the solver's mean; the noise map makes the stochastic step land on the
+    next drawn latent, which is then replaced by what the edit's step will reproduce."""
+
+    def __init__(self, pipe, g, smp, first: int, lat, c, settings: dict, num_zero_noise_steps: int, x0, time_ids):
+        super().__init__(pipe.denoiser, g, lat[0], smp, height=settings["height"], width=settings["width"],
+                         start=first)
+        self.lat, self.c, self.first, self.settings, self.x0 = lat, c, first, settings, x0
+        self.zs = torch.zeros_like(lat[1:])  # [S, B, C, h, w]
+        self.num_zero = num_zero_noise_steps
+
+    def model_input(self):
+        self.x = self.lat[self.i - self.first]  # the drawn x_t (as replaced by the previous step)
+        return super().model_input()
+
+    def advance(self, pred):
+        j, steps = self.i - self.first, self.zs.shape[0]
+        mu, self.state = _mean_step(self.sampler, self.i, self.x, pred, self.state)  # [B, C, h, w]
+        cj = self.c[j].to(mu.dtype)
+        z = torch.where(cj > 0, (self.lat[j + 1] - mu) / cj, torch.zeros_like(mu))  # no noise on a zero-variance step
+        self.zs[j] = z
+        if j + 1 < steps:
+            self.lat[j + 1] = mu + cj * z  # what the edit's step will reproduce
+        self.i += 1
+
+    def result(self) -> Inversion:
+        if self.num_zero > 0:
+            self.zs[-self.num_zero:] = 0
+        ts = self.sampler.timesteps[self.first:]
+        return Inversion("ledits++", self.x0, self.lat, ts, self.source, self.uncond, self.zs, self.settings)
 
 
-@torch.no_grad()
-def invert(pipe, image, prompt="", *, steps: int = 30, guidance_scale: float = 3.5, skip: float = 0.15,
-           seed: int | None = None, generator: torch.Generator | None = None, height: int | None = None,
-           width: int | None = None, sampler: str = "dpmpp_2m_sde", negative_prompt=None,
-           crops_coords_top_left=(0, 0), num_zero_noise_steps: int | None = None, progress: bool = True,
-           **params) -> Inversion:
+def invert_program(pipe, image, prompt="", *, steps: int = 30, guidance_scale: float = 3.5, skip: float = 0.15,
+                   seed: int | None = None, generator: torch.Generator | None = None, height: int | None = None,
+                   width: int | None = None, sampler: str = "dpmpp_2m_sde", negative_prompt=None,
+                   crops_coords_top_left=(0, 0), num_zero_noise_steps: int | None = None,
+                   **params) -> LeditsInversion:
     """LEDITS++ inversion of ``image`` (see the module docstring for the algorithm).
 
     Parameters (diffusers' names accepted as aliases): ``prompt`` / ``source_prompt`` describes
@@ -172,14 +198,12 @@ def invert(pipe, image, prompt="", *, steps: int = 30, guidance_scale: float = 3
     crops = tuple(crops_coords_top_left)
     # [B, 6] (SDXL). diffusers' SDXL invert swaps height and width here; same for square images.
     time_ids = pipe.time_ids(b, height, width, crops_coords_top_left=crops)
-    # guided: one UNet call of 2B rows [uncond, source] per step; else the unconditional rows alone
+    # guided: 2B model rows [uncond, source] per step; else the unconditional rows alone
     g = Guidance(source, uncond, time_ids, guidance_scale) if guided else Guidance(uncond, None, time_ids)
-    model = pipe.model_fn(g)
 
     total = int(steps * (1 + skip))
     smp = make_ledits_sampler(pipe, sampler, total)
     first = len(smp) - steps
-    ts = smp.timesteps[first:]  # [S] noisiest first
     a, s, c = _noise_tables(smp, first)  # [S] each
     bc = lambda v: v.view(-1, 1, 1, 1, 1).to(x0.dtype)  # noqa: E731  [S] -> [S, 1, 1, 1, 1]
 
@@ -187,37 +211,70 @@ def invert(pipe, image, prompt="", *, steps: int = 30, guidance_scale: float = 3
     eps = torch.stack([randn(x0.shape, generator, pipe.device, x0.dtype) for _ in range(steps)][::-1])  # [S, B, C, h, w]
     lat = torch.cat([bc(a) * x0 + bc(s) * eps, x0[None]])  # [S+1, B, C, h, w]; lat[j]: start of step j
 
-    # 3. noise maps, noisiest first
-    zs = torch.zeros_like(eps)  # [S, B, C, h, w]
-    state = smp.init_state(x0)
-    for j in tqdm(range(steps), disable=not progress):
-        i = first + j
-        xt = lat[j]  # [B, C, h, w]
-        out = model(smp.scale_model_input(xt, i), ts[j].expand(b))  # [B, C, h, w]
-        mu, state = _mean_step(smp, i, xt, out, state)  # [B, C, h, w]
-        cj = c[j].to(mu.dtype)
-        z = torch.where(cj > 0, (lat[j + 1] - mu) / cj, torch.zeros_like(mu))  # no noise on a zero-variance step
-        zs[j] = z
-        if j + 1 < steps:
-            lat[j + 1] = mu + cj * z  # what the edit's step will reproduce
-    if num_zero_noise_steps > 0:
-        zs[-num_zero_noise_steps:] = 0
-
     settings = dict(prompt=prompts if len(prompts) > 1 else prompts[0], steps=steps, guidance_scale=guidance_scale,
                     skip=skip, seed=seed, sampler=sampler, total_steps=total, height=int(height), width=int(width),
                     negative_prompt=negative_prompt, crops_coords_top_left=list(crops),
-                    num_zero_noise_steps=num_zero_noise_steps, guided=guided, arch=pipe.arch)
-    return Inversion("ledits++", x0, lat, ts, source, uncond, zs, settings)
+                    num_zero_noise_steps=num_zero_noise_steps, guided=guided, arch=pipe.arch,
+                    replay=ledits_replay(sampler, total))
+    prog = LeditsInversion(pipe, g, smp, first, lat, c, settings, num_zero_noise_steps, x0, time_ids)
+    prog.source, prog.uncond = source, uncond
+    return prog
 
 
 @torch.no_grad()
-def edit(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_guidance_scale=5.0,
-         edit_threshold=0.9, edit_warmup_steps=0, edit_cooldown_steps=None, reverse_editing_direction=False,
-         use_cross_attn_mask: bool = False, use_intersect_mask: bool | None = None, user_mask=None,
-         sem_guidance=None, guidance_rescale: float = 0.0, negative_prompt=None, denoising_end: float | None = None,
-         crops_coords_top_left=None, seed=None, generator=None, callback=None, progress: bool = True,
-         **params) -> torch.Tensor:
-    """Regenerate ``inv`` under LEDITS++ edits; returns latents [B, C, h, w].
+def invert(pipe, image, prompt="", *, progress: bool = True, **params) -> Inversion:
+    return run_one(pipe, invert_program(pipe, image, prompt, **params), progress)
+
+
+class LeditsEdit(SamplerProgram):
+    """The edit: rows [uncond x B, concept_1 x B, ...]; the prediction is the unconditional output
+    plus the masked SEGA terms; the stored noise maps drive every step."""
+
+    def __init__(self, pipe, rp, rows, end: int, *, concepts: int, sega: dict, callback=None):
+        super().__init__(pipe.denoiser, None, rp.x, rp.sampler, rows=rows, start=rp.first, end=end,
+                         noise=stored_noise(rp.noise, rp.first), callback=callback)
+        self.n, self.b, self.first = concepts, rp.x.shape[0], rp.first
+        self.sega, self.guidance, self.masks, self.map_plan = sega, None, None, sega.pop("plan")
+
+    def plan(self):
+        return self.map_plan
+
+    def combine(self, out):
+        sg, j, b, n = self.sega, self.i - self.first, self.b, self.n
+        unc, concepts = out[:b], out[b:].view(n, b, *out.shape[1:])  # [B, ...], [n, B, ...]
+        masks = None
+        if sg["replay"] is not None and len(sg["replay"]) > j:
+            guidance = sg["replay"][j].to(out.device, out.dtype)  # [B, C, h, w]
+        elif n:
+            if sg["maps"] is not None:
+                masks = attention_mask(sg["maps"], b, sg["tokens"], sg["row_thr"], tuple(out.shape[-2:]),
+                                       sg["kernel"]).view(n, b, 1, *out.shape[-2:])
+            guidance = sega_guidance(unc, concepts, sg["signed"], sg["thresholds"], sg["active"][j], sg["mode"],
+                                     masks, sg["user_mask"], attn_only=sg["attn_only"][j])
+        else:
+            guidance = torch.zeros_like(unc)
+        self.guidance, self.masks = guidance, masks
+        pred = unc + guidance  # [B, C, h, w]
+        if n and sg["rescale"] > 0:
+            # Lin et al. 2024, Sec. 3.4, against the concepts' mean prediction
+            ref = concepts.mean(dim=0)
+            dims = list(range(1, pred.ndim))
+            rescaled = pred * (ref.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
+            pred = sg["rescale"] * rescaled + (1 - sg["rescale"]) * pred
+        return pred
+
+    def report(self, i):
+        j = i - self.first
+        return dict(i=j, t=self.sampler.timesteps[i], x=self.x, guidance=self.guidance, masks=self.masks)
+
+
+def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_guidance_scale=5.0,
+                 edit_threshold=0.9, edit_warmup_steps=0, edit_cooldown_steps=None, reverse_editing_direction=False,
+                 use_cross_attn_mask: bool = False, use_intersect_mask: bool | None = None, user_mask=None,
+                 sem_guidance=None, guidance_rescale: float = 0.0, negative_prompt=None,
+                 denoising_end: float | None = None, crops_coords_top_left=None, seed=None, generator=None,
+                 callback=None, **params) -> LeditsEdit:
+    """Regenerate ``inv`` under LEDITS++ edits; its result is latents [B, C, h, w].
 
     Parameters as diffusers' ``LEditsPPPipelineStableDiffusion(XL).__call__``: ``editing_prompt``
     (a string or list: one SEGA concept each; ``target_prompt`` is used when it is None),
@@ -250,18 +307,14 @@ def edit(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_
                                edit_warmup_steps, edit_cooldown_steps)
 
     st = inv.settings
-    inv = inv.to(pipe.device)
-    x = inv.latents[0].float()  # [B, C, h, w]; the loop keeps latents in float32
-    b, _, h, w = x.shape
+    rp = inv.replay(pipe.schedule, pipe.device, pipe.dtype)
+    b, _, h, w = rp.x.shape
     rows = (1 + n) * b
-    smp = make_ledits_sampler(pipe, st["sampler"], st["total_steps"])
     steps = inv.steps
-    first = len(smp) - steps
-    ts = inv.timesteps  # [S]
-    ts_host = ts.tolist()  # one sync, before the loop
+    ts = inv.timesteps.to(pipe.device)  # [S]
     if denoising_end is not None and 0 < denoising_end < 1:
         cutoff = int(round(pipe.schedule.num_train_timesteps * (1 - denoising_end)))
-        steps = sum(t >= cutoff for t in ts_host)
+        steps = sum(t >= cutoff for t in inv.timesteps.tolist())  # host copy of the stored timesteps: no sync
 
     # Conditioning rows [uncond x B, concept_1 x B, ...] (concept-major, as diffusers).
     _, uncond = pipe.encode_prompt([""] * b, negative_prompt, 1, guidance=True)  # [B]
@@ -270,7 +323,7 @@ def edit(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_
         parts.append(encode(pipe.text_encoders, pipe.tokenizers, prompts, pipe.device, pipe.dtype).repeat(b))
     cond = Conditioning.cat(parts)  # [R]
     crops = tuple(st.get("crops_coords_top_left", (0, 0)) if crops_coords_top_left is None else crops_coords_top_left)
-    added = _added(pipe, cond, st["height"], st["width"], crops)
+    model_rows = pipe.denoiser.condition(cond, st["height"], st["width"], crops_coords_top_left=crops)
 
     plan = maps = tokens = kernel = None
     if use_attn:
@@ -278,43 +331,25 @@ def edit(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=None, edit_
         plan = AttentionPlan(store=maps.store)
         tokens = _token_rows(pipe, prompts, cond.context.shape[1]).repeat_interleave(b, 0).to(pipe.device)  # [nB, Nk]
         kernel = smoothing_kernel(pipe.device)
-    signed = cfg.signed_scale(pipe.device, torch.float32)  # [n]
+    if use_intersect_mask:
+        mode = "intersect"
+    else:
+        mode = "attn" if use_cross_attn_mask else "noise"
+    # SD pipeline: above INTERSECT_MAX_T the intersect mask is M¹ alone (a per-step tensor, no host branch)
+    attn_only = (ts > INTERSECT_MAX_T) & (pipe.arch != "sdxl")  # [S] bool
     thresholds = torch.tensor(cfg.threshold, device=pipe.device)  # [n]
-    active = cfg.active(steps, pipe.device, torch.float32)  # [S, n]
-    row_thr = thresholds.repeat_interleave(b)  # [nB]
-    user_mask = None if user_mask is None else user_mask.to(pipe.device)
+    sega = dict(plan=plan, maps=maps, tokens=tokens, kernel=kernel, mode=mode, attn_only=attn_only,
+                signed=cfg.signed_scale(pipe.device, torch.float32), thresholds=thresholds,
+                active=cfg.active(steps, pipe.device, torch.float32), row_thr=thresholds.repeat_interleave(b),
+                user_mask=None if user_mask is None else user_mask.to(pipe.device), replay=sem_guidance,
+                rescale=guidance_rescale)
+    return LeditsEdit(pipe, rp, model_rows, rp.first + steps, concepts=n, sega=sega, callback=callback)
 
-    state = smp.init_state(x)
-    for j in tqdm(range(steps), disable=not progress):
-        i = first + j
-        t = ts[j].expand(rows)  # [R]
-        x_in = smp.scale_model_input(x, i).repeat(1 + n, 1, 1, 1)  # [R, C, h, w]
-        out = pipe.unet(x_in, t, cond.context, added, plan=plan)  # [R, C, h, w]
-        unc, concepts = out[:b], out[b:].view(n, b, *out.shape[1:])  # [B, ...], [n, B, ...]
-        masks = None
-        if sem_guidance is not None and len(sem_guidance) > j:
-            guidance = sem_guidance[j].to(out.device, out.dtype)  # [B, C, h, w]
-        elif n:
-            if use_intersect_mask:
-                mode = "attn" if pipe.arch != "sdxl" and ts_host[j] > INTERSECT_MAX_T else "intersect"
-            else:
-                mode = "attn" if use_cross_attn_mask else "noise"
-            if use_attn:
-                masks = attention_mask(maps, b, tokens, row_thr, (h, w), kernel).view(n, b, 1, h, w)
-            guidance = sega_guidance(unc, concepts, signed, thresholds, active[j], mode, masks, user_mask)
-        else:
-            guidance = torch.zeros_like(unc)
-        pred = unc + guidance  # [B, C, h, w]
-        if n and guidance_rescale > 0:
-            # Lin et al. 2024, Sec. 3.4, against the concepts' mean prediction
-            ref = concepts.mean(dim=0)
-            dims = list(range(1, pred.ndim))
-            rescaled = pred * (ref.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
-            pred = guidance_rescale * rescaled + (1 - guidance_rescale) * pred
-        x, state = smp.step(i, x, pred, state, inv.noise[j])
-        if callback is not None:
-            callback(dict(i=j, t=ts[j], x=x, guidance=guidance, masks=masks))
-    return x
+
+@torch.no_grad()
+def edit(pipe, inv: Inversion, target_prompt=None, *, progress: bool = True, **params) -> torch.Tensor:
+    """Regenerate ``inv`` under LEDITS++ edits (see :func:`edit_program`); latents [B, C, h, w]."""
+    return run_one(pipe, edit_program(pipe, inv, target_prompt, **params), progress)
 
 
 def _token_rows(pipe, prompts: list[str], n_keys: int) -> torch.Tensor:

@@ -12,31 +12,33 @@ conditional rows take attention from the source's (P2P edits the conditional hal
   borrowed probabilities scaled per token by the equalizer. All three are one
   :class:`~engine.models.attention.CrossMix` (exact, two kernel calls, no maps formed).
 * self-attention, steps [0, self_replace_steps·S): the source's map softmax(q_src k_srcᵀ)
-  applied to the edit's values (kernel ``q_from``/``k_from``), at layers whose queries are
-  downsampled by at least ``self_replace_min_scale`` from the latent. P2P's rule is
-  ``Nq <= 16**2`` at SD's 64×64 latent, i.e. scale >= 4 (16×16 and 8×8); we state it
-  relative to the latent so it carries to SDXL (its 32×32 level) and to other sizes.
+  applied to the edit's values (kernel ``q_from``/``k_from``), at layers with few queries.
+  The official rule is ``Nq <= 16**2`` (SD's 16×16 and 8×8 layers at 512²); we scale that
+  count with the latent's area (``Nq <= h·w/16``), so the same layers are picked at any
+  resolution and on SDXL, where the absolute count would pick others.
 * local blending: the kernel stores head-averaged cross-attention maps of the blend
   layers (down/up layers at the resolution nearest 16×16, as P2P) into our buffers; they
   are summed over layers and steps, and from step ``blend_start``·S on the mask
   (words' maps, 3×3 max-pool, nearest upsample, divided by its max, > threshold, union
   of the source's and the edit's) keeps the source outside it:
-  x_edit = x_src + mask · (x_edit − x_src).
+  x_edit = x_src + mask · (x_edit − x_src). The edit rows' maps are their own softmax by
+  default; ``blend_maps="edited"`` sums the maps after replacement instead, as the
+  official attention store does (its controller edits the stored probabilities in place).
 
-The per-step attention plans are built once, from device tensors, before the loop; the
-loop only picks one per step (no host syncs, no re-planning).
+The edit is a :class:`P2PEdit` program on the one loop: the per-step attention plans are
+built once, before the loop, and the program hands out one per step (no host syncs, no
+re-planning); other programs' rows may share its model calls.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..models.attention import AttentionPlan, CrossMix
-from ..pipeline import Guidance
 from ..prompts import Conditioning, as_list
-from ..sampling import make_sampler
+from ..step import Guidance, SamplerProgram, stored_noise
+from .common import run_one
 from .p2p_align import align, token_ids, token_mask, word_token_indices
 
 EDIT_TYPES = ("replace", "refine", "reweight")
@@ -94,36 +96,58 @@ def _grid(h: int, w: int, scale: int) -> tuple[int, int]:
     return h, w
 
 
-def _sampler(pipe, inv, skip):
-    """The inversion's sampler and the first step to run: DDIM (eta 0) for "ddim"; for
-    "ddpm" (edit-friendly, engine.editing.ddpm) DDIM with the inversion's eta, driven by
-    the stored noise maps, from step int(skip·S)."""
-    if inv.method == "ddim":
-        smp, start = make_sampler("ddim", pipe.schedule, inv.steps, device=pipe.device), 0
-    else:
-        if inv.noise is None:
-            raise ValueError("this 'ddpm' inversion has no noise maps")
-        eta = float(inv.settings.get("eta", 1.0))
-        smp = make_sampler("ddim", pipe.schedule, inv.steps, eta=eta, device=pipe.device)
-        skip = inv.settings.get("skip", 0.0) if skip is None else skip
-        start = int(inv.steps * skip)
-    if not torch.equal(smp.timesteps.cpu().long(), inv.timesteps.cpu().long()):
-        raise ValueError(f"cannot rebuild the {inv.method} steps of this inversion with this pipeline's schedule")
-    return smp, start
+class P2PEdit(SamplerProgram):
+    """The source and edit branches as one program: sample rows [source x B, edit x B], model rows
+    [uncond_src, uncond_edit, cond_src, cond_edit]; the plan of step k borrows the source's
+    attention; after the update, the source rows may be reset to the inversion's trajectory and
+    the local blend keeps the source outside the mask."""
+
+    def __init__(self, pipe, g, rp, plans, blend, source: str, callback=None):
+        b = rp.x.shape[0]
+        noise = None if rp.noise is None else stored_noise(rp.noise, rp.first, copies=2)  # both branches
+        h, w = rp.x.shape[-2:]
+        f = pipe.vae_scale_factor
+        super().__init__(pipe.denoiser, g, torch.cat([rp.x, rp.x]), rp.sampler, height=h * f, width=w * f,
+                         start=rp.first + rp.start, noise=noise, callback=callback)
+        self.b, self.i0, self.rp, self.plans, self.blend, self.source = b, rp.first + rp.start, rp, plans, blend, source
+        self.mask = None
+
+    def plan(self):
+        return self.plans[self.i - self.i0]
+
+    def after_update(self, i):
+        k, b, x = i - self.i0, self.b, self.x
+        if self.source == "inversion":
+            x = torch.cat([self.rp.latents[self.rp.start + k + 1], x[b:]])  # the inversion's exact trajectory
+        if self.blend is not None:
+            self.mask = _blend_mask(self.blend, self.blend["c0"], b, tuple(x.shape[-2:]))  # [B, 1, h, w]
+            if k >= self.blend["start"]:
+                x = torch.cat([x[:b], x[:b] + self.mask.to(x.dtype) * (x[b:] - x[:b])])
+        self.x = x
+
+    def report(self, i):
+        return dict(i=i - self.i0, t=self.sampler.timesteps[i].expand(2 * self.b), x=self.x, mask=self.mask,
+                    maps=self.blend["store"] if self.blend else None)
+
+    def result(self):
+        return self.x[self.b:]
 
 
-@torch.no_grad()
-def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, cross_replace_steps=0.8,
-         self_replace_steps=0.4, edit_type: str | None = None, equalizer: dict | None = None,
-         reweight: dict | None = None, local_blend_words=None, blend_threshold: float = 0.3,
-         blend_start: float = 0.2, blend_resolution: int = 16, self_replace_min_scale: int = 4,
-         negative_prompt=None, source: str = "denoise", skip: float | None = None, callback=None,
-         progress: bool = True):
-    """Prompt-to-Prompt edit of ``inv`` (a "ddim" or "ddpm" :class:`Inversion`) towards
-    ``target_prompt``; returns the edited latents [B, C, h, w].
+def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None,
+                 source_guidance_scale: float | None = None, cross_replace_steps=0.8, self_replace_steps=0.4,
+                 edit_type: str | None = None, equalizer: dict | None = None, reweight: dict | None = None,
+                 local_blend_words=None, blend_threshold: float = 0.3, blend_start: float = 0.2,
+                 blend_resolution: int = 16, blend_maps: str = "own", self_replace_max_queries: int | None = None,
+                 self_replace_min_scale: int | None = None, negative_prompt=None, source: str = "denoise",
+                 skip: float | None = None, callback=None) -> P2PEdit:
+    """Prompt-to-Prompt edit of ``inv`` (an :class:`Inversion` that replays: "ddim" or "ddpm")
+    towards ``target_prompt``; the program's result is the edited latents [B, C, h, w].
 
-    guidance_scale: classifier-free guidance of both branches (default: the inversion's,
-        as the plain DDIM edit; P2P's paper uses 7.5).
+    guidance_scale: classifier-free guidance of the edit branch (default: the inversion's,
+        as the plain DDIM edit; P2P's paper uses 7.5). source_guidance_scale: the source
+        branch's (default: guidance_scale). On an edit-friendly DDPM inversion the official
+        recipe guides the source with the inversion's scale (3.5), so that it retraces the
+        inversion, and the edit with 15.
     cross_replace_steps: fraction (or (start, end), or {word: fraction, "default_": ...})
         of the steps in which the edit borrows the source's cross-attention.
     self_replace_steps: fraction (or (start, end)) of the steps with self-attention injection.
@@ -136,27 +160,38 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
     local_blend_words: (source words, target words) to blend locally, or None.
     blend_threshold, blend_start, blend_resolution: mask threshold, first blended step
         (fraction), query grid side whose maps make the mask (nearest available).
-    self_replace_min_scale: self-attention is replaced at layers downsampled at least
-        this much from the latent (4 = P2P's 16² layers at SD 512).
+    blend_maps: which maps of the edit rows the mask sums: "own" (the rows' own softmax,
+        before replacement) or "edited" (after replacement: during cross-replace steps the
+        borrowed source maps, as the official attention store, which the controller edits
+        in place).
+    self_replace_max_queries: self-attention is replaced at layers with at most this many
+        queries. Default: P2P's rule ``Nq <= 16**2`` at SD's 64×64 latent, scaled to the
+        latent's area (h·w/16), so it picks the same layers at any resolution and model.
+        self_replace_min_scale: instead, layers downsampled at least this much.
     source: "denoise" (the source branch denoises with the source prompt; with equal
         prompts the result is exactly the plain regeneration) or "inversion" (the source
         rows read the stored inversion latents each step: its exact trajectory).
-    skip: "ddpm" only, the fraction of the noisiest steps not run (default: the inversion's);
-        the step fractions above count the steps that run.
+    skip: noise-map inversions only, the fraction of the noisiest steps not run (default:
+        the inversion's); the step fractions above count the steps that run (the official
+        code counts all steps and applies them from the first step run).
     callback: gets dict(i, t, x [2B: source rows, then edit rows], mask or None,
         maps {layer: stored maps [rows, Nq, L]} or None) after each step.
     """
-    if inv.method not in ("ddim", "ddpm"):
-        raise ValueError(f"p2p edits a 'ddim' or 'ddpm' inversion, got {inv.method!r}")
     if source not in ("denoise", "inversion"):
         raise ValueError(f"source must be 'denoise' or 'inversion', got {source!r}")
+    if blend_maps not in ("own", "edited"):
+        raise ValueError(f"blend_maps must be 'own' or 'edited', got {blend_maps!r}")
+    if self_replace_max_queries is not None and self_replace_min_scale is not None:
+        raise ValueError("give self_replace_max_queries or self_replace_min_scale, not both")
     if guidance_scale is None:
         guidance_scale = float(inv.settings.get("guidance_scale", 1.0))
+    if source_guidance_scale is None:
+        source_guidance_scale = guidance_scale
     if equalizer is not None and reweight is not None:
         raise ValueError("pass the equalizer as equalizer= or reweight=, not both")
     equalizer = equalizer if equalizer is not None else reweight
-    smp, start = _sampler(pipe, inv, skip)
-    dev, S, B = pipe.device, inv.steps - start, inv.latents.shape[1]  # S: the steps we run
+    rp = inv.replay(pipe.schedule, pipe.device, pipe.dtype, skip)
+    dev, S, B = pipe.device, rp.steps, rp.x.shape[0]  # S: the steps we run
     tok, L = pipe.tokenizers[0], inv.source.context.shape[1]
     sources = as_list(inv.settings.get("prompt", ""), B, "inversion prompt")
     targets = as_list(sources if target_prompt is None else target_prompt, B, "target_prompt")
@@ -188,7 +223,7 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
     self_lo, self_hi = _window(self_replace_steps, S, "self_replace_steps")
 
     # ---- rows: [uncond_src, uncond_edit, cond_src, cond_edit] (or the cond rows alone)
-    cfg = guidance_scale > 1.0
+    cfg = max(guidance_scale, source_guidance_scale) > 1.0
     n = 4 * B if cfg else 2 * B
     c0 = 2 * B if cfg else 0  # first cond_src row
     edit_rows = torch.arange(c0 + B, c0 + 2 * B)
@@ -196,10 +231,11 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
     from_rows[edit_rows] = torch.arange(c0, c0 + B)  # [N]: edit cond rows read the source's
     from_rows = from_rows.to(dev)
     unet = pipe.unet
+    h, w = rp.x.shape[-2:]
     cross_idx = {l.index for l in unet.attn_layers if l.cross}
-    self_idx = {l.index for l in unet.attn_layers if not l.cross and l.scale >= self_replace_min_scale}
+    self_idx = {l.index for l in unet.attn_layers
+                if not l.cross and _self_replaced(l, (h, w), self_replace_max_queries, self_replace_min_scale)}
 
-    h, w = inv.latents.shape[-2:]
     blend = None
     if local_blend_words is not None:
         src_words, tgt_words = local_blend_words
@@ -208,7 +244,7 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
         words = torch.stack([token_mask(tok, p, src_words, L, "local_blend_words") for p in sources]
                             + [token_mask(tok, p, tgt_words, L, "local_blend_words") for p in targets])  # [2B, L]
         store = {l.index: torch.zeros(n, gh * gw, L, device=dev) for l in layers}  # [N, Nq, L] each
-        blend = dict(store=store, words=words.to(dev), grid=(gh, gw), start=int(blend_start * S),
+        blend = dict(store=store, words=words.to(dev), grid=(gh, gw), start=int(blend_start * S), c0=c0,
                      threshold=blend_threshold, acc=torch.zeros(2 * B, gh * gw, L, device=dev))
 
     plans, cache = [], {}
@@ -217,10 +253,10 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
         key = (a_i.numpy().tobytes(), self_on)
         if key not in cache:
             cache[key] = _plan(a_i, self_on, mapper, m, eq, n, c0, B, from_rows, cross_idx, self_idx,
-                               blend["store"] if blend else {}, dev)
+                               blend["store"] if blend else {}, dev, blend_maps == "edited")
         plans.append(cache[key])
 
-    # ---- conditioning and the loop
+    # ---- conditioning
     src = inv.source if len(inv.source) == B else pipe.encode_prompt(sources, guidance=False)[0]
     target = pipe.encode_prompt(targets, guidance=False)[0]
     both = Conditioning.cat([src, target]).to(dev, pipe.dtype)  # [2B, ...]: source rows, edit rows
@@ -232,34 +268,29 @@ def edit(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None, 
             uncond = pipe.encode_prompt(sources, neg, guidance=True)[1]
         uncond = Conditioning.cat([uncond, uncond]).to(dev, pipe.dtype)
     f = pipe.vae_scale_factor
-    g = Guidance(both, uncond, pipe.time_ids(2 * B, h * f, w * f), guidance_scale if cfg else 1.0)
-    # The pipeline's guided step (rows [uncond_src, uncond_edit, src, edit] with guidance),
-    # one closure per distinct plan.
-    step_fn = {id(p): pipe.model_fn(g, p) for p in plans}
-    lat = inv.latents[start:].to(dev, torch.float32)  # [S+1, B, C, h, w]; latents stay float32
-    noise = None if inv.noise is None else inv.noise[start:].to(dev, pipe.dtype)  # [S, B, C, h, w]
-    off = start
-    x = torch.cat([lat[0], lat[0]])  # [2B, C, h, w]: source rows, edit rows
-    for i in tqdm(range(S), disable=not progress):
-        plan, t = plans[i], smp.timesteps[off + i].expand(2 * B)  # [2B]
-        out = step_fn[id(plan)](x, t)  # [2B, C, h, w]
-        z = None
-        if inv.method == "ddpm" and smp.needs_noise(off + i):
-            z = noise[i].repeat(2, 1, 1, 1)  # [2B, ...]: the stored maps drive both branches
-        x, _ = smp.step(off + i, x, out, None, z)
-        if source == "inversion":
-            x = torch.cat([lat[i + 1], x[B:]])
-        mask = None
-        if blend is not None:
-            mask = _blend_mask(blend, c0, B, (h, w))  # [B, 1, h, w]
-            if i >= blend["start"]:
-                x = torch.cat([x[:B], x[:B] + mask.to(x.dtype) * (x[B:] - x[:B])])
-        if callback is not None:
-            callback(dict(i=i, t=t, x=x, mask=mask, maps=blend["store"] if blend else None))
-    return x[B:]
+    scale = guidance_scale if cfg else 1.0
+    if cfg and source_guidance_scale != guidance_scale:  # per-row scales: [source x B, edit x B]
+        scale = torch.tensor([float(source_guidance_scale)] * B + [float(guidance_scale)] * B, device=dev)
+    g = Guidance(both, uncond, pipe.time_ids(2 * B, h * f, w * f), scale)
+    return P2PEdit(pipe, g, rp, plans, blend, source, callback)
 
 
-def _plan(a_i, self_on, mapper, m, eq, n, c0, B, from_rows, cross_idx, self_idx, store, dev) -> AttentionPlan:
+@torch.no_grad()
+def edit(pipe, inv, target_prompt=None, *, progress: bool = True, **params):
+    """Prompt-to-Prompt edit (see :func:`edit_program`); returns the edited latents [B, C, h, w]."""
+    return run_one(pipe, edit_program(pipe, inv, target_prompt, **params), progress)
+
+
+def _self_replaced(layer, latent_hw, max_queries, min_scale) -> bool:
+    if min_scale is not None:
+        return layer.scale >= min_scale
+    gh, gw = _grid(*latent_hw, layer.scale)
+    limit = max_queries if max_queries is not None else latent_hw[0] * latent_hw[1] * 16**2 // 64**2
+    return gh * gw <= limit
+
+
+def _plan(a_i, self_on, mapper, m, eq, n, c0, B, from_rows, cross_idx, self_idx, store, dev,
+          edited_maps: bool = False) -> AttentionPlan:
     """One step's AttentionPlan. Edit token j's probability is
     alpha_j·P_src(mapper_j) + beta_j·P_edit(j), with (P2P's edit controller, refine and
     reweight folded in) alpha = a·eq·m and beta = a·eq·(1−m) + (1−a)."""
@@ -281,7 +312,7 @@ def _plan(a_i, self_on, mapper, m, eq, n, c0, B, from_rows, cross_idx, self_idx,
             index=None if index is None else index.to(dev),
             alpha=None if bool((alpha == 1).all()) else alpha.to(dev),
             beta=None if bool((beta == 0).all()) else beta.to(dev),
-            own=(c0 + B, c0 + 2 * B),
+            own=(c0 + B, c0 + 2 * B), edited_maps=edited_maps,
         )
     self_inject = {"q_from": from_rows, "k_from": from_rows} if self_on and self_idx else None
     layers = frozenset(cross_idx | (self_idx if self_on else set()))

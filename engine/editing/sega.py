@@ -185,13 +185,15 @@ def attention_mask(maps: MapStore, first_row: int, tokens: Tensor, threshold: Te
 
 
 def sega_guidance(uncond: Tensor, concepts: Tensor, signed_scale: Tensor, threshold: Tensor, active: Tensor,
-                  mode: str, attn_mask: Tensor | None = None, user_mask: Tensor | None = None) -> Tensor:
+                  mode: str, attn_mask: Tensor | None = None, user_mask: Tensor | None = None,
+                  attn_only: Tensor | None = None) -> Tensor:
     """The summed, masked SEGA term of one step: [B, C, h, w].
 
     uncond [B, C, h, w], concepts [n, B, C, h, w] model outputs; signed_scale, threshold,
     active: [n]; attn_mask: [n, B, 1, h, w] (M¹) for modes "attn" and "intersect";
     user_mask broadcasts against [B, C, h, w]. mode: "noise" (M² only), "attn" (M¹ only) or
-    "intersect" (M¹ ∧ M²).
+    "intersect" (M¹ ∧ M²). attn_only: a [] bool tensor; where true, "intersect" uses M¹ alone
+    (diffusers' SD pipeline above t = 800), decided on the device: no host branch per step.
     """
     n = concepts.shape[0]
     g = (concepts - uncond) * signed_scale.to(concepts.dtype).view(n, 1, 1, 1, 1)  # [n, B, C, h, w]
@@ -205,6 +207,8 @@ def sega_guidance(uncond: Tensor, concepts: Tensor, signed_scale: Tensor, thresh
         thr = row_quantile(flat, threshold.repeat_interleave(mag.shape[1]))  # [nB]
         keep = mag >= thr.view(mag.shape[0], mag.shape[1], 1, 1, 1).to(mag.dtype)  # [n, B, 1, h, w] M²
         if mode == "intersect":
+            if attn_only is not None:
+                keep = keep | attn_only  # M² all ones: 1 · M¹ is M¹ exactly
             g = g * (keep.to(g.dtype) * attn_mask.to(g.dtype))
         elif mode == "noise":
             g = torch.where(keep, g, torch.zeros_like(g))

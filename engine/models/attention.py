@@ -51,7 +51,15 @@ class CrossMix:
     index: torch.Tensor | None = None  # [B, Nk] int64: token of row k_from each token j borrows; None: j itself
     alpha: torch.Tensor | None = None  # [B, Nk]: weight of the borrowed probability; None: 1
     beta: torch.Tensor | None = None  # [B, Nk]: weight of the own probability (0 outside ``own``); None: 0
-    own: tuple[int, int] = (0, 0)  # rows [start, stop) that have an own term (and own stored maps)
+    own: tuple = (0, 0)  # rows [start, stop) that have an own term; merged batches: ((start, stop, edited), ...)
+    edited_maps: bool = False  # store the mixed (edited) maps of the ``own`` rows instead of their own maps
+
+    def own_ranges(self) -> tuple:
+        """((start, stop, edited_maps), ...): the row ranges with an own term."""
+        if self.own and isinstance(self.own[0], tuple):
+            return self.own
+        s, e = self.own
+        return ((s, e, self.edited_maps),) if e > s else ()
 
 
 @dataclass
@@ -112,26 +120,45 @@ def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | Non
 
 
 def mixed_attention(q, k, v, mix: CrossMix, *, store=None, ip=None, token_weights=None, scale=None):
-    """Run a :class:`CrossMix` as (at most) two kernel calls; no attention matrix is formed.
+    """Run a :class:`CrossMix` as (at most) 1 + one call per ``own`` range; no attention matrix is formed.
 
     Call 1, all rows: probabilities of rows ``mix.q_from``/``mix.k_from`` applied to the
     values scattered into their token positions (``mixed_values``), plus IP-Adapter
-    tokens if any. Call 2, rows ``mix.own`` only: the row's own probabilities applied to
-    ``beta * v``; it also fills ``store`` for those rows, so the store holds every row's
-    own (pre-mix) maps, as Prompt-to-Prompt's attention store does.
+    tokens if any; it fills ``store`` with every row's borrowed maps. Then, per ``own``
+    range: the rows' own probabilities applied to ``beta * v``, which also overwrites
+    ``store`` for those rows with their own (pre-mix) maps. A range marked ``edited``
+    stores instead what the rows actually attend with, the mixed maps
+    alpha · borrowed(index) + beta · own -- what Prompt-to-Prompt's official attention
+    store keeps, since its controller edits the stored probabilities in place.
     """
     if token_weights is not None:
         raise ValueError("a CrossMix carries its own token weights (alpha/beta); do not also set token_weights")
     out = kernels.attention(q, k, mixed_values(v, mix), scale=scale, q_from=mix.q_from, k_from=mix.k_from,
                             store=store, ip=ip)  # [B, H, Nq, D]
-    s, e = mix.own
-    if e > s and (mix.beta is not None or store is not None):
+    if mix.beta is None and store is None:
+        return out
+    for s, e, edited in mix.own_ranges():
+        borrowed = store[s:e].clone() if store is not None and edited else None  # [b, Nq, Nk]
         v_own = v[s:e] if mix.beta is None else v[s:e] * mix.beta[s:e, None, :, None].to(v.dtype)  # [b, H, Nk, D]
         own = kernels.attention(q[s:e], k[s:e], v_own, scale=scale,
                                 store=None if store is None else store[s:e])  # [b, H, Nq, D]
         if mix.beta is not None:
             out[s:e] += own
+        if borrowed is not None:
+            store[s:e] = edited_maps(borrowed, store[s:e], mix, s, e)
     return out
+
+
+def edited_maps(borrowed, own, mix: CrossMix, s: int, e: int):
+    """Rows s:e's mixed maps [b, Nq, Nk]: alpha_j · borrowed(index_j) + beta_j · own_j (head means
+    mix linearly, since alpha and beta do not depend on the head)."""
+    if mix.index is not None:
+        borrowed = borrowed.gather(2, mix.index[s:e, None, :].expand_as(borrowed))
+    if mix.alpha is not None:
+        borrowed = borrowed * mix.alpha[s:e, None, :].to(borrowed.dtype)
+    if mix.beta is None:
+        return borrowed
+    return borrowed + own * mix.beta[s:e, None, :].to(own.dtype)
 
 
 def mixed_values(v, mix: CrossMix):

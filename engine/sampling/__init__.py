@@ -5,7 +5,7 @@ Usage (what a pipeline does)::
     sched = NoiseSchedule(SchedulerConfig.from_file(model_dir))
     sampler = make_sampler("ddim", sched, steps, eta=0.0)
     x = noise * sampler.init_noise_sigma
-    x = sample(lambda x_in, t: unet(x_in, t, ...), x, sampler, generator=g)
+    x = engine.step.sample(lambda x_in, t: unet(x_in, t, ...), x, sampler, generator=g)  # the one loop
 
 Schedule (`schedule`):
     SchedulerConfig.from_dict(d) / .from_file(path)  -- diffusers scheduler_config.json
@@ -22,8 +22,9 @@ Front (`front`):
              .needs_noise(i), .noise_dtype, .to(device), len(sampler)
         i is an int or a [B] int64 tensor of per-row step indices; state.x0 is the step's
         x0 prediction. No host syncs inside step (CUDA-graph capturable with tensor i).
-    sample(model_fn, x, sampler, *, generator=None, noise_fn=None, callback=None,
-           progress=True, start=0, state=None) -> x
+    (the loop that drives a sampler is engine.step: run(programs, denoiser), or
+     sample(model_fn, x, sampler, *, generator=None, noise_fn=None, callback=None,
+            progress=True, start=0, state=None) -> x for an opaque model function)
     randn(shape, generator=None, device=None, dtype=None)  -- diffusers' randn_tensor draw order
 
 Step math (`samplers`, `dpmsolver`), per-row schedule values as [B] tensors:
@@ -31,7 +32,7 @@ Step math (`samplers`, `dpmsolver`), per-row schedule values as [B] tensors:
 """
 
 from .dpmsolver import DPMSolverSampler, DPMState, dpmpp_2m_step, init_dpm_state
-from .front import SAMPLERS, make_sampler, randn, sample, sampler_name_for
+from .front import SAMPLERS, make_sampler, randn, sampler_name_for
 from .samplers import (
     DDIMSampler,
     DDPMSampler,
@@ -48,7 +49,7 @@ from .schedule import NoiseSchedule, SchedulerConfig, UnsupportedConfigError, fl
 
 __all__ = [
     "SchedulerConfig", "NoiseSchedule", "UnsupportedConfigError", "flow_sigmas", "flow_shift_mu",
-    "make_sampler", "sample", "randn", "sampler_name_for", "SAMPLERS",
+    "make_sampler", "randn", "sampler_name_for", "SAMPLERS",
     "Sampler", "SamplerState", "DDIMSampler", "DDPMSampler", "EulerSampler", "FlowEulerSampler",
     "DPMSolverSampler", "DPMState", "init_dpm_state",
     "ddim_step", "ddpm_step", "euler_step", "flow_euler_step", "dpmpp_2m_step",

@@ -1,17 +1,17 @@
 """The uniform front: `make_sampler` builds a sampler's per-step tables from a `NoiseSchedule`
-exactly as the matching diffusers scheduler's ``set_timesteps`` would, and `sample` is a
-k-diffusion style loop over a model function."""
+exactly as the matching diffusers scheduler's ``set_timesteps`` would; `randn` draws noise
+as diffusers does. The loop that drives a sampler is the one loop, `engine.step.run`
+(`engine.step.sample` for an opaque model function)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .dpmsolver import DPMSolverSampler
-from .samplers import DDIMSampler, DDPMSampler, EulerSampler, FlowEulerSampler, Sampler, SamplerState
+from .samplers import DDIMSampler, DDPMSampler, EulerSampler, FlowEulerSampler, Sampler
 from .schedule import NoiseSchedule, SchedulerConfig, UnsupportedConfigError, flow_sigmas
 
 # Sampler names, and the diffusers scheduler class each reproduces.
@@ -135,40 +135,3 @@ def randn(shape, generator=None, device=None, dtype=None) -> Tensor:
         row = (1, *shape[1:])
         return torch.cat([torch.randn(row, generator=g, device=draw_dev, dtype=dtype) for g in gens]).to(device)
     return torch.randn(shape, generator=generator, device=draw_dev, dtype=dtype).to(device)
-
-
-def sample(
-    model_fn: Callable[[Tensor, Tensor], Tensor],
-    x: Tensor,
-    sampler: Sampler,
-    *,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    noise_fn: Callable[[int, Tensor], Tensor] | None = None,
-    callback: Callable[[dict], None] | None = None,
-    progress: bool = True,
-    start: int = 0,
-    state: SamplerState | None = None,
-) -> Tensor:
-    """Run ``sampler`` from step ``start`` to the end (k-diffusion style loop).
-
-    model_fn(x_in, t) -> model output, with x_in = sampler.scale_model_input(x, i) and
-    t = sampler.timesteps[i] expanded to [B]. Stochastic samplers draw noise at the steps and
-    with the shape/dtype diffusers does (so the same generator gives the same images), or take
-    it from noise_fn(i, model_output). callback gets dict(i, t, x, x0) after each step.
-    x should already be scaled by sampler.init_noise_sigma.
-    """
-    state = sampler.init_state(x) if state is None else state
-    b = x.shape[0]
-    for i in tqdm(range(start, len(sampler)), disable=not progress):
-        t = sampler.timesteps[i].expand(b)  # [B]
-        out = model_fn(sampler.scale_model_input(x, i), t)  # [B, C, H, W]
-        noise = None
-        if sampler.needs_noise(i):
-            if noise_fn is not None:
-                noise = noise_fn(i, out)
-            else:
-                noise = randn(out.shape, generator, out.device, sampler.noise_dtype or out.dtype)
-        x, state = sampler.step(i, x, out, state, noise)
-        if callback is not None:
-            callback(dict(i=i, t=t, x=x, x0=state.x0))
-    return x

@@ -60,17 +60,18 @@ def test_trajectory_is_aligned_with_denoising_steps(sd15_pipe, image):
     # One inverse step from x0 at the first inverse timestep gives latents[S-1].
     g = sd15_pipe.guidance("", None, 1.0, 64, 64)
     t = inverse.timesteps[0].expand(1)
-    x1, _ = inverse.step(0, inv.x0, sd15_pipe.model_fn(g)(inv.x0, t))
+    x1, _ = inverse.step(0, inv.x0, sd15_pipe.denoiser.guided(g, 64, 64)(inv.x0, t))
     torch.testing.assert_close(inv.latents[-2], x1, atol=0, rtol=0)
 
 
 def test_ddim_edit_is_plain_regeneration_from_the_inverted_noise(sd15_pipe, image):
     inv = sd15_pipe.invert(image, "a circle", method="ddim", steps=5, guidance_scale=1.0, progress=False)
     got = sd15_pipe.edit(inv, "ddim", "a square", guidance_scale=4.0, output_type="pt", progress=False)
-    from engine.sampling import make_sampler, sample
+    from engine.sampling import make_sampler
+    from engine.step import sample
 
     g = sd15_pipe.guidance("a square", None, 4.0, 64, 64)
-    want = sample(sd15_pipe.model_fn(g), inv.latents[0], make_sampler("ddim", sd15_pipe.schedule, 5), progress=False)
+    want = sample(sd15_pipe.denoiser.guided(g, 64, 64), inv.latents[0], make_sampler("ddim", sd15_pipe.schedule, 5), progress=False)
     torch.testing.assert_close(got, sd15_pipe.decode(want), atol=0, rtol=0)
 
 

@@ -1,8 +1,9 @@
 """CUDA-graph runner: cache keys, static-buffer plumbing ("fake" capture), eager fallback.
 
-The "fake" mode runs the captured body through the same static buffers as a real capture,
-eagerly, so on CPU it checks everything but the capture itself: results must equal the
-plain `engine.sampling.sample` loop bit for bit. Real capture is tested on CUDA only.
+The "fake" mode runs the captured body (the Denoiser's model call) through the same static
+buffers as a real capture, eagerly, so on CPU it checks everything but the capture itself:
+generation, inversions and edits -- alone or batched in the one loop -- must equal the eager
+loop bit for bit. Real capture is tested on CUDA only.
 """
 
 import logging
@@ -14,9 +15,8 @@ import engine
 from engine.models.attention import AttentionPlan, CrossMix
 from engine.runtime import graphs
 from engine.runtime.graphs import GraphRunner
-from engine.runtime.loop import GuidedUNet, sample_graphed
 from engine.runtime.trees import flatten, output_indices, unflatten
-from engine.sampling import make_sampler, sample
+from engine.step import run
 
 SIZE = 32  # latent 16x16
 
@@ -57,48 +57,46 @@ def test_key_ignores_values_but_not_structure():
     assert GraphRunner.key("step", dict(x=torch.zeros(2, 4, 8, 8, dtype=torch.bfloat16)), dict(plan=_plan())) != base
 
 
-def test_key_follows_sampler_and_guidance_structure(sd15_pipe):
-    def key(sampler, steps, scale=7.5, size=SIZE, rescale=0.0):
-        g = sd15_pipe.guidance("x", guidance_scale=scale, height=size, width=size, guidance_rescale=rescale)
-        m = GuidedUNet.from_guidance(sd15_pipe.unet, g)
-        smp = make_sampler(sampler, sd15_pipe.schedule, steps)
-        h = size // 2
-        return GraphRunner.key("step", dict(x=torch.zeros(1, 4, h, h), sampler=smp), m.consts())
+def _program(pipe, prompt="x", scale=7.5, size=SIZE, sampler="ddim", steps=3, b=1, seed=0, **kw):
+    return pipe.generation_program(prompt, steps=steps, guidance_scale=scale, height=size, width=size, num_images=b,
+                                   sampler=sampler, seed=seed, **kw)
 
-    base = key("ddim", 10)
-    assert key("ddim", 10, scale=3.0) == base  # the scale is a static input, not a constant
-    assert key("euler", 10) != base and key("ddim", 20) != base  # sampler class / tables
-    assert key("ddim", 10, size=64) != base  # resolution
-    assert key("ddim", 10, scale=1.0) != base  # no guidance: another forward
-    assert key("ddim", 10, rescale=0.5) != key("ddim", 10, rescale=0.0)
+
+def _model_key(pipe, prog):
+    x, t = prog.model_input()
+    return GraphRunner.key(("model", pipe.denoiser.key), dict(x=x, t=t), dict(rows=prog.cond(), plan=prog.plan()))
+
+
+def test_key_follows_rows_and_shapes_not_values(sd15_pipe):
+    base = _model_key(sd15_pipe, _program(sd15_pipe))
+    assert _model_key(sd15_pipe, _program(sd15_pipe, "a dog on a hill", scale=3.0)) == base  # values, not structure
+    assert _model_key(sd15_pipe, _program(sd15_pipe, sampler="ddpm", steps=7)) == base  # the sampler is outside the call
+    assert _model_key(sd15_pipe, _program(sd15_pipe, size=64)) != base  # resolution
+    assert _model_key(sd15_pipe, _program(sd15_pipe, scale=1.0)) != base  # no guidance: half the rows
+    assert _model_key(sd15_pipe, _program(sd15_pipe, b=2)) != base
 
 
 # ---- fake capture: static buffers, eager body -----------------------------------------------
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "dpmpp_2m_sde", "ddpm"])
-@pytest.mark.parametrize("whole_loop", [False, True])
-def test_fake_capture_is_bit_identical_to_the_plain_loop(sd15_pipe, sampler, whole_loop):
-    g = sd15_pipe.guidance(["a red circle", "a blue square"], guidance_scale=6.0, height=SIZE, width=SIZE)
-    smp = make_sampler(sampler, sd15_pipe.schedule, 3)
-    x = _latents(sd15_pipe) * smp.init_noise_sigma
-    want = sample(sd15_pipe.model_fn(g), x.clone(), smp, generator=torch.Generator().manual_seed(1), progress=False)
+def test_fake_capture_is_bit_identical_to_eager(sd15_pipe, sampler):
+    kw = dict(sampler=sampler, b=2, scale=6.0)
+    want = run([_program(sd15_pipe, ["a red circle", "a blue square"], **kw)], sd15_pipe.denoiser)[0]
     runner = GraphRunner(mode="fake")
-    got = sample_graphed(runner, GuidedUNet.from_guidance(sd15_pipe.unet, g), x.clone(), smp,
-                         generator=torch.Generator().manual_seed(1), progress=False, whole_loop=whole_loop)
+    got = run([_program(sd15_pipe, ["a red circle", "a blue square"], **kw)], sd15_pipe.denoiser.with_runner(runner))[0]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert 1 <= len(runner.cache) <= 2  # DDPM's last step draws no noise: a second graph
+    assert len(runner.cache) == 1 and next(iter(runner.cache.values())).replays == 3
 
 
 def test_fake_capture_sdxl_callback_and_reuse_across_prompts(sdxl_pipe):
     runner = GraphRunner(mode="fake")
-    smp = make_sampler("dpmpp_2m", sdxl_pipe.schedule, 4)
     for prompt, scale in (("a cat", 5.0), ("a dog on a hill", 8.0)):
-        g = sdxl_pipe.guidance(prompt, guidance_scale=scale, height=SIZE, width=SIZE, num_images=2, guidance_rescale=0.3)
         seen_plain, seen_graph = [], []
-        want = sample(sdxl_pipe.model_fn(g), _latents(sdxl_pipe), smp, progress=False, callback=lambda d: seen_plain.append(d))
-        got = sample_graphed(runner, GuidedUNet.from_guidance(sdxl_pipe.unet, g), _latents(sdxl_pipe), smp, progress=False,
-                             callback=lambda d: seen_graph.append(d))
+        kw = dict(sampler="dpmpp_2m", steps=4, b=2, guidance_rescale=0.3)
+        want = run([_program(sdxl_pipe, prompt, scale, callback=seen_plain.append, **kw)], sdxl_pipe.denoiser)[0]
+        got = run([_program(sdxl_pipe, prompt, scale, callback=seen_graph.append, **kw)],
+                  sdxl_pipe.denoiser.with_runner(runner))[0]
         torch.testing.assert_close(got, want, atol=0, rtol=0)
         for a, b in zip(seen_plain, seen_graph):
             assert a["i"] == b["i"]
@@ -113,16 +111,51 @@ def test_fake_capture_copies_attention_maps_back(sd15_pipe):
     h = SIZE // 2
     n_q = (h // layer.scale) ** 2
     g = sd15_pipe.guidance("a cat", guidance_scale=1.0, height=SIZE, width=SIZE, num_images=2)
+    rows = sd15_pipe.denoiser.condition(g.cond, SIZE, SIZE)
     x, t = _latents(sd15_pipe), torch.tensor([900, 500])
     want = torch.zeros(2, n_q, 77)
-    out_want = sd15_pipe.unet(x, t, g.cond.context, plan=AttentionPlan(store={layer.index: want}))
+    out_want = sd15_pipe.denoiser(x, t, rows, AttentionPlan(store={layer.index: want}))
     got = torch.zeros(2, n_q, 77)
-    model = GuidedUNet.from_guidance(sd15_pipe.unet, g, plan=AttentionPlan(store={layer.index: got}))
-    runner = GraphRunner(mode="fake")
-    out = runner.run("fwd", lambda inp, c: model.forward(inp["x"], inp["t"], c), dict(x=x, t=t), model.consts())
+    out = sd15_pipe.denoiser.with_runner(GraphRunner(mode="fake"))(x, t, rows, AttentionPlan(store={layer.index: got}))
     torch.testing.assert_close(out, out_want, atol=0, rtol=0)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert want.abs().sum() > 0
+
+
+def _edit_requests(pipe, image):
+    ddim = pipe.invert(image, "a red cat", method="ddim", steps=4, guidance_scale=1.0, progress=False)
+    ddpm = pipe.invert(image, "a red cat", method="ddpm", steps=4, seed=1, progress=False)
+    led = pipe.invert(image, "a red cat", method="ledits++", steps=4, seed=2, progress=False)
+    return [
+        dict(inv=ddim, method="p2p", target_prompt="a red dog", guidance_scale=3.0, local_blend_words=("cat", "dog")),
+        dict(inv=ddpm, method="ddpm", target_prompt="a blue cat", guidance_scale=6.0),
+        dict(inv=led, method="ledits++", editing_prompt=["dog", "hat"], edit_threshold=0.7),
+        dict(prompt="a green square", steps=3, guidance_scale=5.0, height=SIZE * 2, width=SIZE * 2, seed=3),
+    ]
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_fake_capture_of_edits_and_inversions_is_bit_identical(sd15_pipe, image, together):
+    """Every method's step runs through the static-buffer plumbing (P2P's blend maps and
+    LEDITS++'s mask maps come back as graph outputs) with the eager results, alone or batched."""
+    reqs = _edit_requests(sd15_pipe, image)
+    runner = GraphRunner(mode="fake")
+    kw = dict(output_type="pt")
+    if together:
+        want = sd15_pipe.edit_many(reqs, **kw)
+        got = sd15_pipe.edit_many(reqs, cuda_graphs=runner, **kw)
+    else:
+        want = [sd15_pipe.edit_many([r], **kw)[0] for r in reqs]
+        got = [sd15_pipe.edit_many([r], cuda_graphs=runner, **kw)[0] for r in reqs]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert sum(e.replays for e in runner.cache.values()) > 0
+    inv = [dict(image=image, prompt="a cat", method=m, steps=3, seed=0) for m in ("ddim", "ddpm", "ledits++")]
+    eager, fake = sd15_pipe.invert_many(inv), sd15_pipe.invert_many(inv, cuda_graphs=GraphRunner(mode="fake"))
+    for a, b in zip(fake, eager):
+        torch.testing.assert_close(a.latents, b.latents, atol=0, rtol=0)
+        if b.noise is not None:
+            torch.testing.assert_close(a.noise, b.noise, atol=0, rtol=0)
 
 
 # ---- eager fallback -------------------------------------------------------------------------
@@ -164,21 +197,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capt
 
 
 @cuda
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m_sde"])
-@pytest.mark.parametrize("whole_loop", [False, True])
-def test_cuda_capture_matches_eager(tiny_sdxl_dir, sampler, whole_loop):
-    pipe = engine.load(tiny_sdxl_dir, device="cuda")
-    g = pipe.guidance("a cat", guidance_scale=5.0, height=SIZE, width=SIZE, num_images=2)
-    smp = make_sampler(sampler, pipe.schedule, 4, device="cuda")
-    x = _latents(pipe).cuda()
-    want = sample(pipe.model_fn(g), x.clone(), smp, generator=torch.Generator().manual_seed(0), progress=False)
+def test_cuda_capture_of_edits_matches_eager(tiny_sd15_dir, image):
+    pipe = engine.load(tiny_sd15_dir, device="cuda")
+    reqs = _edit_requests(pipe, image.cuda())
+    want = pipe.edit_many(reqs, output_type="pt")
     runner = GraphRunner(mode="cuda")
-    model = GuidedUNet.from_guidance(pipe.unet, g)
     for _ in range(2):  # the second call replays
-        got = sample_graphed(runner, model, x.clone(), smp, generator=torch.Generator().manual_seed(0),
-                             progress=False, whole_loop=whole_loop)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert runner.captures == 1 and all(e is not None and e.graph is not None for e in runner.cache.values())
+        got = pipe.edit_many(reqs, output_type="pt", cuda_graphs=runner)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert runner.captures >= 1 and all(e is not None and e.graph is not None for e in runner.cache.values())
 
 
 @cuda

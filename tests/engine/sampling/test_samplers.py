@@ -11,7 +11,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from engine.sampling import NoiseSchedule, SamplerState, SchedulerConfig, make_sampler, sample
+from engine.sampling import NoiseSchedule, SamplerState, SchedulerConfig, make_sampler
+from engine.step import sample
 
 # diffusers' own numpy-2 DeprecationWarnings (np.array of a tensor) are noise here.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -1,0 +1,17 @@
+"""The step layer: one batched model call per step for every program (below the façade).
+
+* :mod:`guidance` -- classifier-free guidance as a component (per-row scales);
+* :mod:`denoiser` -- the model call on rows (family conditioning, eager or CUDA graphs);
+* :mod:`program`  -- what a request contributes: rows, plan, combine, advance;
+* :mod:`plans`    -- merging programs' attention plans with row offsets;
+* :mod:`loop`     -- the one loop (``run``, ``Loop`` for join/leave) and ``sample``.
+"""
+
+from .denoiser import RowCond, UNetDenoiser
+from .guidance import Guidance, cfg_combine
+from .loop import BUCKET_ROWS, CallableDenoiser, Loop, run, sample
+from .plans import MergedPlan, merge
+from .program import Program, SamplerProgram, drawn_noise, stored_noise
+
+__all__ = ["Guidance", "cfg_combine", "RowCond", "UNetDenoiser", "CallableDenoiser", "Program", "SamplerProgram",
+           "drawn_noise", "stored_noise", "Loop", "run", "sample", "BUCKET_ROWS", "MergedPlan", "merge"]

@@ -1,0 +1,135 @@
+"""The Denoiser: one model call on a batch of rows, whatever programs they belong to.
+
+A program never touches the model. It hands the loop its rows: latents, a per-row
+timestep, its conditioning in the family-neutral form of :class:`~engine.prompts.Conditioning`
+(turned into the model's own inputs once, by :meth:`UNetDenoiser.condition`) and an
+attention plan. The Denoiser owns everything model-family specific -- SD's context,
+SDXL's pooled embeddings and micro-conditioning time ids; later FLUX's text ids and
+guidance embedding -- and how the call runs: eagerly, or through a
+:class:`~engine.runtime.graphs.GraphRunner` (CUDA graphs with an eager fallback; "fake"
+mode on CPU runs the same static-buffer plumbing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..prompts import Conditioning
+from ..runtime.graphs import GraphRunner
+
+
+@dataclass
+class RowCond:
+    """The model inputs of R rows besides latents and timesteps: named tensors, each [R, ...].
+
+    Family-neutral on purpose: the loop concatenates, pads and slices rows of any family
+    without knowing what the fields mean; only the Denoiser that made them reads them.
+    """
+
+    fields: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.fields.values())).shape[0]
+
+    @staticmethod
+    def cat(parts: list["RowCond"]) -> "RowCond":
+        return RowCond({k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields})
+
+    def signature(self) -> tuple:
+        """What must agree for rows to share a call: field names, trailing shapes, dtypes."""
+        return tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in self.fields.items())
+
+    def pad(self, n: int) -> "RowCond":
+        """n more rows (copies of row 0: idle rows whose outputs nobody reads)."""
+        return RowCond({k: torch.cat([v, v[:1].expand(n, *v.shape[1:])]) for k, v in self.fields.items()})
+
+
+class UNetDenoiser:
+    """SD / SDXL UNet rows -> model output, eager or through a GraphRunner."""
+
+    family = "unet"
+
+    def __init__(self, unet: nn.Module, text_projection_dim: int | None = None, runner: GraphRunner | None = None):
+        self.unet = unet
+        self.text_projection_dim = text_projection_dim
+        self.runner = runner
+
+    @property
+    def key(self) -> tuple:
+        """Rows of programs with equal keys may share a model call."""
+        return (self.family, id(self.unet))
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def attn_layers(self) -> list:
+        return self.unet.attn_layers
+
+    @property
+    def sdxl(self) -> bool:
+        return self.unet.config.addition_embed_type == "text_time"
+
+    def with_runner(self, runner: GraphRunner | None) -> "UNetDenoiser":
+        return UNetDenoiser(self.unet, self.text_projection_dim, runner)
+
+    # ---- conditioning -------------------------------------------------------------------
+    def time_ids(self, n: int, height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
+                 target_size=None) -> Tensor | None:
+        """SDXL micro-conditioning rows [n, 6]: original size, crop top-left, target size."""
+        if not self.sdxl:
+            return None
+        ids = list(original_size or (height, width)) + list(crops_coords_top_left) + list(target_size or (height, width))
+        cfg = self.unet.config
+        expected = cfg.projection_class_embeddings_input_dim
+        got = cfg.addition_time_embed_dim * len(ids) + (self.text_projection_dim or 0)
+        if expected != got:
+            raise ValueError(f"UNet expects an added embedding of {expected} but text encoder 2 and time ids give {got}")
+        return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(n, 1)
+
+    def condition(self, cond: Conditioning, height: int, width: int, time_ids: Tensor | None = None,
+                  **size_kw) -> RowCond:
+        """Text conditioning of R rows at an image size -> the UNet's row inputs."""
+        fields = {"context": cond.context.to(self.device, self.dtype)}  # [R, L, D]
+        if cond.pooled is not None:
+            if time_ids is None:
+                time_ids = self.time_ids(len(cond), height, width, **size_kw)
+            fields["text_embeds"] = cond.pooled.to(self.device, self.dtype)  # [R, P]
+            fields["time_ids"] = time_ids.to(self.device, self.dtype)  # [R, 6]
+        return RowCond(fields)
+
+    def guided(self, g, height: int, width: int, plan=None):
+        """(x [B, ...], t [B]) -> the guided prediction of ``g``'s B sample rows: one call of
+        the model rows ([uncond, cond] with guidance). For code that drives a model step by
+        hand (tests, extraction); methods are programs and never need it."""
+        ids = g.time_ids if g.time_ids is None or not g.guided else torch.cat([g.time_ids, g.time_ids])
+        rows = self.condition(g.model_conditioning(), height, width, time_ids=ids)
+
+        def fn(x, t):
+            if g.guided:
+                x, t = torch.cat([x, x]), torch.cat([t, t])
+            return g.combine(self(x, t, rows, plan))
+
+        return fn
+
+    # ---- the call -----------------------------------------------------------------------
+    def forward(self, x: Tensor, t: Tensor, rows: RowCond, plan=None) -> Tensor:
+        """x [R, C, h, w] (any float dtype), t [R] -> model output [R, C, h, w] (model dtype)."""
+        f = rows.fields
+        added = {"text_embeds": f["text_embeds"], "time_ids": f["time_ids"]} if "text_embeds" in f else None
+        return self.unet(x, t, f["context"], added, plan=plan)  # the UNet casts x to its dtype
+
+    def __call__(self, x: Tensor, t: Tensor, rows: RowCond, plan=None) -> Tensor:
+        if self.runner is None:
+            return self.forward(x, t, rows, plan)
+        body = lambda inp, c: self.forward(inp["x"], inp["t"], c["rows"], c["plan"])  # noqa: E731
+        out = self.runner.run(("model", self.key), body, dict(x=x, t=t), dict(rows=rows, plan=plan))
+        return out.clone() if self.runner.resolve([x]) == "cuda" else out  # static outputs are reused by the next replay

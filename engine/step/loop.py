@@ -1,0 +1,189 @@
+"""The one denoising loop: every program's rows, one model call per step.
+
+    results = run([program_a, program_b, ...], denoiser)
+
+Each step the loop groups live programs whose rows can share a call (same model, latent
+shape and dtype, conditioning of the same form), concatenates their rows -- any methods,
+any step indices: rows carry their own timesteps -- merges their attention plans with
+row offsets (:mod:`engine.step.plans`), makes **one model call per group**, splits the
+output and lets each program combine and advance. Programs that are done leave; new
+ones may join between steps (:meth:`Loop.add`), which is what step-level continuous
+batching in a server is built on.
+
+Batch invariance (``batch_invariant=True``): every call has exactly ``bucket_rows`` rows
+(idle rows pad it; a group larger than a bucket is split between programs) and the CPU
+attention runs its one explicit path, so a request's rows see the same shapes and the
+same kernels whatever they are batched with, and its result is bit-identical to the
+request run alone. Without it, results agree with the request alone to float rounding
+(GEMMs of other sizes round differently).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+from tqdm.auto import tqdm
+
+import kernels
+
+from .plans import merge
+from .program import Program, SamplerProgram, drawn_noise
+from .denoiser import RowCond
+
+BUCKET_ROWS = 32  # rows of every call in batch-invariant mode
+_CACHE = 64  # merged plans / conditionings kept per loop
+
+
+class Loop:
+    """A set of live programs over one Denoiser; :meth:`step` advances all of them once."""
+
+    def __init__(self, denoiser, *, batch_invariant: bool = False, bucket_rows: int = BUCKET_ROWS,
+                 max_rows: int | None = None, progress: bool = False):
+        self.denoiser = denoiser
+        self.batch_invariant, self.bucket_rows = batch_invariant, bucket_rows
+        self.max_rows = bucket_rows if batch_invariant else max_rows
+        self.live: list[Program] = []
+        self.progress = progress
+        self.calls = 0  # model calls made
+        self.rows_run = 0  # rows run, padding included
+        self.model_seconds = 0.0  # time inside model calls (the rest is the loop's own work)
+        self._conds: OrderedDict = OrderedDict()
+        self._plans: OrderedDict = OrderedDict()
+
+    def add(self, program: Program) -> Program:
+        """Join before the next step."""
+        if program.denoiser.key != self.denoiser.key:
+            raise ValueError("a program for another model cannot join this loop")
+        if self.max_rows is not None and len(program.cond()) > self.max_rows:
+            what = "bucket_rows" if self.batch_invariant else "max_rows"
+            raise ValueError(f"a program with {len(program.cond())} model rows does not fit {what}={self.max_rows}; "
+                             f"raise {what}")
+        if not program.done:
+            self.live.append(program)
+        return program
+
+    def step(self) -> None:
+        """One step of every live program: one model call per group (or per bucket)."""
+        groups: dict = {}
+        for p in self.live:
+            x, t = p.model_input()
+            groups.setdefault(p.group_key(x), []).append((p, x, t))
+        for members in groups.values():
+            for chunk in self._chunks(members):
+                self._call(chunk)
+        self.live = [p for p in self.live if not p.done]
+
+    def run(self) -> None:
+        total = max((p.steps_left for p in self.live), default=0)
+        with tqdm(total=total, disable=not self.progress) as bar:
+            while self.live:
+                self.step()
+                bar.update(1)
+
+    # ---- one call ---------------------------------------------------------------------------
+    def _chunks(self, members):
+        if self.max_rows is None:
+            return [members]
+        chunks, cur, n = [], [], 0
+        for m in members:
+            r = m[1].shape[0]
+            if cur and n + r > self.max_rows:
+                chunks.append(cur)
+                cur, n = [], 0
+            cur.append(m)
+            n += r
+        return chunks + [cur]
+
+    def _call(self, chunk) -> None:
+        progs = [p for p, _, _ in chunk]
+        x = torch.cat([x for _, x, _ in chunk])  # [R, C, h, w]
+        t = torch.cat([t for _, _, t in chunk])  # [R]
+        n = x.shape[0]
+        total = self.bucket_rows if self.batch_invariant else n
+        offsets, off = [], 0
+        for p in progs:
+            offsets.append(off)
+            off += len(p.cond())
+        conds = [p.cond() for p in progs]
+        rows = self._memo(self._conds, tuple(id(c) for c in conds) + (total,),
+                          lambda: self._rows(conds, total - n), keep=conds)
+        plans = [p.plan() for p in progs]
+        plan = self._memo(self._plans, tuple((id(q), o) for q, o in zip(plans, offsets)) + (total,),
+                          lambda: merge([(q, o, len(p.cond())) for q, p, o in zip(plans, progs, offsets)], total,
+                                        getattr(self.denoiser, "attn_layers", []), x.device), keep=plans)
+        if total > n:  # idle rows: zeros at the first row's timestep; nobody reads their output
+            x = torch.cat([x, x.new_zeros(total - n, *x.shape[1:])])
+            t = torch.cat([t, t[:1].expand(total - n)])
+        tic = time.perf_counter()
+        if self.batch_invariant:
+            with kernels.explicit_attention():
+                out = self.denoiser(x, t, rows, plan)  # [R, C, h, w]
+        else:
+            out = self.denoiser(x, t, rows, plan)
+        if hasattr(plan, "copy_back"):
+            plan.copy_back()
+        self.model_seconds += time.perf_counter() - tic
+        self.calls += 1
+        self.rows_run += total
+        for p, o in zip(progs, offsets):
+            p.advance(p.combine(out[o:o + len(p.cond())]))
+
+    @staticmethod
+    def _rows(parts: list[RowCond], pad: int) -> RowCond:
+        rows = parts[0] if len(parts) == 1 else RowCond.cat(parts)
+        return rows.pad(pad) if pad else rows
+
+    @staticmethod
+    def _memo(cache: OrderedDict, key, make, keep=None):
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key][0]
+        value = make()
+        cache[key] = (value, keep)  # keep the keyed objects alive: their ids stay theirs
+        if len(cache) > _CACHE:
+            cache.popitem(last=False)
+        return value
+
+
+def run(programs: list[Program], denoiser, **loop_kw) -> list:
+    """Run ``programs`` to the end through one :class:`Loop`; their results, in order."""
+    loop = Loop(denoiser, **loop_kw)
+    for p in programs:
+        loop.add(p)
+    loop.run()
+    return [p.result() for p in programs]
+
+
+class CallableDenoiser:
+    """An opaque model function ``fn(x, t) -> output`` as a Denoiser (k-diffusion style),
+    for samplers driven by any callable."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.key = ("callable", id(fn))
+
+    def condition_rows(self, n: int, device) -> RowCond:
+        return RowCond({"row": torch.arange(n, device=device)})
+
+    def __call__(self, x, t, rows, plan=None):
+        return self.fn(x, t)
+
+
+def sample(model_fn, x, sampler, *, generator=None, noise_fn=None, callback=None, progress: bool = True,
+           start: int = 0, state=None):
+    """Run ``sampler`` from step ``start`` to the end with an opaque ``model_fn(x_in, t)``,
+    through the one loop (k-diffusion style).
+
+    x_in = sampler.scale_model_input(x, i), t = sampler.timesteps[i] expanded to [B].
+    Stochastic samplers draw noise at the steps and with the shape / dtype diffusers does
+    (so the same generator gives the same images), or take it from ``noise_fn(i, output)``.
+    ``callback`` gets dict(i, t, x, x0) after each step. x should already be scaled by
+    ``sampler.init_noise_sigma``.
+    """
+    den = CallableDenoiser(model_fn)
+    noise = drawn_noise(generator) if noise_fn is None else (lambda smp, i, pred: noise_fn(i, pred))
+    prog = SamplerProgram(den, None, x, sampler, rows=den.condition_rows(x.shape[0], x.device), start=start,
+                          noise=noise, state=state, callback=callback)
+    return run([prog], den, progress=progress)[0]
