@@ -217,6 +217,7 @@ class Pipeline:
         for p in programs:
             loop.add(p)
         loop.run()
+        self.last_loop = loop  # its counters: calls, rows_run, seconds, model_seconds
         return [p.result() for p in programs]
 
     # ---- generation ---------------------------------------------------------------------

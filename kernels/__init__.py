@@ -4,7 +4,7 @@
 ``TRITON_INTERPRET=1``); other CPU calls use the torch path in ``reference.py``.
 ``attention_reference`` is the float64 ground truth.
 """
-from .reference import attention_reference, attention_torch, check_inputs, explicit_attention
+from .reference import attention_reference, attention_torch, check_inputs
 
 try:
     from .attention import attention
@@ -20,4 +20,4 @@ except ImportError as e:  # CPU-only install without triton: torch path only
                                ) from _TRITON_IMPORT_ERROR
         return attention_torch(q, k, v, **kwargs)
 
-__all__ = ["attention", "attention_reference", "attention_torch", "check_inputs", "explicit_attention"]
+__all__ = ["attention", "attention_reference", "attention_torch", "check_inputs"]

@@ -227,8 +227,10 @@ AUTOTUNE = os.environ.get("OVERPAINT_AUTOTUNE", "1") != "0"  # off for CUDA-grap
 
 
 def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                     store=None, ip=None, out=None, config=None):
-    """Launch the Triton kernels.  Inputs must already be validated (see ``attention``)."""
+                     store=None, ip=None, out=None, config=None, store_rows=None):
+    """Launch the Triton kernels.  Inputs must already be validated (see ``attention``).
+    ``store_rows`` is accepted and ignored: the map kernel writes every row, and no row's
+    output depends on whether its maps are stored."""
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
@@ -301,22 +303,24 @@ LAST_PATH = None  # "triton" or "torch": which implementation the last call used
 
 
 def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-              store=None, ip=None, out=None):
+              store=None, ip=None, out=None, store_rows=None):
     """Attention over [B, H, N, D] tensors with injection, reweighting, map store and IP-Adapter.
 
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; returns [B, H, Nq, D] in q's dtype.
     q_from/k_from/v_from: int [B], row b uses q[q_from[b]] etc.  token_weights: [B, Nk]
     multiplies probabilities.  store: [B, Nq, Nk] fp16/fp32 buffer, receives the head-mean
-    probabilities (Nk <= 256).  ip: (k_img, v_img, scale) adds scale·softmax(q k_imgᵀ)v_img.
+    probabilities (Nk <= 256); ``store_rows`` ((start, stop), ...) says which rows' maps are
+    wanted (None: all; the others may skip the explicit path).  ip: (k_img, v_img, scale)
+    adds scale·softmax(q k_imgᵀ)v_img.
     ``out`` (internal): preallocated [B, H, Nq, D] output, any strides.
     """
     global LAST_PATH
     check_inputs(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
-                 token_weights=token_weights, store=store, ip=ip, out=out)
+                 token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
     if q.is_cuda or _interpreting():
         LAST_PATH = "triton"
         return attention_triton(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
-                                token_weights=token_weights, store=store, ip=ip, out=out)
+                                token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
     LAST_PATH = "torch"
     return attention_torch(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
-                           token_weights=token_weights, store=store, ip=ip, out=out)
+                           token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)

@@ -7,8 +7,6 @@ fp32 math.  ``attention_reference`` is the float64 ground truth used by the test
 The Triton kernel computes the same thing blockwise with the FlashAttention-2
 online softmax (Dao, 2023).
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +20,13 @@ def _fail(msg):
 
 
 def check_inputs(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                 store=None, ip=None, out=None):
+                 store=None, ip=None, out=None, store_rows=None):
     """Validate shapes/dtypes/devices; every message says what to change."""
+    if store_rows is not None:
+        if store is None:
+            _fail("store_rows needs store")
+        if not all(isinstance(r, tuple) and len(r) == 2 and 0 <= r[0] <= r[1] <= q.shape[0] for r in store_rows):
+            _fail(f"store_rows must be ((start, stop), ...) within the {q.shape[0]} rows, got {store_rows!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -125,26 +128,25 @@ def _explicit(q, k, v, scale, token_weights, store, ip, dtype):
     return o
 
 
-_EXPLICIT = [False]
-
-
-@contextlib.contextmanager
-def explicit_attention(on: bool = True):
-    """Within the block, the torch path computes every call the explicit way (never SDPA),
-    so a row's result does not depend on which options other rows of its batch need
-    (batch-invariant execution). The Triton kernel is per-row already."""
-    before, _EXPLICIT[0] = _EXPLICIT[0], on
-    try:
-        yield
-    finally:
-        _EXPLICIT[0] = before
-
-
 def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                    store=None, ip=None, out=None):
-    """Torch execution path (CPU); SDPA when no probabilities are needed explicitly."""
+                    store=None, ip=None, out=None, store_rows=None):
+    """Torch execution path (CPU); SDPA when no probabilities are needed explicitly.
+
+    ``store_rows``: ((start, stop), ...), the only rows whose maps are wanted: the others take
+    SDPA as they would without a store, so a row computes the same whatever else shares its
+    batch (rows of other requests in the one loop)."""
+    if store is not None and store_rows is not None and token_weights is None:
+        o = attention_torch(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from, ip=ip)
+        for s, e in store_rows:
+            o[s:e] = attention_torch(q, k, v, scale=scale, q_from=_span(q_from, s, e, q.device),
+                                     k_from=_span(k_from, s, e, q.device), v_from=_span(v_from, s, e, q.device), store=store[s:e],
+                                     ip=None if ip is None else _ip_rows(ip, s, e))
+        if out is not None:
+            out.copy_(o)
+            return out
+        return o
     q, k, v = _rows(q, q_from), _rows(k, k_from), _rows(v, v_from)
-    if store is None and token_weights is None and not _EXPLICIT[0]:
+    if store is None and token_weights is None:
         o = F.scaled_dot_product_attention(q, k, v, scale=scale)
         if ip is not None:
             ki, vi, s = ip
@@ -157,6 +159,17 @@ def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=Non
         out.copy_(o)
         return out
     return o
+
+
+def _span(idx, s: int, e: int, device):
+    """Rows s:e as an index tensor into the full batch (their own rows when idx is None)."""
+    return torch.arange(s, e, device=device) if idx is None else idx[s:e]
+
+
+def _ip_rows(ip, s: int, e: int):
+    ki, vi, scale = ip
+    per_row = isinstance(scale, torch.Tensor) and scale.dim() == 1
+    return ki[s:e], vi[s:e], scale[s:e] if per_row else scale
 
 
 def attention_reference(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,

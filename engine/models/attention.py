@@ -119,7 +119,7 @@ def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | Non
     return mixed_attention(q, k, v, mix, **plan.args(layer))
 
 
-def mixed_attention(q, k, v, mix: CrossMix, *, store=None, ip=None, token_weights=None, scale=None):
+def mixed_attention(q, k, v, mix: CrossMix, *, store=None, ip=None, token_weights=None, scale=None, store_rows=None):
     """Run a :class:`CrossMix` as (at most) 1 + one call per ``own`` range; no attention matrix is formed.
 
     Call 1, all rows: probabilities of rows ``mix.q_from``/``mix.k_from`` applied to the
@@ -134,7 +134,7 @@ def mixed_attention(q, k, v, mix: CrossMix, *, store=None, ip=None, token_weight
     if token_weights is not None:
         raise ValueError("a CrossMix carries its own token weights (alpha/beta); do not also set token_weights")
     out = kernels.attention(q, k, mixed_values(v, mix), scale=scale, q_from=mix.q_from, k_from=mix.k_from,
-                            store=store, ip=ip)  # [B, H, Nq, D]
+                            store=store, ip=ip, store_rows=store_rows)  # [B, H, Nq, D]
     if mix.beta is None and store is None:
         return out
     for s, e, edited in mix.own_ranges():

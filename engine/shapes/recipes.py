@@ -100,18 +100,21 @@ def reconstruct(pipe, inv, method: str):
     return pipe.edit(inv, INVERT[method]["method"], None, output_type="pt", progress=False)
 
 
-def edit(pipe, inv, method: str, change: Change, **overrides):
-    """Apply ``change`` with ``method``: images [B, 3, H, W] in [0, 1]."""
+def edit_request(inv, method: str, change: Change, **overrides) -> dict:
+    """The keyword arguments of ``pipe.edit`` (one request of ``pipe.edit_many``) that apply
+    ``change`` with ``method``."""
     kw = {**EDIT[method], **overrides}
     if method == "ledits++":
         towards, away = change.concepts
         if not towards and not away:
             raise ValueError("LEDITS++ needs at least one concept (Change.concepts: towards, away)")
-        return pipe.edit(inv, "ledits++", editing_prompt=[*towards, *away],
-                         reverse_editing_direction=[False] * len(towards) + [True] * len(away),
-                         output_type="pt", progress=False, **kw)
-    if method == "p2p":
-        if change.blend is not None and "local_blend_words" not in kw:
-            kw["local_blend_words"] = change.blend
-        return pipe.edit(inv, "p2p", change.target_prompt, output_type="pt", progress=False, **kw)
-    return pipe.edit(inv, method, change.target_prompt, output_type="pt", progress=False, **kw)
+        return dict(inv=inv, method="ledits++", editing_prompt=[*towards, *away],
+                    reverse_editing_direction=[False] * len(towards) + [True] * len(away), **kw)
+    if method == "p2p" and change.blend is not None and "local_blend_words" not in kw:
+        kw["local_blend_words"] = change.blend
+    return dict(inv=inv, method=method, target_prompt=change.target_prompt, **kw)
+
+
+def edit(pipe, inv, method: str, change: Change, **overrides):
+    """Apply ``change`` with ``method``: images [B, 3, H, W] in [0, 1]."""
+    return pipe.edit_many([edit_request(inv, method, change, **overrides)], output_type="pt")[0]

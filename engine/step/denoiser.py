@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..models.layers import row_segments
 from ..prompts import Conditioning
 from ..runtime.graphs import GraphRunner
 
@@ -121,15 +122,18 @@ class UNetDenoiser:
         return fn
 
     # ---- the call -----------------------------------------------------------------------
-    def forward(self, x: Tensor, t: Tensor, rows: RowCond, plan=None) -> Tensor:
-        """x [R, C, h, w] (any float dtype), t [R] -> model output [R, C, h, w] (model dtype)."""
+    def forward(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:
+        """x [R, C, h, w] (any float dtype), t [R] -> model output [R, C, h, w] (model dtype).
+        ``segments``: how per-row embeddings split (see ``models.layers.row_segments``)."""
         f = rows.fields
         added = {"text_embeds": f["text_embeds"], "time_ids": f["time_ids"]} if "text_embeds" in f else None
-        return self.unet(x, t, f["context"], added, plan=plan)  # the UNet casts x to its dtype
+        with row_segments(segments):
+            return self.unet(x, t, f["context"], added, plan=plan)  # the UNet casts x to its dtype
 
-    def __call__(self, x: Tensor, t: Tensor, rows: RowCond, plan=None) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:
         if self.runner is None:
-            return self.forward(x, t, rows, plan)
-        body = lambda inp, c: self.forward(inp["x"], inp["t"], c["rows"], c["plan"])  # noqa: E731
-        out = self.runner.run(("model", self.key), body, dict(x=x, t=t), dict(rows=rows, plan=plan))
+            return self.forward(x, t, rows, plan, segments)
+        body = lambda inp, c: self.forward(inp["x"], inp["t"], c["rows"], c["plan"], c["segments"])  # noqa: E731
+        out = self.runner.run(("model", self.key), body, dict(x=x, t=t),
+                              dict(rows=rows, plan=plan, segments=segments))  # segments: part of the graph key
         return out.clone() if self.runner.resolve([x]) == "cuda" else out  # static outputs are reused by the next replay

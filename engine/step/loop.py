@@ -10,12 +10,18 @@ output and lets each program combine and advance. Programs that are done leave; 
 ones may join between steps (:meth:`Loop.add`), which is what step-level continuous
 batching in a server is built on.
 
-Batch invariance (``batch_invariant=True``): every call has exactly ``bucket_rows`` rows
-(idle rows pad it; a group larger than a bucket is split between programs) and the CPU
-attention runs its one explicit path, so a request's rows see the same shapes and the
-same kernels whatever they are batched with, and its result is bit-identical to the
-request run alone. Without it, results agree with the request alone to float rounding
-(GEMMs of other sizes round differently).
+Batch invariance. A row's result never depends on the *values* of other rows; what can
+change it is the *shape* of the call: a GEMM or convolution picks its kernel (and so its
+summation order) by batch size, most of all for tiny GEMMs and on GPUs. Always: rows
+that need no attention maps never take the explicit map-storing path because a
+neighbour stores maps (``store_rows``), and the per-row vectors (timestep embeddings) of
+each program meet their GEMMs as one segment of its own (``models.layers.row_segments``),
+so a request alone computes exactly as diffusers does and batched agrees with that to
+float rounding (convolutions still pick algorithms by batch size). With ``batch_invariant=True`` every call also has exactly
+``bucket_rows`` rows (idle rows pad it; a group larger than a bucket is split between
+programs) and per-row vectors run in fixed blocks: each call has one shape whatever
+shares it (what GPU kernels need), and a request's result is bit-identical to the
+request run alone the same way.
 """
 
 from __future__ import annotations
@@ -25,8 +31,6 @@ from collections import OrderedDict
 
 import torch
 from tqdm.auto import tqdm
-
-import kernels
 
 from .plans import merge
 from .program import Program, SamplerProgram, drawn_noise
@@ -49,6 +53,7 @@ class Loop:
         self.calls = 0  # model calls made
         self.rows_run = 0  # rows run, padding included
         self.model_seconds = 0.0  # time inside model calls (the rest is the loop's own work)
+        self.seconds = 0.0  # time in step()
         self._conds: OrderedDict = OrderedDict()
         self._plans: OrderedDict = OrderedDict()
 
@@ -66,6 +71,7 @@ class Loop:
 
     def step(self) -> None:
         """One step of every live program: one model call per group (or per bucket)."""
+        tic = time.perf_counter()
         groups: dict = {}
         for p in self.live:
             x, t = p.model_input()
@@ -74,6 +80,7 @@ class Loop:
             for chunk in self._chunks(members):
                 self._call(chunk)
         self.live = [p for p in self.live if not p.done]
+        self.seconds += time.perf_counter() - tic
 
     def run(self) -> None:
         total = max((p.steps_left for p in self.live), default=0)
@@ -117,11 +124,9 @@ class Loop:
             x = torch.cat([x, x.new_zeros(total - n, *x.shape[1:])])
             t = torch.cat([t, t[:1].expand(total - n)])
         tic = time.perf_counter()
-        if self.batch_invariant:
-            with kernels.explicit_attention():
-                out = self.denoiser(x, t, rows, plan)  # [R, C, h, w]
-        else:
-            out = self.denoiser(x, t, rows, plan)
+        sizes = tuple(len(p.cond()) for p in progs) + ((total - n,) if total > n else ())
+        segments = "blocks" if self.batch_invariant else (sizes if len(sizes) > 1 else None)
+        out = self.denoiser(x, t, rows, plan, segments)  # [R, C, h, w]
         if hasattr(plan, "copy_back"):
             plan.copy_back()
         self.model_seconds += time.perf_counter() - tic
@@ -167,7 +172,7 @@ class CallableDenoiser:
     def condition_rows(self, n: int, device) -> RowCond:
         return RowCond({"row": torch.arange(n, device=device)})
 
-    def __call__(self, x, t, rows, plan=None):
+    def __call__(self, x, t, rows, plan=None, segments=None):
         return self.fn(x, t)
 
 

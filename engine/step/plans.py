@@ -40,6 +40,7 @@ class LayerCall:
     token_weights: Tensor | None = None  # [R, Nk]
     mix: CrossMix | None = None
     store: Tensor | None = None  # [R, Nq, Nk] scratch the kernel writes (an output)
+    store_rows: tuple | None = None  # ((start, stop), ...): the rows whose maps some program reads
 
 
 @dataclass
@@ -61,6 +62,7 @@ class MergedPlan:
             out["token_weights"] = c.token_weights
         if c.store is not None:
             out["store"] = c.store
+            out["store_rows"] = c.store_rows
         return out
 
     def copy_back(self) -> None:
@@ -100,14 +102,15 @@ def merge(fragments: list[tuple[AttentionPlan | None, int, int]], total: int, la
 def _merge_layer(layer: AttnLayer, live, total: int, device):
     ident = torch.arange(total, device=device)  # [R]
     args = [(p.args(layer), p.mix(layer), off, n) for p, off, n in live]
-    writes, store = [], None
+    writes, store, store_rows = [], None, None
     stored = [(a["store"], off, n) for a, _, off, n in args if "store" in a]
     if stored:
         buf = stored[0][0]
         store = torch.zeros(total, *buf.shape[1:], dtype=buf.dtype, device=device)  # [R, Nq, Nk]
         writes = [(dst, layer.index, off) for dst, off, _ in stored]
+        store_rows = tuple((off, off + n) for _, off, n in stored)  # the other rows need no maps
     if any(m is not None for _, m, _, _ in args):
-        return LayerCall({}, None, _merge_mix(args, total, device, ident), store), writes
+        return LayerCall({}, None, _merge_mix(args, total, device, ident), store, store_rows), writes
     inject = {}
     for kind in INJECT:
         if any(kind in a for a, _, _, _ in args):
@@ -123,7 +126,7 @@ def _merge_layer(layer: AttnLayer, live, total: int, device):
         for a, _, off, n in args:
             if "token_weights" in a:
                 weights[off:off + n] = a["token_weights"]
-    return LayerCall(inject, weights, None, store), writes
+    return LayerCall(inject, weights, None, store, store_rows), writes
 
 
 def _merge_mix(args, total: int, device, ident: Tensor) -> CrossMix:

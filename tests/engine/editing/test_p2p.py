@@ -301,3 +301,63 @@ def test_ddpm_source_branch_follows_noise_maps(sd15, image):
                               noise=inv.noise.repeat(1, 2, 1, 1, 1))
     assert torch.equal(same, editor("ddpm")(sd15, two, [SRC, SRC], guidance_scale=3.0, progress=False)[:1])
     assert (got - same).abs().max() > 1e-4
+
+
+def test_ddpm_source_guidance_and_target_guidance_per_row(sd15, image):
+    """The official Edit-Friendly DDPM + P2P recipe: the source row guided with the
+    inversion's 3.5 retraces the inversion (reconstructs the input) while the edit row uses 15."""
+    inv = sd15.invert(image, SRC, method="ddpm", steps=STEPS, guidance_scale=3.5, seed=4, progress=False)
+    got, steps = _run(sd15, inv, "a red dog", guidance_scale=15.0, source_guidance_scale=3.5)
+    for k, s in enumerate(steps):
+        _close_to_regen(s["x"][:1], inv.latents[k + 1], tol=1e-4)
+    _close_to_regen(steps[-1]["x"][:1], inv.x0, tol=1e-4)  # the source row reconstructs the input
+    both15, steps15 = _run(sd15, inv, "a red dog", guidance_scale=15.0)
+    assert (steps15[-1]["x"][:1] - inv.x0).abs().max() > 1e-2  # one scale for both rows: the source drifts
+    assert (got - both15).abs().max() > 1e-4
+
+
+def test_edited_blend_maps_are_the_maps_after_replacement(sd15, inv15):
+    """blend_maps="edited" (the official attention store): during full cross replacement the
+    edit row's stored maps are the source row's; "own" keeps the row's own softmax."""
+    kw = dict(cross_replace_steps=1.0, local_blend_words=("cat", "dog"), guidance_scale=3.0, progress=False)
+    maps = {"own": [], "edited": []}
+    for mode in maps:
+        p2p(sd15, inv15, "a red dog", blend_maps=mode, **kw,
+            callback=lambda d, mode=mode: maps[mode].append({k: v.clone() for k, v in d["maps"].items()}))
+    for own, edited in zip(maps["own"], maps["edited"]):
+        for layer in own:
+            src, edit = 2, 3  # rows [uncond_src, uncond_edit, cond_src, cond_edit]
+            torch.testing.assert_close(edited[layer][edit], edited[layer][src], atol=1e-6, rtol=0)
+            torch.testing.assert_close(edited[layer][src], own[layer][src], atol=0, rtol=0)
+            assert (own[layer][edit] - own[layer][src]).abs().max() > 1e-4
+
+
+def test_edited_maps_follow_the_mix_formula():
+    """Stored edited maps = alpha · borrowed(index) + beta · own, against explicit softmaxes."""
+    g = torch.Generator().manual_seed(3)
+    B, H, Nq, Nk, D = 4, 2, 6, 5, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=g) for n in (Nq, Nk, Nk))
+    rows = torch.tensor([0, 1, 0, 1])
+    index = torch.tensor([[0, 1, 2, 3, 4]] * 2 + [[0, 2, 1, 4, 3]] * 2)
+    alpha, beta = torch.rand(B, Nk, generator=g), torch.rand(B, Nk, generator=g)
+    mix = CrossMix(rows, rows, index, alpha, beta, own=(2, 4), edited_maps=True)
+    store = torch.full((B, Nq, Nk), float("nan"))
+    mixed_attention(q, k, v, mix, store=store)
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / D**0.5, -1).mean(1)  # [B, Nq, Nk]
+    for b in (2, 3):
+        want = alpha[b].double() * probs[rows[b]][:, index[b]] + beta[b].double() * probs[b]
+        torch.testing.assert_close(store[b].double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(store[:2].double(), probs[:2], atol=1e-6, rtol=0)
+
+
+def test_self_replacement_rule_is_the_official_count_scaled_to_the_latent():
+    from engine.editing.p2p import _self_replaced
+    from engine.models.attention import AttnLayer
+
+    def picked(hw, **kw):
+        return [s for s in (1, 2, 4, 8) if _self_replaced(AttnLayer(0, "x", False, "down", s), hw, kw.get("q"), kw.get("m"))]
+
+    assert picked((64, 64)) == [4, 8]  # SD 512²: the official Nq <= 16² picks the 16² and 8² layers
+    assert picked((128, 128)) == [4, 8]  # SDXL 1024²: the same levels, where an absolute 16² would pick 8² only
+    assert picked((96, 96)) == [4, 8]  # SD 768²: 24² and 12²
+    assert picked((64, 64), q=16**2 * 4) == [2, 4, 8] and picked((64, 64), m=8) == [8]
