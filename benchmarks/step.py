@@ -2,7 +2,7 @@
 one at a time, in one run, on the bundled Shapes model.
 
     python benchmarks/step.py                      # N = 1, 4, 16 on the CPU, 2 threads
-    python benchmarks/step.py --n 1 4 16 64 --device cuda --size 512   # on a GPU (see below)
+    python benchmarks/step.py --model sd15 --device cuda --dtype fp16 --n 1 4 16 64   # SD1.5-sized, 512², GPU
 
 Requests are ShapesEdit colour swaps (the first cases of ``shapes_edit.make_cases``),
 alternately Prompt-to-Prompt (on the edit-friendly DDPM inversion) and LEDITS++, with the
@@ -11,8 +11,10 @@ report edits per second batched and one by one (each a full ``edit_many`` call: 
 encoding, the loop, VAE decoding), their ratio, and, from the loop's own counters, the
 share of the loop's time spent outside the model call (merging plans and rows, guidance,
 sampler updates, splitting). The batched results are checked against the one-by-one ones
-(max abs difference). ``--size`` upsamples the 64x64 scenes (for SD-sized runs on a GPU).
-Results: ``benchmarks/results/step-<device>.json``.
+(max abs difference). ``--model sd15`` runs the same requests on a random-weight model of
+SD1.5's architecture (``benchmarks.common.build``) with the scenes upsampled to ``--size``
+(512 by default there): the timings of SD1.5 at 512², where batching gains far more than on
+the small Shapes UNet. Results: ``benchmarks/results/step-<model>-<device>.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from engine.shapes import recipes, world  # noqa: E402
 METHODS = ("p2p", "ledits++")
 
 
-def requests(pipe, n: int, size: int | None) -> list[dict]:
+def requests(pipe, n: int, size: int | None, steps: int) -> list[dict]:
     """n edit requests (colour swaps, P2P and LEDITS++ in turn), their inversions done."""
     cases = [c for c in make_cases(7 * n) if c[1].kind == "colour"][:n]
     out = []
@@ -43,7 +45,7 @@ def requests(pipe, n: int, size: int | None) -> list[dict]:
         m = METHODS[k % len(METHODS)]
         change = recipes.change_of(scene, e)
         src = world.render(scene)
-        kw = {} if size is None else dict(height=size, width=size)
+        kw = dict(steps=steps) if size is None else dict(steps=steps, height=size, width=size)
         inv = recipes.invert(pipe, src, change.source_prompt, m, **kw)
         out.append(recipes.edit_request(inv, m, change))
     return out
@@ -81,37 +83,46 @@ def run_n(pipe, reqs: list[dict], repeats: int, device: str) -> dict:
                 max_abs_diff_vs_single=max(float((x - y).abs().max()) for x, y in zip(a, b)))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", choices=("shapes", "sd15"), default="shapes")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--size", type=int, default=None, help="upsample the 64x64 scenes to this size")
+    p.add_argument("--steps", type=int, default=recipes.STEPS, help="inversion / edit steps (the recipes' by default)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     a = p.parse_args(argv)
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
     import engine
+    from engine.step import Loop
 
-    pipe = engine.load("shapes", device=a.device)
+    Loop.sync_timing = True  # model time measured to the end of the kernels on a GPU
+    if a.model == "sd15":
+        pipe = common.build("sd15", a.device, common.DTYPES[a.dtype]).ours
+        a.size = a.size or 512
+    else:
+        pipe = engine.load("shapes", device=a.device, dtype=a.dtype)
     rows = []
     for n in a.n:
-        reqs = requests(pipe, n, a.size)
+        reqs = requests(pipe, n, a.size, a.steps)
         rows.append(run_n(pipe, reqs, a.repeats, a.device))
         r = rows[-1]
         print(f"N={n:<3} batched {r['edits_per_s_batched']:.2f} edits/s, one by one {r['edits_per_s_single']:.2f}"
               f" edits/s, ratio {r['ratio']:.2f}x, outside the model {r['outside_model_share']:.1%}", flush=True)
     meta = common.meta(a.device, dict(n=a.n, threads=a.threads if a.device == "cpu" else None, repeats=a.repeats,
-                                      size=a.size or 64, methods=list(METHODS), model="shapes",
-                                      steps=recipes.STEPS, invert=recipes.INVERT, edit=recipes.EDIT))
-    path = common.write_json(a.out / f"step-{common.slug(meta['device'])}.json", meta, rows)
+                                      size=a.size or 64, methods=list(METHODS), model=a.model, dtype=a.dtype,
+                                      steps=a.steps, invert=recipes.INVERT, edit=recipes.EDIT))
+    path = common.write_json(a.out / f"step-{a.model}-{common.slug(meta['device'])}.json", meta, rows)
     print(f"{'N':>4} {'batched/s':>10} {'single/s':>9} {'ratio':>6} {'outside model':>14} {'max |diff|':>11}")
     for r in rows:
         print(f"{r['n']:>4} {r['edits_per_s_batched']:>10.2f} {r['edits_per_s_single']:>9.2f} {r['ratio']:>6.2f} "
               f"{r['outside_model_share']:>14.1%} {r['max_abs_diff_vs_single']:>11.2e}")
     print(f"wrote {path}")
-    return dict(meta=meta, results=rows)
+    return 0
 
 
 if __name__ == "__main__":

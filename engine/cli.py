@@ -228,13 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     # Listed for --help only: main() hands everything after "bench" to the benchmark's own parser.
-    sub.add_parser("bench", help="end-to-end benchmark vs diffusers: overpaint bench [e2e|edit] [--device cpu --tiny ...]",
-                   add_help=False)
+    sub.add_parser("bench", help="benchmarks: overpaint bench [e2e|edit|step] [--device cpu --tiny ...] (e2e and edit: "
+                                 "vs diffusers; step: edit_many batching vs one at a time)", add_help=False)
     return p
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """``overpaint bench [e2e|edit] ARGS``: benchmarks/e2e.py (default) or benchmarks/edit.py
+    """``overpaint bench [e2e|edit|step] ARGS``: benchmarks/e2e.py (default), edit.py or step.py
     of a source checkout, with ARGS passed through."""
     import importlib
 
@@ -244,7 +244,7 @@ def cmd_bench(argv: list[str]) -> int:
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    suite = argv[0] if argv[:1] in (["e2e"], ["edit"]) else "e2e"
+    suite = argv[0] if argv[:1] in (["e2e"], ["edit"], ["step"]) else "e2e"
     rest = argv[1:] if argv[:1] == [suite] else argv
     return importlib.import_module(f"benchmarks.{suite}").main(rest)
 

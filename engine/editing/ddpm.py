@@ -57,9 +57,8 @@ class NoiseMaps(Program):
         n = hi - self.lo
         if n not in self._rows:  # one conditioning per block size (the last block may be shorter)
             gt = self.g.tile(n)
-            ids = gt.time_ids if gt.time_ids is None or not gt.guided else torch.cat([gt.time_ids, gt.time_ids])
             self._g[n] = gt
-            self._rows[n] = self.denoiser.condition(gt.model_conditioning(), *self.hw, time_ids=ids)
+            self._rows[n] = self.denoiser.condition(gt.model_conditioning(), *self.hw)  # SDXL ids from the size
         return hi, n
 
     def cond(self):

@@ -128,9 +128,9 @@ class LeditsInversion(SamplerProgram):
     the drawn x_t gives the solver's mean; the noise map makes the stochastic step land on the
     next drawn latent, which is then replaced by what the edit's step will reproduce."""
 
-    def __init__(self, pipe, g, smp, first: int, lat, c, settings: dict, num_zero_noise_steps: int, x0, time_ids):
+    def __init__(self, pipe, g, smp, first: int, lat, c, settings: dict, num_zero_noise_steps: int, x0, crops):
         super().__init__(pipe.denoiser, g, lat[0], smp, height=settings["height"], width=settings["width"],
-                         start=first)
+                         start=first, crops_coords_top_left=crops)
         self.lat, self.c, self.first, self.settings, self.x0 = lat, c, first, settings, x0
         self.zs = torch.zeros_like(lat[1:])  # [S, B, C, h, w]
         self.num_zero = num_zero_noise_steps
@@ -196,10 +196,10 @@ def invert_program(pipe, image, prompt="", *, steps: int = 30, guidance_scale: f
     source, uncond = pipe.encode_prompt(prompts, negative_prompt, 1, guidance=True)  # [B] rows each
     guided = any(p != "" for p in prompts) and guidance_scale > 1.0
     crops = tuple(crops_coords_top_left)
-    # [B, 6] (SDXL). diffusers' SDXL invert swaps height and width here; same for square images.
-    time_ids = pipe.time_ids(b, height, width, crops_coords_top_left=crops)
-    # guided: 2B model rows [uncond, source] per step; else the unconditional rows alone
-    g = Guidance(source, uncond, time_ids, guidance_scale) if guided else Guidance(uncond, None, time_ids)
+    # guided: 2B model rows [uncond, source] per step; else the unconditional rows alone. SDXL's
+    # time ids come from the Denoiser (diffusers' SDXL invert swaps height and width there;
+    # the same for square images).
+    g = Guidance(source, uncond, None, guidance_scale) if guided else Guidance(uncond, None, None)
 
     total = int(steps * (1 + skip))
     smp = make_ledits_sampler(pipe, sampler, total)
@@ -216,7 +216,7 @@ def invert_program(pipe, image, prompt="", *, steps: int = 30, guidance_scale: f
                     negative_prompt=negative_prompt, crops_coords_top_left=list(crops),
                     num_zero_noise_steps=num_zero_noise_steps, guided=guided, arch=pipe.arch,
                     replay=ledits_replay(sampler, total))
-    prog = LeditsInversion(pipe, g, smp, first, lat, c, settings, num_zero_noise_steps, x0, time_ids)
+    prog = LeditsInversion(pipe, g, smp, first, lat, c, settings, num_zero_noise_steps, x0, crops)
     prog.source, prog.uncond = source, uncond
     return prog
 
@@ -289,8 +289,9 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=Non
     dict(i, t, x, guidance, masks) after each step (masks [n, B, C|1, h, w] or None).
     """
     _no_leftovers(params, "edit")
-    if inv.method != "ledits++" or inv.noise is None or "total_steps" not in inv.settings:
-        raise ValueError(f"this is a {inv.method!r} inversion; invert with method='ledits++' first")
+    if inv.noise is None:
+        raise ValueError(f"ledits++ replays stored noise maps and this {inv.method!r} inversion has none; "
+                         f"invert with method='ledits++' first")
     if editing_prompt is None and target_prompt is not None:
         editing_prompt = target_prompt
     elif editing_prompt is not None and target_prompt is not None:

@@ -267,11 +267,10 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
         if negative_prompt is not None or uncond is None or len(uncond) != B:
             uncond = pipe.encode_prompt(sources, neg, guidance=True)[1]
         uncond = Conditioning.cat([uncond, uncond]).to(dev, pipe.dtype)
-    f = pipe.vae_scale_factor
     scale = guidance_scale if cfg else 1.0
     if cfg and source_guidance_scale != guidance_scale:  # per-row scales: [source x B, edit x B]
         scale = torch.tensor([float(source_guidance_scale)] * B + [float(guidance_scale)] * B, device=dev)
-    g = Guidance(both, uncond, pipe.time_ids(2 * B, h * f, w * f), scale)
+    g = Guidance(both, uncond, None, scale)  # SDXL time ids: the Denoiser's, from the image size
     return P2PEdit(pipe, g, rp, plans, blend, source, callback)
 
 

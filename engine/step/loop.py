@@ -41,7 +41,13 @@ _CACHE = 64  # merged plans / conditionings kept per loop
 
 
 class Loop:
-    """A set of live programs over one Denoiser; :meth:`step` advances all of them once."""
+    """A set of live programs over one Denoiser; :meth:`step` advances all of them once.
+
+    Counters: ``calls``, ``rows_run`` (padding included), ``seconds`` (in :meth:`step`) and
+    ``model_seconds`` (in model calls). On a GPU the model time is host time unless
+    ``sync_timing`` (a benchmark's switch: it synchronises around every call)."""
+
+    sync_timing = False
 
     def __init__(self, denoiser, *, batch_invariant: bool = False, bucket_rows: int = BUCKET_ROWS,
                  max_rows: int | None = None, progress: bool = False):
@@ -117,18 +123,22 @@ class Loop:
         rows = self._memo(self._conds, tuple(id(c) for c in conds) + (total,),
                           lambda: self._rows(conds, total - n), keep=conds)
         plans = [p.plan() for p in progs]
-        plan = self._memo(self._plans, tuple((id(q), o) for q, o in zip(plans, offsets)) + (total,),
+        plan = self._memo(self._plans, tuple((id(q), o, len(c)) for q, o, c in zip(plans, offsets, conds)) + (total,),
                           lambda: merge([(q, o, len(p.cond())) for q, p, o in zip(plans, progs, offsets)], total,
                                         getattr(self.denoiser, "attn_layers", []), x.device), keep=plans)
         if total > n:  # idle rows: zeros at the first row's timestep; nobody reads their output
             x = torch.cat([x, x.new_zeros(total - n, *x.shape[1:])])
             t = torch.cat([t, t[:1].expand(total - n)])
+        if self.sync_timing and x.is_cuda:
+            torch.cuda.synchronize(x.device)
         tic = time.perf_counter()
         sizes = tuple(len(p.cond()) for p in progs) + ((total - n,) if total > n else ())
         segments = "blocks" if self.batch_invariant else (sizes if len(sizes) > 1 else None)
         out = self.denoiser(x, t, rows, plan, segments)  # [R, C, h, w]
         if hasattr(plan, "copy_back"):
             plan.copy_back()
+        if self.sync_timing and x.is_cuda:
+            torch.cuda.synchronize(x.device)
         self.model_seconds += time.perf_counter() - tic
         self.calls += 1
         self.rows_run += total

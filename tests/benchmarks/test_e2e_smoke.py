@@ -64,3 +64,20 @@ def test_bad_workload(capsys):
 
     assert e2e.main(TINY + ["--workloads", "W9"]) == 2
     assert "unknown workloads ['W9']" in capsys.readouterr().out
+
+
+def test_step_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/step.py on the bundled Shapes model with few steps: JSON, table, and the
+    batched results equal the one-by-one ones."""
+    from engine.cli import main
+
+    assert main(["bench", "step", "--n", "1", "2", "--steps", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("step-*.json")).read_text())
+    assert data["meta"]["device"] and data["meta"]["git_commit"] and data["meta"]["settings"]["steps"] == 4
+    rows = data["results"]
+    assert [r["n"] for r in rows] == [1, 2] and rows[1]["methods"] == ["p2p", "ledits++"]
+    for r in rows:
+        assert r["edits_per_s_batched"] > 0 and r["edits_per_s_single"] > 0 and 0 <= r["outside_model_share"] < 1
+        assert r["max_abs_diff_vs_single"] <= 1e-4
+    assert rows[1]["model_calls"] < 2 * rows[0]["model_calls"]  # two edits share the calls
+    assert "ratio" in capsys.readouterr().out

@@ -218,3 +218,24 @@ def test_cuda_generate_with_graphs(tiny_sd15_dir):
     other = pipe.generate("a dog", cuda_graphs=True, **{**kw, "guidance_scale": 3.0})
     torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
     assert torch.isfinite(other).all() and pipe.graphs.captures == 1
+
+
+@cuda
+def test_edit_steps_make_no_host_syncs(tiny_sd15_dir, image):
+    """Capturable step math: once built, P2P (with local blend), LEDITS++ (masks) and DDPM
+    programs run their steps without a device-to-host sync."""
+    from engine.step import Loop
+
+    pipe = engine.load(tiny_sd15_dir, device="cuda")
+    progs = [pipe._edit(dict(r)) for r in _edit_requests(pipe, image.cuda()) if "inv" in r]
+    loop = Loop(pipe.denoiser)
+    for p in progs:
+        loop.add(p)
+    loop.step()  # first step: lazy allocations, merged plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop.run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.done for p in progs)
