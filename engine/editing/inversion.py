@@ -108,6 +108,9 @@ class Inversion:
         first = len(smp) - self.steps
         if not torch.equal(smp.timesteps[first:].cpu().long(), self.timesteps.cpu().long()):
             raise ValueError(f"cannot rebuild the {self.method} steps of this inversion with this pipeline's schedule")
+        if skip is not None and spec["skip"] is None and skip != 0:
+            raise ValueError(f"skip applies to noise-map inversions (method='ddpm'); this {self.method!r} "
+                             f"inversion replays all of its steps: drop skip")
         frac = spec["skip"] if skip is None else skip
         if frac is not None and not 0.0 <= frac < 1.0:
             raise ValueError(f"skip must be in [0, 1), got {frac}")

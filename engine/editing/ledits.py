@@ -32,7 +32,7 @@ from ..models.attention import AttentionPlan
 from ..prompts import Conditioning, as_list, encode
 from ..sampling import DDIMSampler, DPMSolverSampler, make_sampler, randn
 from ..sampling.dpmsolver import dpmpp_2m_step, vp_alpha_sigma
-from ..step import Guidance, SamplerProgram, stored_noise
+from ..step import Guidance, SamplerProgram, rescale_guidance, stored_noise
 from .common import run_one
 from .inversion import Inversion, ledits_replay
 from .sega import Concepts, attention_mask, make_map_store, mask_layers, sega_guidance, smoothing_kernel
@@ -230,10 +230,11 @@ class LeditsEdit(SamplerProgram):
     """The edit: rows [uncond x B, concept_1 x B, ...]; the prediction is the unconditional output
     plus the masked SEGA terms; the stored noise maps drive every step."""
 
-    def __init__(self, pipe, rp, rows, end: int, *, concepts: int, sega: dict, callback=None):
-        super().__init__(pipe.denoiser, None, rp.x, rp.sampler, rows=rows, start=rp.first, end=end,
+    def __init__(self, pipe, rp, rows, steps: int, *, concepts: int, sega: dict, callback=None):
+        i0 = rp.first + rp.start  # the first step run (a noise-map inversion may skip some)
+        super().__init__(pipe.denoiser, None, rp.x, rp.sampler, rows=rows, start=i0, end=i0 + steps,
                          noise=stored_noise(rp.noise, rp.first), callback=callback)
-        self.n, self.b, self.first = concepts, rp.x.shape[0], rp.first
+        self.n, self.b, self.first = concepts, rp.x.shape[0], i0
         self.sega, self.guidance, self.masks, self.map_plan = sega, None, None, sega.pop("plan")
 
     def plan(self):
@@ -256,11 +257,7 @@ class LeditsEdit(SamplerProgram):
         self.guidance, self.masks = guidance, masks
         pred = unc + guidance  # [B, C, h, w]
         if n and sg["rescale"] > 0:
-            # Lin et al. 2024, Sec. 3.4, against the concepts' mean prediction
-            ref = concepts.mean(dim=0)
-            dims = list(range(1, pred.ndim))
-            rescaled = pred * (ref.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))
-            pred = sg["rescale"] * rescaled + (1 - sg["rescale"]) * pred
+            pred = rescale_guidance(pred, concepts.mean(dim=0), sg["rescale"])  # against the concepts' mean
         return pred
 
     def report(self, i):
@@ -311,11 +308,11 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=Non
     rp = inv.replay(pipe.schedule, pipe.device, pipe.dtype)
     b, _, h, w = rp.x.shape
     rows = (1 + n) * b
-    steps = inv.steps
-    ts = inv.timesteps.to(pipe.device)  # [S]
+    steps = rp.steps
+    ts = rp.sampler.timesteps[rp.first + rp.start:]  # [S] the steps run
     if denoising_end is not None and 0 < denoising_end < 1:
         cutoff = int(round(pipe.schedule.num_train_timesteps * (1 - denoising_end)))
-        steps = sum(t >= cutoff for t in inv.timesteps.tolist())  # host copy of the stored timesteps: no sync
+        steps = sum(t >= cutoff for t in inv.timesteps[rp.start:].tolist())  # once, before the loop
 
     # Conditioning rows [uncond x B, concept_1 x B, ...] (concept-major, as diffusers).
     _, uncond = pipe.encode_prompt([""] * b, negative_prompt, 1, guidance=True)  # [B]
@@ -344,7 +341,7 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=Non
                 active=cfg.active(steps, pipe.device, torch.float32), row_thr=thresholds.repeat_interleave(b),
                 user_mask=None if user_mask is None else user_mask.to(pipe.device), replay=sem_guidance,
                 rescale=guidance_rescale)
-    return LeditsEdit(pipe, rp, model_rows, rp.first + steps, concepts=n, sega=sega, callback=callback)
+    return LeditsEdit(pipe, rp, model_rows, steps, concepts=n, sega=sega, callback=callback)
 
 
 @torch.no_grad()

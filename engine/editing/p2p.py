@@ -14,8 +14,8 @@ conditional rows take attention from the source's (P2P edits the conditional hal
 * self-attention, steps [0, self_replace_steps·S): the source's map softmax(q_src k_srcᵀ)
   applied to the edit's values (kernel ``q_from``/``k_from``), at layers with few queries.
   The official rule is ``Nq <= 16**2`` (SD's 16×16 and 8×8 layers at 512²); we scale that
-  count with the latent's area (``Nq <= h·w/16``), so the same layers are picked at any
-  resolution and on SDXL, where the absolute count would pick others.
+  count with the latent (at most the queries of the grid 4x below it, ~h·w/16), so the same
+  layers are picked at any resolution and on SDXL, where the absolute count picks others.
 * local blending: the kernel stores head-averaged cross-attention maps of the blend
   layers (down/up layers at the resolution nearest 16×16, as P2P) into our buffers; they
   are summed over layers and steps, and from step ``blend_start``·S on the mask
@@ -166,7 +166,8 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
         in place).
     self_replace_max_queries: self-attention is replaced at layers with at most this many
         queries. Default: P2P's rule ``Nq <= 16**2`` at SD's 64×64 latent, scaled to the
-        latent's area (h·w/16), so it picks the same layers at any resolution and model.
+        latent (the query count of the grid 4x below it, ~h·w/16), so it picks the same layers
+        at any resolution and model.
         self_replace_min_scale: instead, layers downsampled at least this much.
     source: "denoise" (the source branch denoises with the source prompt; with equal
         prompts the result is exactly the plain regeneration) or "inversion" (the source
@@ -284,8 +285,10 @@ def _self_replaced(layer, latent_hw, max_queries, min_scale) -> bool:
     if min_scale is not None:
         return layer.scale >= min_scale
     gh, gw = _grid(*latent_hw, layer.scale)
-    limit = max_queries if max_queries is not None else latent_hw[0] * latent_hw[1] * 16**2 // 64**2
-    return gh * gw <= limit
+    if max_queries is None:  # the official 16² at SD's 64² latent: the query grid 4x below the latent's
+        qh, qw = _grid(*latent_hw, 4)
+        max_queries = qh * qw
+    return gh * gw <= max_queries
 
 
 def _plan(a_i, self_on, mapper, m, eq, n, c0, B, from_rows, cross_idx, self_idx, store, dev,

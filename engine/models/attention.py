@@ -56,8 +56,8 @@ class CrossMix:
 
     def own_ranges(self) -> tuple:
         """((start, stop, edited_maps), ...): the row ranges with an own term."""
-        if self.own and isinstance(self.own[0], tuple):
-            return self.own
+        if not self.own or isinstance(self.own[0], tuple):
+            return tuple(self.own)
         s, e = self.own
         return ((s, e, self.edited_maps),) if e > s else ()
 
@@ -135,13 +135,15 @@ def mixed_attention(q, k, v, mix: CrossMix, *, store=None, ip=None, token_weight
         raise ValueError("a CrossMix carries its own token weights (alpha/beta); do not also set token_weights")
     out = kernels.attention(q, k, mixed_values(v, mix), scale=scale, q_from=mix.q_from, k_from=mix.k_from,
                             store=store, ip=ip, store_rows=store_rows)  # [B, H, Nq, D]
-    if mix.beta is None and store is None:
-        return out
     for s, e, edited in mix.own_ranges():
-        borrowed = store[s:e].clone() if store is not None and edited else None  # [b, Nq, Nk]
+        # maps only for rows someone reads (a merged batch says which: ``store_rows``)
+        maps = store is not None and (store_rows is None or any(a <= s and e <= b for a, b in store_rows))
+        if mix.beta is None and not maps:
+            continue
+        borrowed = store[s:e].clone() if maps and edited else None  # [b, Nq, Nk]
         v_own = v[s:e] if mix.beta is None else v[s:e] * mix.beta[s:e, None, :, None].to(v.dtype)  # [b, H, Nk, D]
         own = kernels.attention(q[s:e], k[s:e], v_own, scale=scale,
-                                store=None if store is None else store[s:e])  # [b, H, Nq, D]
+                                store=store[s:e] if maps else None)  # [b, H, Nq, D]
         if mix.beta is not None:
             out[s:e] += own
         if borrowed is not None:

@@ -8,6 +8,7 @@ diffusers gives it (``norm1``, ``time_emb_proj``, ``transformer_blocks``, ...).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 
 import torch
@@ -31,7 +32,7 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float =
 
 
 ROW_BLOCK = 16  # rows per GEMM for per-row vectors in "blocks" mode
-_SEGMENTS = [None]
+_SEGMENTS: contextvars.ContextVar = contextvars.ContextVar("row_segments", default=None)  # per thread / task
 
 
 @contextlib.contextmanager
@@ -40,11 +41,11 @@ def row_segments(spec):
     None, one GEMM over the batch (as diffusers); a tuple of row counts, one GEMM per segment
     (each request's rows as if run alone); "blocks", fixed blocks of ROW_BLOCK rows (every
     call the same whatever shares it)."""
-    before, _SEGMENTS[0] = _SEGMENTS[0], spec
+    token = _SEGMENTS.set(spec)
     try:
         yield
     finally:
-        _SEGMENTS[0] = before
+        _SEGMENTS.reset(token)
 
 
 def rowwise(linear: nn.Linear, x):
@@ -55,7 +56,7 @@ def rowwise(linear: nn.Linear, x):
     in a batch of 2 rows and in one of 17 (~1e-7), and the difference grows through the
     steps. Splitting keeps a row's embedding independent of what else shares its batch,
     at no cost next to the UNet's convolutions."""
-    spec = _SEGMENTS[0]
+    spec = _SEGMENTS.get()
     if spec is None:
         return linear(x)
     b = x.shape[0]

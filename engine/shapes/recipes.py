@@ -117,4 +117,5 @@ def edit_request(inv, method: str, change: Change, **overrides) -> dict:
 
 def edit(pipe, inv, method: str, change: Change, **overrides):
     """Apply ``change`` with ``method``: images [B, 3, H, W] in [0, 1]."""
-    return pipe.edit_many([edit_request(inv, method, change, **overrides)], output_type="pt")[0]
+    request = edit_request(inv, method, change, **overrides)  # refuses a bad change before any work
+    return pipe.edit_many([request], output_type="pt")[0]

@@ -8,10 +8,10 @@
 """
 
 from .denoiser import RowCond, UNetDenoiser
-from .guidance import Guidance, cfg_combine
+from .guidance import Guidance, cfg_combine, rescale_guidance
 from .loop import BUCKET_ROWS, CallableDenoiser, Loop, run, sample
 from .plans import MergedPlan, merge
 from .program import Program, SamplerProgram, drawn_noise, stored_noise
 
-__all__ = ["Guidance", "cfg_combine", "RowCond", "UNetDenoiser", "CallableDenoiser", "Program", "SamplerProgram",
+__all__ = ["Guidance", "cfg_combine", "rescale_guidance", "RowCond", "UNetDenoiser", "CallableDenoiser", "Program", "SamplerProgram",
            "drawn_noise", "stored_noise", "Loop", "run", "sample", "BUCKET_ROWS", "MergedPlan", "merge"]

@@ -76,8 +76,13 @@ def cfg_combine(out: Tensor, scale, rescale=0.0, keep=None) -> Tensor:
         scale = scale.view(-1, *([1] * (cond.ndim - 1)))  # [B, 1, 1, 1]
     guided = uncond + scale * (cond - uncond)
     if isinstance(rescale, Tensor) or rescale > 0:
-        # Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Sec. 3.4
-        dims = list(range(1, cond.ndim))
-        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        guided = rescale * rescaled + ((1 - rescale) if keep is None else keep) * guided
+        guided = rescale_guidance(guided, cond, rescale, keep)
     return guided
+
+
+def rescale_guidance(guided: Tensor, ref: Tensor, rescale, keep=None) -> Tensor:
+    """Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Sec. 3.4:
+    mix ``guided`` with itself rescaled to the per-row standard deviation of ``ref``."""
+    dims = list(range(1, ref.ndim))
+    rescaled = guided * (ref.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + ((1 - rescale) if keep is None else keep) * guided

@@ -143,6 +143,9 @@ def _merge_mix(args, total: int, device, ident: Tensor) -> CrossMix:
             beta = torch.zeros(total, nk, device=device)
     own = []
     for a, m, off, n in args:
+        if "token_weights" in a:
+            raise ValueError("token weights cannot share a layer with a CrossMix (a mix carries its own weights: "
+                             "alpha/beta); give the program's weights as its CrossMix alpha")
         if m is None:
             if any(kind in a for kind in INJECT):
                 raise ValueError("a layer where one program mixes cross-attention and another injects "

@@ -63,9 +63,9 @@ class Program:
         raise NotImplementedError
 
     def group_key(self, x: Tensor) -> tuple:
-        """Rows with equal keys can share one model call: same model, latent shape and dtype,
-        conditioning of the same form."""
-        return (self.denoiser.key, tuple(x.shape[1:]), x.dtype, self.cond().signature())
+        """Rows with equal keys can share one model call: same model and latent shape,
+        conditioning of the same form (latent dtypes may differ: the model casts its input)."""
+        return (self.denoiser.key, tuple(x.shape[1:]), self.cond().signature())
 
 
 def drawn_noise(generator) -> Callable:

@@ -306,3 +306,20 @@ def test_bad_parameters(sd, tiny_sd15_dir):
                             progress=False)
     assert default.shape == (1, 3, SIZE, SIZE)
     torch.testing.assert_close(default, noise_only, atol=0, rtol=0)
+
+
+def test_edits_a_noise_map_inversion_from_its_first_step(sd15_pipe, image):
+    """LEDITS++ replays any inversion with noise maps (Inversion.replay): on an edit-friendly
+    DDPM inversion that skips steps it runs the steps after the skip, from the skip's latent."""
+    inv = sd15_pipe.invert(image, "", method="ddpm", steps=6, guidance_scale=1.0, skip=0.5, seed=0, exact=True,
+                           progress=False)
+    seen = []
+    out = engine.editing.editor("ledits++")(sd15_pipe, inv, editing_prompt="a dog", progress=False,
+                                            callback=lambda d: seen.append(d["t"]))
+    assert [int(t) for t in seen] == inv.timesteps[3:].tolist()
+    rec = engine.editing.editor("ledits++")(sd15_pipe, inv, progress=False)  # no concepts: the replay
+    torch.testing.assert_close(rec, inv.x0.float(), atol=1e-5, rtol=0)
+    assert (out - rec).abs().max() > 1e-4
+    ddim = sd15_pipe.invert(image, "", method="ddim", steps=2, progress=False)
+    with pytest.raises(ValueError, match="has none"):
+        engine.editing.editor("ledits++")(sd15_pipe, ddim, editing_prompt="x", progress=False)

@@ -360,4 +360,10 @@ def test_self_replacement_rule_is_the_official_count_scaled_to_the_latent():
     assert picked((64, 64)) == [4, 8]  # SD 512²: the official Nq <= 16² picks the 16² and 8² layers
     assert picked((128, 128)) == [4, 8]  # SDXL 1024²: the same levels, where an absolute 16² would pick 8² only
     assert picked((96, 96)) == [4, 8]  # SD 768²: 24² and 12²
+    assert picked((62, 63)) == [4, 8]  # sides not multiples of 4: the grids round up alike
     assert picked((64, 64), q=16**2 * 4) == [2, 4, 8] and picked((64, 64), m=8) == [8]
+
+
+def test_skip_is_refused_for_an_inversion_that_replays_every_step(sd15, inv15):
+    with pytest.raises(ValueError, match="skip applies to noise-map inversions"):
+        p2p(sd15, inv15, "a red dog", skip=0.2, progress=False)
