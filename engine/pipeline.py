@@ -247,6 +247,8 @@ class Pipeline:
 
     def _generation(self, r: dict) -> SamplerProgram:
         r.pop("progress", None)
+        if "prompt" not in r:
+            raise ValueError(f"a request needs 'inv' (an edit) or 'prompt' (a generation); got keys {sorted(r)}")
         return self.generation_program(**r)
 
     def generation_program(self, prompt, negative_prompt=None, *, steps: int = 50, guidance_scale: float = 7.5,

@@ -58,7 +58,7 @@ class NoiseMaps(Program):
         if n not in self._rows:  # one conditioning per block size (the last block may be shorter)
             gt = self.g.tile(n)
             self._g[n] = gt
-            self._rows[n] = self.denoiser.condition(gt.model_conditioning(), *self.hw)  # SDXL ids from the size
+            self._rows[n] = self.denoiser.condition_guidance(gt, *self.hw)
         return hi, n
 
     def cond(self):

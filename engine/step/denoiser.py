@@ -107,12 +107,17 @@ class UNetDenoiser:
             fields["time_ids"] = time_ids.to(self.device, self.dtype)  # [R, 6]
         return RowCond(fields)
 
+    def condition_guidance(self, g, height: int, width: int, **size_kw) -> RowCond:
+        """The model rows of a :class:`~engine.step.Guidance`: [uncond, cond] (2B) or cond (B),
+        with its own SDXL time ids (doubled for the guided rows) or ones made from the size."""
+        ids = g.time_ids if g.time_ids is None or not g.guided else torch.cat([g.time_ids, g.time_ids])  # [R, 6]
+        return self.condition(g.model_conditioning(), height, width, time_ids=ids, **size_kw)
+
     def guided(self, g, height: int, width: int, plan=None):
         """(x [B, ...], t [B]) -> the guided prediction of ``g``'s B sample rows: one call of
         the model rows ([uncond, cond] with guidance). For code that drives a model step by
         hand (tests, extraction); methods are programs and never need it."""
-        ids = g.time_ids if g.time_ids is None or not g.guided else torch.cat([g.time_ids, g.time_ids])
-        rows = self.condition(g.model_conditioning(), height, width, time_ids=ids)
+        rows = self.condition_guidance(g, height, width)
 
         def fn(x, t):
             if g.guided:

@@ -107,10 +107,7 @@ class SamplerProgram(Program):
         self.noise, self.callback = noise, callback
         self.state = sampler.init_state(x) if state is None else state
         if rows is None:
-            time_ids = guidance.time_ids
-            if time_ids is not None and guidance.guided:
-                time_ids = torch.cat([time_ids, time_ids])  # [2B, 6]
-            rows = denoiser.condition(guidance.model_conditioning(), height, width, time_ids=time_ids, **size_kw)
+            rows = denoiser.condition_guidance(guidance, height, width, **size_kw)
         self.rows = rows
         self.copies = len(rows) // x.shape[0]
         self.scale = None if guidance is None or not guidance.guided else self._scale(guidance)

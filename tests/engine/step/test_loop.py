@@ -109,5 +109,7 @@ def test_bucket_too_small_and_bad_requests(sd15_pipe, small):
         sd15_pipe.edit_many(reqs, batch_invariant=True, bucket_rows=2)
     with pytest.raises(TypeError, match="list of dicts"):
         sd15_pipe.edit_many(reqs[0])
+    with pytest.raises(ValueError, match="needs 'inv' \\(an edit\\) or 'prompt'"):
+        sd15_pipe.edit_many([dict(target_prompt="x")])
     with pytest.raises(ValueError, match="needs 'image'"):
         sd15_pipe.invert_many([dict(prompt="x")])
