@@ -10,18 +10,19 @@ cache) and safetensors only; see ``engine/loading/`` for the pieces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from engine.loading import files
+from engine.loading.card import ModelCard, identity
 from engine.loading.files import LoadError, ModelNotFoundError, hub_cache_dir, read_json, read_state_dict
 from engine.loading.modules import load_module, load_text_encoder, load_tokenizer, load_unet, load_vae
 
 __all__ = [
-    "Components", "LoadError", "ModelNotFoundError", "hub_cache_dir", "load_components", "load_module",
+    "Components", "LoadError", "ModelCard", "ModelNotFoundError", "hub_cache_dir", "load_components", "load_module",
     "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "parse_device", "parse_dtype",
     "read_state_dict", "resolve",
 ]
@@ -87,6 +88,9 @@ class Components:
     scheduler_config: dict
     arch: str  # "sd" or "sdxl"
     vae_dtype: torch.dtype
+    card: ModelCard = field(default_factory=ModelCard)  # the folder's overpaint.json (empty if none)
+    name: str = ""  # what the user loaded it as (a folder, a hub id or a bundled name)
+    identity: str = ""  # hash of configs and weights' headers (see engine.loading.card.identity)
 
 
 # model_index entry -> the class we support for it
@@ -155,5 +159,8 @@ def load_components(path_or_id: str | Path, device: str | torch.device = "cpu",
         scheduler_config=read_json(folders["scheduler"] / "scheduler_config.json", "scheduler"),
         arch="sdxl" if sdxl else "sd",
         vae_dtype=vae_dtype,
+        card=ModelCard.read(root),
+        name=str(path_or_id),
+        identity=identity(root, model_index),
     )
 

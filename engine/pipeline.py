@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
+from . import params as checks
 from .editing import edit_program, inversion_program
-from .images import load_image, to_output
+from .images import fit_size, load_image, to_output
+from .loading.card import ModelCard
 from .prompts import Conditioning, as_list, encode
 from .sampling import NoiseSchedule, SchedulerConfig, make_sampler, sampler_name_for
 from .sampling.schedule import UnsupportedConfigError
@@ -42,6 +45,11 @@ class Pipeline:
         self.schedule = NoiseSchedule(self.scheduler_config)
         self.model_index = c.model_index
         self.vae_dtype = c.vae_dtype
+        # The folder's overpaint.json: per-method defaults that invert/edit start from (what the
+        # caller passes wins; set ``pipe.card = ModelCard()`` to drop them) and the vocabulary.
+        self.card = getattr(c, "card", None) or ModelCard()
+        self.name, self.identity = getattr(c, "name", "") or str(c.root), getattr(c, "identity", "")
+        self._warned: set = set()
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         try:
             self.default_sampler = sampler_name_for(self.scheduler_config)
@@ -49,6 +57,10 @@ class Pipeline:
             # e.g. SD1.5 ships PNDM, which we do not implement: DDIM is the usual stand-in.
             self.default_sampler = "ddim"
             log.info("no sampler for scheduler %s; using ddim", self.scheduler_config.class_name)
+
+    def __repr__(self) -> str:
+        return (f"Pipeline({self.name!r}, arch={self.arch!r}, device={str(self.device)!r}, "
+                f"dtype={str(self.dtype).removeprefix('torch.')}, size={self.default_size}, id={self.identity!r})")
 
     @property
     def device(self) -> torch.device:
@@ -61,6 +73,16 @@ class Pipeline:
     @property
     def default_size(self) -> int:
         return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides that are multiples of this go through the UNet without padding or rounding."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def fit_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """The size an image of height x width should be processed at on this model (aspect kept,
+        the native pixel count, sides rounded), or None when its own size is fine."""
+        return fit_size(height, width, self.default_size, self.size_multiple)
 
     # ---- text ---------------------------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt=None, num_images: int = 1,
@@ -136,8 +158,13 @@ class Pipeline:
         h, w = x.shape[-2:]
         f = self.vae_scale_factor
         if h % f or w % f:
+            fh, fw = max(f, round(h / f) * f), max(f, round(w / f) * f)
             raise ValueError(f"image is {w}x{h}; this model needs sides that are multiples of {f}: "
-                             f"resize or crop it (e.g. pass height={h // f * f}, width={w // f * f})")
+                             f"resize or crop it (e.g. pass height={fh}, width={fw})")
+        if fit_size(h, w, self.default_size, f) is not None:
+            n = self.default_size
+            log.warning("the image is %dx%d but this model works at about %dx%d; far from it results are usually "
+                        "noise: resize it (height=, width=) to about %d pixels", w, h, n, n, n * n)
         cfg = self.vae.config
         z = self.vae.encode((x * 2 - 1).to(self.device, self.vae_dtype)).latent_dist.mode()  # [B, C, h, w]
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
@@ -153,14 +180,16 @@ class Pipeline:
     def invert(self, image, prompt: str = "", method: str = "ddim", *, progress: bool = True,
                cuda_graphs: bool | None = None, **params):
         """Invert a real image into the model's noise space; returns an :class:`Inversion`
-        that can be edited many times (``edit``) and saved (``inv.save(path)``)."""
+        that can be edited many times (``edit``) and saved (``inv.save(path)``). Parameters left
+        out come from the model's recipes (``pipe.card.invert[method]``), then the method's."""
         return self.invert_many([dict(image=image, prompt=prompt, method=method, **params)], progress=progress,
                                 cuda_graphs=cuda_graphs)[0]
 
     def edit(self, inv, method: str | None = None, target_prompt: str | None = None, *,
              output_type: str = "pil", progress: bool = True, cuda_graphs: bool | None = None, **params):
         """Regenerate an inverted image under an edit. ``method``: "p2p", "ledits++",
-        "ddim" or "ddpm" (default: the inversion's own method)."""
+        "ddim" or "ddpm" (default: the inversion's own method). Parameters the caller leaves out
+        come from the model's recipes (``pipe.card.edit[method]``), then the method's defaults."""
         return self.edit_many([dict(inv=inv, method=method, target_prompt=target_prompt, **params)],
                               output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
 
@@ -175,7 +204,10 @@ class Pipeline:
         arguments (``image``, ``prompt``, ``method``, ...). Every request's rows share one model
         call per step. Returns the :class:`Inversion` s in order."""
         progs = [self._inversion(dict(r)) for r in _requests(requests)]
-        return self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows)
+        invs = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows, "invert")
+        for inv in invs:  # which model made it: an edit with another one is refused
+            inv.settings["model"] = {"name": self.name, "id": self.identity}
+        return invs
 
     @torch.no_grad()
     def edit_many(self, requests: list[dict], *, output_type: str = "pil", progress: bool = False,
@@ -192,28 +224,63 @@ class Pipeline:
         """
         reqs = [dict(r) for r in _requests(requests)]
         types = [r.pop("output_type", output_type) for r in reqs]
+        what = "edit" if any("inv" in r for r in reqs) else "generate"  # the progress bar's label
         progs = [self._edit(r) if "inv" in r else self._generation(r) for r in reqs]
-        latents = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows)
-        return [to_output(self.decode(x), t) for x, t in zip(latents, types)]
+        latents = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows, what)
+        return [to_output(self.decode(x), t) for x, t in tqdm(list(zip(latents, types)), desc="decode",
+                                                               disable=not progress, leave=False)]
 
     def _inversion(self, r: dict):
         r.pop("progress", None)
         if "image" not in r:
             raise ValueError("an invert request needs 'image'")
         method = r.pop("method", "ddim")
-        return inversion_program(method)(self, r.pop("image"), r.pop("prompt", ""), **r)
+        build = inversion_program(method)
+        r = self._request({**self._defaults(self.card.invert.get(method, {}), r), **r})
+        return build(self, r.pop("image"), r.pop("prompt", ""), **r)
 
     def _edit(self, r: dict):
         r.pop("progress", None)
         inv = r.pop("inv")
         method = r.pop("method", None) or inv.method
-        return edit_program(method)(self, inv, r.pop("target_prompt", None), **r)
+        build = edit_program(method)
+        inv.check_model(self.identity, self.name)
+        if inv.x0.shape[1] != self.unet.config.in_channels:
+            raise ValueError(f"this inversion has {inv.x0.shape[1]}-channel latents and this model takes "
+                             f"{self.unet.config.in_channels}: invert the image again with this model")
+        # Recipes are for edits: a reconstruction (no target, no concepts) replays the inversion as
+        # it was made, with the method's own defaults.
+        editing = r.get("target_prompt") is not None or bool(r.get("editing_prompt"))
+        defaults = self._defaults(self.card.edit.get(method, {}), r) if editing else {}
+        r = self._request({**defaults, **r})
+        return build(self, inv, r.pop("target_prompt", None), **r)
 
-    def _run(self, programs, progress, cuda_graphs, batch_invariant, bucket_rows):
+    # Other names some methods accept for the same thing (diffusers' names; a generator instead
+    # of a seed): a model default yields to any of them.
+    ALIASES = {"steps": ("num_inversion_steps",), "guidance_scale": ("source_guidance_scale",),
+               "prompt": ("source_prompt",), "seed": ("generator",)}
+
+    def _defaults(self, defaults: dict, request: dict) -> dict:
+        return {k: v for k, v in defaults.items() if not any(a in request for a in self.ALIASES.get(k, ()))}
+
+    def _request(self, r: dict) -> dict:
+        """Checked numbers (:mod:`engine.params`) and a notice for words the model never learned."""
+        r = checks.check(r, self.scheduler_config.num_train_timesteps)
+        for key in ("prompt", "source_prompt", "target_prompt", "editing_prompt", "negative_prompt"):
+            value = r.get(key)
+            for text in [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else []:
+                unknown = self.card.unknown_words(text) if isinstance(text, str) else []
+                if unknown and (text, key) not in self._warned:
+                    self._warned.add((text, key))
+                    log.warning("%s has words this model never learned: %s; it draws something arbitrary for them "
+                                "(`overpaint vocab` lists the words it knows)", key, ", ".join(map(repr, unknown)))
+        return r
+
+    def _run(self, programs, progress, cuda_graphs, batch_invariant, bucket_rows, desc=None):
         runner = cuda_graphs if isinstance(cuda_graphs, GraphRunner) else self.graphs if cuda_graphs else None
         den = self.denoiser.with_runner(runner)
         kw = {} if bucket_rows is None else {"bucket_rows": bucket_rows}
-        loop = Loop(den, batch_invariant=batch_invariant, progress=progress, **kw)
+        loop = Loop(den, batch_invariant=batch_invariant, progress=progress, desc=desc, **kw)
         for p in programs:
             loop.add(p)
         loop.run()
@@ -249,7 +316,7 @@ class Pipeline:
         r.pop("progress", None)
         if "prompt" not in r:
             raise ValueError(f"a request needs 'inv' (an edit) or 'prompt' (a generation); got keys {sorted(r)}")
-        return self.generation_program(**r)
+        return self.generation_program(**self._request(r))
 
     def generation_program(self, prompt, negative_prompt=None, *, steps: int = 50, guidance_scale: float = 7.5,
                            height: int | None = None, width: int | None = None, seed: int | None = None,

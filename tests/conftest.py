@@ -45,3 +45,20 @@ def image():
     g = torch.Generator().manual_seed(0)
     low = torch.rand(1, 3, 8, 8, generator=g)
     return torch.nn.functional.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="session")
+def png_header():
+    """png_header(width, height): a PNG that claims that size but holds no pixels (a size check
+    reads only the header, so decompression bombs cost nothing to make)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def make(width: int, height: int) -> bytes:
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+    return make

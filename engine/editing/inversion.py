@@ -8,6 +8,7 @@ on disk or shipped between processes; nothing in it is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,24 @@ class Inversion:
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def __repr__(self) -> str:
+        s = self.settings
+        prompt = s.get("prompt", "")
+        prompt = prompt if not isinstance(prompt, str) or len(prompt) <= 40 else prompt[:37] + "..."
+        skip = f", skip={s['skip']}" if s.get("skip") else ""
+        model = s.get("model", {})
+        made = f", model={model.get('name')!r} ({model.get('id')})" if model else ""
+        return (f"Inversion(method={self.method!r}, images={self.x0.shape[0]}, steps={self.steps}{skip}, "
+                f"latents={list(self.x0.shape[1:])}, prompt={prompt!r}, "
+                f"noise_maps={self.noise is not None}{made})")
+
+    def check_model(self, identity: str, name: str = "") -> None:
+        """Refuse to be edited by another model than the one that made it (when it says which)."""
+        made = self.settings.get("model") or {}
+        if identity and made.get("id") and made["id"] != identity:
+            raise ValueError(f"this inversion was made with model {made.get('name')!r} (id {made['id']}), not with "
+                             f"{name!r} (id {identity}): invert the image again with this model")
+
     def replay_spec(self) -> dict:
         """{"sampler", "steps", "eta", "overrides", "skip"}: the sampler whose last ``self.steps``
         steps regenerate the image (``steps`` in the schedule, ``overrides`` of its config), and
@@ -140,13 +159,17 @@ class Inversion:
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file; bit-exact round trip with :meth:`load`."""
+        """Write one safetensors file (atomically: a failed write leaves no partial file); bit-exact
+        round trip with :meth:`load`, which verifies the tensors against the stored checksum."""
         from safetensors.torch import save_file
 
+        from ..images import save_atomic
+
         path = Path(path)
-        meta = {"format": FORMAT, "method": self.method, "settings": json.dumps(self.settings)}
-        save_file(self._tensors(), str(path), metadata=meta)
-        return path
+        tensors = self._tensors()
+        meta = {"format": FORMAT, "method": self.method, "settings": json.dumps(self.settings),
+                "sha256": _checksum(tensors)}
+        return save_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "Inversion":
@@ -163,12 +186,29 @@ class Inversion:
             raise ValueError(f"cannot read inversion {str(path)!r}: not a valid safetensors file ({e})") from e
         if meta.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not an overpaint inversion (format {meta.get('format')!r}, expected {FORMAT!r})")
+        if "sha256" in meta and _checksum({k: v.cpu() for k, v in t.items()}) != meta["sha256"]:
+            raise ValueError(f"inversion {str(path)!r} is corrupted: its tensors do not match the checksum written "
+                             f"when it was saved; invert the image again")
+        try:
+            settings = json.loads(meta.get("settings", "{}"))
+        except ValueError:
+            raise ValueError(f"inversion {str(path)!r} is corrupted: its settings are not valid JSON") from None
         uncond = None
         if "uncond.context" in t:
             uncond = Conditioning(t["uncond.context"], t.get("uncond.pooled"))
         return cls(
             method=meta["method"], x0=t["x0"], latents=t["latents"], timesteps=t["timesteps"],
             source=Conditioning(t["source.context"], t.get("source.pooled")), uncond=uncond, noise=t.get("noise"),
-            settings=json.loads(meta.get("settings", "{}")),
+            settings=settings,
             extras={k[len("extras."):]: v for k, v in t.items() if k.startswith("extras.")},
         )
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k]
+        h.update(f"{k}|{v.dtype}|{list(v.shape)}|".encode())
+        h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -52,6 +52,7 @@ def run(out_dir: str | Path, model: str = "shapes", method: str = METHOD, pipe=N
     from PIL import Image
 
     import engine
+    from engine.images import save_image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,10 +66,9 @@ def run(out_dir: str | Path, model: str = "shapes", method: str = METHOD, pipe=N
     images = {"input": source, "reconstruction": recon, "edited": edited}
     paths = {}
     for name, img in images.items():
-        paths[name] = out / f"{name}.png"
-        Image.fromarray(_upscale(img)).save(paths[name])
-    paths["side_by_side"] = out / "side_by_side.png"
-    Image.fromarray(side_by_side([_upscale(i) for i in images.values()])).save(paths["side_by_side"])
+        paths[name] = save_image(Image.fromarray(_upscale(img)), out / f"{name}.png")
+    paths["side_by_side"] = save_image(Image.fromarray(side_by_side([_upscale(i) for i in images.values()])),
+                                       out / "side_by_side.png")
     return {
         "paths": paths, "method": method, "source_prompt": change.source_prompt,
         "target_prompt": change.target_prompt,

@@ -22,7 +22,9 @@ words, LEDITS++'s concepts); ``engine.shapes.world`` edits convert with :func:`c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.shapes import world
 
@@ -54,6 +56,31 @@ EDIT = {
 # The parameter each method's fidelity-editability sweep varies (benchmark plot).
 SWEEP = {"p2p": ("cross_replace_steps", (0.2, 0.4, 0.6, 0.8, 1.0)),
          "ledits++": ("edit_guidance_scale", (1.5, 2.5, 5.0, 7.5, 10.0))}
+
+
+CARD_NOTES = ("Editing defaults of the bundled Shapes model, written from engine/shapes/recipes.py "
+              "(where each choice is explained); pipe.invert / pipe.edit and the CLI start from them.")
+
+
+def model_card() -> dict:
+    """The model folder's ``overpaint.json`` (:class:`engine.loading.card.ModelCard`): the
+    recipes above as per-method defaults, and the world's vocabulary."""
+    from engine.loading.card import FORMAT
+
+    invert: dict[str, dict] = {}
+    for m in METHODS:
+        kw = {k: v for k, v in INVERT[m].items() if k not in ("method", "prompt")}  # prompts are the user's
+        if invert.setdefault(INVERT[m]["method"], kw) != kw:
+            raise ValueError(f"two recipes invert with {INVERT[m]['method']!r} differently; a card holds one")
+    return {"format": FORMAT, "notes": CARD_NOTES, "invert": invert, "edit": EDIT,
+            "inversion_for": {m: INVERT[m]["method"] for m in METHODS if INVERT[m]["method"] != m},
+            "vocabulary": world.vocabulary()}
+
+
+def write_card(folder: str | Path) -> Path:
+    path = Path(folder) / "overpaint.json"
+    path.write_text(json.dumps(model_card(), indent=2) + "\n")
+    return path
 
 
 @dataclass

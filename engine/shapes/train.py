@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.shapes import world
+from engine.shapes import recipes
 from engine.shapes.model import ModelSizes, build, folder_megabytes, save_pipeline
 
 STAGES = ("vae", "text", "unet", "done")
@@ -445,6 +446,7 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.export:  # the shippable folder: the pipeline plus how it was made
         export = Path(cfg.export)
         save_pipeline(m, export, prediction_type=cfg.prediction)
+        recipes.write_card(export)  # the editing recipes and vocabulary that ship with it
         for name in ("train_summary.json", "train_config.json"):
             (export / name).write_text((out / name).read_text())
     print(json.dumps(summary))

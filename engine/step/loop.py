@@ -50,12 +50,12 @@ class Loop:
     sync_timing = False
 
     def __init__(self, denoiser, *, batch_invariant: bool = False, bucket_rows: int = BUCKET_ROWS,
-                 max_rows: int | None = None, progress: bool = False):
+                 max_rows: int | None = None, progress: bool = False, desc: str | None = None):
         self.denoiser = denoiser
         self.batch_invariant, self.bucket_rows = batch_invariant, bucket_rows
         self.max_rows = bucket_rows if batch_invariant else max_rows
         self.live: list[Program] = []
-        self.progress = progress
+        self.progress, self.desc = progress, desc  # the progress bar and its label
         self.calls = 0  # model calls made
         self.rows_run = 0  # rows run, padding included
         self.model_seconds = 0.0  # time inside model calls (the rest is the loop's own work)
@@ -90,7 +90,7 @@ class Loop:
 
     def run(self) -> None:
         total = max((p.steps_left for p in self.live), default=0)
-        with tqdm(total=total, disable=not self.progress) as bar:
+        with tqdm(total=total, disable=not self.progress, desc=self.desc) as bar:
             while self.live:
                 self.step()
                 bar.update(1)

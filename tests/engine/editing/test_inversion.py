@@ -67,3 +67,45 @@ def test_image_inputs(sd15_pipe, tmp_path):
     t = torch.rand(3, 8, 8)
     load_image(t).mul_(0)
     assert t.abs().sum() > 0  # the caller's tensor is never modified
+
+
+def test_saved_inversions_carry_a_checksum(sd15_pipe, image, tmp_path):
+    inv = sd15_pipe.invert(image, "x", method="ddpm", steps=2, progress=False)
+    path = inv.save(tmp_path / "inv.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inv.safetensors"]  # no partial file left
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 64, len(data) - 32):  # random bytes in the tensor data, header intact
+        data[i] ^= 0x5A
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is corrupted: its tensors do not match the checksum"):
+        Inversion.load(bad)
+    Inversion.load(path)  # the intact file still loads
+
+
+def test_an_inversion_refuses_another_model(sd15_pipe, tiny_sd15_dir, image, tmp_path):
+    import shutil
+
+    import engine
+
+    inv = sd15_pipe.invert(image, "x", method="ddim", steps=2, progress=False)
+    assert inv.settings["model"] == {"name": sd15_pipe.name, "id": sd15_pipe.identity}
+    other = shutil.copytree(tiny_sd15_dir, tmp_path / "other")
+    cfg = other / "vae" / "config.json"
+    cfg.write_text(cfg.read_text() + "\n")  # any change to a config is another model
+    pipe2 = engine.load(other)
+    assert pipe2.identity != sd15_pipe.identity
+    with pytest.raises(ValueError, match="this inversion was made with model .* invert the image again"):
+        pipe2.edit(inv, "ddim", "y", progress=False)
+    loaded = Inversion.load(inv.save(tmp_path / "inv.safetensors"))
+    with pytest.raises(ValueError, match="made with model"):
+        pipe2.edit(loaded, "ddim", "y", progress=False)
+    sd15_pipe.edit(loaded, "ddim", "y", progress=False)  # its own model edits it
+
+
+def test_short_reprs(sd15_pipe, image):
+    inv = sd15_pipe.invert(image, "a red circle", method="ddpm", steps=2, progress=False)
+    text = repr(inv)
+    assert text.startswith("Inversion(method='ddpm', images=1, steps=2") and "tensor(" not in text
+    assert len(text) < 250 and len(repr(sd15_pipe)) < 250
+    assert repr(sd15_pipe).startswith("Pipeline(") and "arch='sd'" in repr(sd15_pipe)

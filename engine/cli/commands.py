@@ -1,0 +1,204 @@
+"""The CLI's commands. Each checks everything checkable (files, sizes, flags) before loading a
+model or computing, then runs the engine and writes its outputs atomically."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .errors import UserError
+from .options import EDIT_METHODS, EDIT_OPTIONS
+from .outputs import check_output, check_output_folder, output_paths, writable_folder
+
+log = logging.getLogger("overpaint")
+
+
+def _check_device(device: str) -> None:
+    from engine.loader import parse_device
+
+    try:
+        parse_device(device)
+    except ValueError as e:
+        raise UserError(str(e).replace("device='cpu'", "--device cpu")) from None
+
+
+def cmd_tiny(args) -> None:
+    from engine.tiny import make_tiny
+
+    folder = Path(args.folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"{folder} exists and is not an empty folder; choose a new folder")
+    writable_folder(folder.parent if str(folder.parent) else Path("."), "output")
+    from engine.params import seed
+
+    make_tiny(folder, args.arch, seed("--seed", args.seed))
+    print(f"wrote a tiny random-weight {args.arch} pipeline to {folder}")
+
+
+def cmd_generate(args) -> None:
+    import engine
+    from engine.images import save_image
+
+    outputs = output_paths(args.output, args.num_images, [])
+    _check_device(args.device)
+    pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
+    images = pipe.generate(
+        args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale, height=args.height, width=args.width, seed=args.seed,
+        num_images=args.num_images, sampler=args.sampler, progress=not args.no_progress,
+        cuda_graphs=args.cuda_graphs or None,
+    )
+    for img, path in zip(images, outputs):
+        save_image(img, path)
+        print(f"wrote {path}")
+
+
+def _per_concept(values, n: int, flag: str):
+    if len(values) == 1:
+        return values[0] if n <= 1 else values * n
+    if len(values) != n:
+        raise UserError(f"{flag} was given {len(values)} times for {n} concepts; give it once or once per concept")
+    return values
+
+
+def method_params(args, inv_method: str) -> tuple[dict, dict]:
+    """(inversion params, edit params): only the options the user set, checked against the method."""
+    method = args.method
+    inv, edit = {"seed": args.seed}, {}
+    if args.steps is not None:
+        inv["steps"] = args.steps
+    concepts = getattr(args, "edit_prompt", None) or ([] if method != "ledits++" or args.target_prompt is None
+                                                      else [args.target_prompt])
+    for o in EDIT_OPTIONS:
+        value = getattr(args, o.dest)
+        if value is None or value == []:
+            continue
+        applies = method in o.methods or (o.stage == "invert" and inv_method in o.methods and o.param == "skip")
+        if not applies:
+            users = ", ".join(o.methods)
+            raise UserError(f"{o.flags[0]} applies to --method {users}, not {method}")
+        if o.per_concept:
+            value = _per_concept(value, len(concepts), o.flags[0])
+        elif o.param == "equalizer":
+            value = dict(value)
+        elif o.param == "local_blend_words":
+            value = (value[0].split(), value[1].split())
+        elif o.param == "user_mask":
+            value = _mask(value)
+        (inv if o.stage == "invert" else edit)[o.param] = value
+    inv.pop("method", None)
+    if method == "ledits++":
+        if not concepts:
+            raise UserError("--method ledits++ needs --edit-prompt (a concept to add, or to remove with --reverse) "
+                            "or --target-prompt")
+        edit["editing_prompt"] = concepts
+    elif args.target_prompt is None:
+        raise UserError(f"--method {method} needs --target-prompt (the caption of the edited image)")
+    return inv, edit
+
+
+def _mask(path: str):
+    """A mask image -> [1, 1, H, W] in [0, 1] (resized to the latents once they exist)."""
+    from engine.images import load_image
+
+    return load_image(path).mean(dim=1, keepdim=True)  # [1, 1, H, W]
+
+
+def _latent_mask(mask, inv):
+    """The --mask at the inversion's latent size: [1, 1, h, w]."""
+    import torch
+
+    return torch.nn.functional.interpolate(mask, size=tuple(inv.x0.shape[-2:]), mode="area").to(inv.x0.device)
+
+
+def _inversion_method(args, card) -> str:
+    if getattr(args, "invert_with", None):
+        return args.invert_with
+    return card.inversion_for.get(args.method, EDIT_METHODS[args.method])
+
+
+def _image_size(pipe, x, args) -> tuple[int, int] | None:
+    """The size to process the image at (None: as given), with a notice when it is resized."""
+    h, w = x.shape[-2:]
+    if args.height or args.width:
+        return args.height or h, args.width or w
+    if args.keep_size:
+        return None
+    size = pipe.fit_size(h, w)
+    if size is not None:
+        log.warning("resizing the %dx%d image to %dx%d, this model's size (--keep-size processes it as given%s)",
+                    w, h, size[1], size[0], "" if args.output_size == "input" else
+                    "; --output-size input writes the result at the input's size")
+    return size
+
+
+def cmd_edit(args) -> None:
+    import engine
+    from engine.editing import Inversion
+    from engine.images import load_image, parse_background, resize, save_image, to_output
+    from engine.loader import resolve
+    from engine.loading.card import ModelCard
+
+    image = Path(args.image)
+    inv_file = Path(args.inversion) if args.inversion else None
+    out = check_output(args.output, [image] + ([inv_file] if inv_file else []))
+    if inv_file is not None and not inv_file.exists():
+        check_output(args.inversion, [image, out], suffixes=(".safetensors",), what="--inversion")
+    try:
+        parse_background(args.background)
+    except ValueError as e:
+        raise UserError(f"--background: {e}") from None
+    # Everything that can fail on what the user gave fails here, before a model loads.
+    x = load_image(image, background=args.background)  # [1, 3, H, W]
+    input_size = tuple(x.shape[-2:])
+    inv = Inversion.load(inv_file) if inv_file is not None and inv_file.exists() else None  # checksum verified
+    card = ModelCard.read(resolve(args.model))
+    inv_method = inv.method if inv is not None else _inversion_method(args, card)
+    inv_params, edit_params = method_params(args, inv_method)
+    _check_device(args.device)
+    pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
+    progress = not args.no_progress
+    graphs = args.cuda_graphs or None
+    if inv is not None:
+        inv.check_model(pipe.identity, pipe.name)
+        print(f"loaded inversion {inv_file}")
+    else:
+        size = _image_size(pipe, x, args)
+        if size is not None:
+            x = resize(x, *size)
+        inv = pipe.invert(x, args.source_prompt, method=inv_method, progress=progress, cuda_graphs=graphs,
+                          **inv_params)
+        if inv_file is not None:
+            inv.save(inv_file)
+            print(f"saved inversion to {inv_file}")
+    if "user_mask" in edit_params:
+        edit_params["user_mask"] = _latent_mask(edit_params["user_mask"], inv)
+    target = None if args.method == "ledits++" else args.target_prompt
+    edited = pipe.edit(inv, args.method, target, output_type="pt", progress=progress, cuda_graphs=graphs,
+                       **edit_params)  # [1, 3, h, w]
+    if args.output_size == "input":
+        edited = resize(edited, *input_size)
+    save_image(to_output(edited)[0], out)
+    print(f"wrote {out}")
+
+
+def cmd_demo(args) -> None:
+    from engine.shapes.demo import run
+
+    folder = check_output_folder(args.output, [])
+    res = run(folder, model=args.model)
+    print(f"{res['method']}: {res['source_prompt']!r} -> {res['target_prompt']!r} in {res['seconds']} s")
+    for name, path in res["paths"].items():
+        print(f"wrote {path}" + (f"  (reads: {res['seen'][name]})" if name in res["seen"] else ""))
+
+
+def cmd_vocab(args) -> None:
+    from engine.loader import resolve
+    from engine.loading.card import ModelCard
+
+    card = ModelCard.read(resolve(args.model))
+    if card.vocabulary is None:
+        print(f"{args.model} declares no vocabulary: its text encoder takes any text")
+        return
+    print(f"{args.model} knows {len(card.vocabulary)} words:")
+    print(" ".join(card.vocabulary))

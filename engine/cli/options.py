@@ -1,0 +1,282 @@
+"""The CLI's parser: every option with help and its default, one description per command.
+
+Method parameters are a table (:data:`EDIT_OPTIONS`): each row is a flag, the ``pipe.invert``
+or ``pipe.edit`` parameter it sets and the methods it applies to, so the parser and the
+parameters handed to the engine come from one place. Options left unset are not passed,
+so the model's own recipes (its ``overpaint.json``) and then the method's defaults apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
+SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
+# Each edit method and the inversion it edits unless the model's recipes or --invert-with say otherwise.
+EDIT_METHODS = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm"}
+LEDITS, P2P, GUIDED = ("ledits++",), ("p2p",), ("p2p", "ddim", "ddpm")
+
+
+def _number(kind, lo=None, positive=False):
+    """An argparse type: a finite int/float, optionally positive or at least ``lo``."""
+    import math
+
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+        if positive and v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+        if lo is not None and v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {s}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _fraction(s):
+    v = _number(float)(s)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+    return v
+
+
+def _bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _word_weight(s):
+    word, sep, weight = s.partition("=")
+    if not sep or not word.strip():
+        raise argparse.ArgumentTypeError(f"expected WORD=SCALE, e.g. red=2, got {s!r}")
+    return word.strip(), _number(float)(weight)
+
+
+positive_int, positive_float, finite = _number(int, positive=True), _number(float, positive=True), _number(float)
+seed_type = _number(int)  # range handled by engine.params (reduced modulo 2**64 with a notice)
+
+
+@dataclass
+class Opt:
+    """One method option: ``flags`` set parameter ``param`` of ``stage`` ("invert" or "edit")
+    for ``methods``; ``per_concept``: a repeatable LEDITS++ value (once, or once per concept)."""
+
+    flags: tuple[str, ...]
+    param: str
+    methods: tuple[str, ...]
+    stage: str = "edit"
+    per_concept: bool = False
+    kw: dict = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+
+EDIT_OPTIONS = [
+    # inversion
+    Opt(("--source-guidance",), "guidance_scale", GUIDED + LEDITS, "invert",
+        kw=dict(type=finite, help="classifier-free guidance of the inversion (default: the recipe's or method's)")),
+    Opt(("--skip",), "skip", ("ddpm", "ledits++", "p2p"), "invert",
+        kw=dict(type=_fraction, help="noise-map inversions: fraction of the noisiest steps skipped")),
+    Opt(("--inversion-sampler",), "sampler", LEDITS, "invert",
+        kw=dict(choices=("dpmpp_2m_sde", "ddim"), help="ledits++: the inversion's sampler (default dpmpp_2m_sde)")),
+    # every guided edit
+    Opt(("--guidance",), "guidance_scale", GUIDED,
+        kw=dict(type=finite, help="classifier-free guidance of the edit (default: the recipe's, else the inversion's)")),
+    Opt(("--negative-prompt",), "negative_prompt", GUIDED + LEDITS, kw=dict(help="negative prompt of the edit")),
+    # LEDITS++
+    Opt(("--edit-prompt",), "editing_prompt", LEDITS,
+        kw=dict(action="append", help="ledits++: a concept to add, or to remove with --reverse (repeatable; "
+                                      "default: --target-prompt)")),
+    Opt(("--edit-scale",), "edit_guidance_scale", LEDITS, per_concept=True,
+        kw=dict(action="append", type=finite, help="ledits++: guidance per concept (default 5)")),
+    Opt(("--reverse",), "reverse_editing_direction", LEDITS, per_concept=True,
+        kw=dict(action="append", type=_bool, nargs="?", const=True,
+                help="ledits++: remove the concept instead of adding it (alone: true; or true/false per concept)")),
+    Opt(("--edit-threshold",), "edit_threshold", LEDITS, per_concept=True,
+        kw=dict(action="append", type=_fraction, help="ledits++: share of each concept's map left unmasked, "
+                                                      "per concept (default 0.9)")),
+    Opt(("--warmup",), "edit_warmup_steps", LEDITS, per_concept=True,
+        kw=dict(action="append", type=_number(int, lo=0), help="ledits++: steps before a concept applies (default 0)")),
+    Opt(("--cooldown",), "edit_cooldown_steps", LEDITS, per_concept=True,
+        kw=dict(action="append", type=_number(int, lo=0), help="ledits++: step after which a concept stops "
+                                                                "(default: never)")),
+    Opt(("--intersect-mask",), "use_intersect_mask", LEDITS,
+        kw=dict(action=argparse.BooleanOptionalAction, help="ledits++: mask = attention map AND guidance map "
+                                                            "(default: on for SD, off for SDXL)")),
+    Opt(("--cross-attn-mask",), "use_cross_attn_mask", LEDITS,
+        kw=dict(action=argparse.BooleanOptionalAction, help="ledits++: mask from the attention maps alone")),
+    Opt(("--mask",), "user_mask", LEDITS,
+        kw=dict(metavar="IMAGE", help="ledits++: a grayscale image; the edit applies where it is white")),
+    Opt(("--guidance-rescale",), "guidance_rescale", LEDITS,
+        kw=dict(type=_fraction, help="ledits++: rescale the guided prediction's std (Lin et al. 2024)")),
+    Opt(("--denoising-end",), "denoising_end", LEDITS,
+        kw=dict(type=_fraction, help="ledits++ (SDXL): stop after this fraction of the steps")),
+    # Prompt-to-Prompt
+    Opt(("--invert-with",), "method", P2P, "invert",
+        kw=dict(choices=("ddim", "ddpm"), help="p2p: the inversion it edits (default: the recipe's, else ddim)")),
+    Opt(("--cross-replace",), "cross_replace_steps", P2P,
+        kw=dict(type=_fraction, help="p2p: fraction of steps whose cross-attention comes from the source "
+                                     "(default 0.8)")),
+    Opt(("--self-replace",), "self_replace_steps", P2P,
+        kw=dict(type=_fraction, help="p2p: fraction of steps whose self-attention comes from the source "
+                                     "(default 0.4)")),
+    Opt(("--edit-type",), "edit_type", P2P,
+        kw=dict(choices=("replace", "refine", "reweight"), help="p2p: word swap (same token count), refinement, "
+                                                                 "or reweight only (default: from the prompts)")),
+    Opt(("--reweight",), "equalizer", P2P,
+        kw=dict(action="append", type=_word_weight, metavar="WORD=SCALE",
+                help="p2p: scale the attention to a target word (repeatable), e.g. --reweight red=2")),
+    Opt(("--blend-words",), "local_blend_words", P2P,
+        kw=dict(nargs=2, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
+                help="p2p: local blending on these words, e.g. --blend-words 'red circle' 'blue circle'")),
+    Opt(("--blend-threshold",), "blend_threshold", P2P,
+        kw=dict(type=_fraction, help="p2p: local-blend mask threshold (default 0.3)")),
+    Opt(("--blend-start",), "blend_start", P2P,
+        kw=dict(type=_fraction, help="p2p: fraction of steps before blending starts (default 0.2)")),
+    Opt(("--blend-resolution",), "blend_resolution", P2P,
+        kw=dict(type=positive_int, help="p2p: side of the attention grid whose maps make the mask (default 16)")),
+    Opt(("--blend-maps",), "blend_maps", P2P,
+        kw=dict(choices=("own", "edited"), help="p2p: maps the mask sums: the edit rows' own or after replacement "
+                                                "(default own)")),
+    Opt(("--source-branch-guidance",), "source_guidance_scale", P2P,
+        kw=dict(type=finite, help="p2p: guidance of the source branch during the edit (default: --guidance)")),
+    Opt(("--source-branch",), "source", P2P,
+        kw=dict(choices=("denoise", "inversion"), help="p2p: the source rows denoise the source prompt, or replay "
+                                                       "the stored inversion (default: the recipe's, else denoise)")),
+    Opt(("--self-replace-max-queries",), "self_replace_max_queries", P2P,
+        kw=dict(type=positive_int, help="p2p: replace self-attention at layers with at most this many queries")),
+    Opt(("--self-replace-min-scale",), "self_replace_min_scale", P2P,
+        kw=dict(type=positive_int, help="p2p: or at layers downsampled at least this much")),
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: what is wrong and where the help is (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        shown = not (d is None or d is False or d is argparse.SUPPRESS or d == "" or d == [])
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _common(debug_default):
+    """-v and --debug, accepted before or after the command."""
+    p = Parser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=debug_default,
+                   help="log what the engine decides")
+    p.add_argument("--debug", action="store_true", default=debug_default,
+                   help="show the full traceback of an error")
+    return p
+
+
+def _runtime(p) -> None:
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights and compute dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--cuda-graphs", action="store_true", help="run the model calls as captured CUDA graphs")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine import __version__
+
+    fmt = dict(formatter_class=HelpFormatter)
+    sub_common = _common(argparse.SUPPRESS)
+    p = Parser(prog="overpaint", description="Edit real images with diffusion models.",
+                                parents=[_common(False)], **fmt)
+    p.add_argument("--version", action="version", version=f"overpaint {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("tiny", parents=[sub_common], help="write a tiny random-weight pipeline (for tests)",
+                       description="Write a tiny random-weight SD1.5- or SDXL-shaped pipeline in diffusers format.",
+                       **fmt)
+    t.add_argument("folder", help="a new (or empty) folder")
+    t.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="architecture")
+    t.add_argument("--seed", type=seed_type, default=0, help="seed of the random weights")
+
+    g = sub.add_parser("generate", parents=[sub_common], help="text to image", **fmt,
+                       description="Generate images from a prompt.")
+    g.add_argument("--model", default="shapes", help=MODEL_HELP)
+    g.add_argument("--prompt", required=True, help="what to draw (shapes model: `overpaint vocab` lists its words)")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    g.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp, .bmp); with "
+                                                         "--num-images N, NAME_0.png ... NAME_{N-1}.png")
+    g.add_argument("--steps", type=positive_int, default=30, help="denoising steps")
+    g.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale (<= 1 disables it)")
+    g.add_argument("--guidance-rescale", type=_fraction, default=0.0, help="guidance rescale (Lin et al. 2024)")
+    g.add_argument("--seed", type=seed_type, default=0, help="random seed (any integer)")
+    g.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's size)")
+    g.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's size)")
+    g.add_argument("--num-images", type=positive_int, default=1, help="images to generate")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's scheduler")
+    _runtime(g)
+
+    e = sub.add_parser("edit", parents=[sub_common], help="edit a real image with a sentence", **fmt,
+                       description="Invert an image into the model's noise space and regenerate it under an edit.\n"
+                                   "Unset options come from the model's recipes (its overpaint.json), then the "
+                                   "method's defaults.")
+    e.add_argument("image", help="the image to edit (.png, .jpg, ...); never modified")
+    e.add_argument("--model", default="shapes", help=MODEL_HELP)
+    e.add_argument("--method", choices=tuple(EDIT_METHODS), default="p2p", help="editing method")
+    e.add_argument("--source-prompt", default="", help="a caption of the input image")
+    e.add_argument("--target-prompt", default=None,
+                   help="the caption of the edited image (ledits++: used as the concept when no --edit-prompt)")
+    e.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp, .bmp)")
+    e.add_argument("--steps", type=positive_int, default=None, help="inversion steps (default: the recipe's or "
+                                                                     "the method's: 50, ledits++ 30)")
+    e.add_argument("--seed", type=seed_type, default=0, help="seed of the noise maps (ddpm, ledits++)")
+    e.add_argument("--inversion", default=None, metavar="FILE",
+                   help="load the inversion from FILE if it exists, else save it there (.safetensors)")
+    size = e.add_argument_group("image size")
+    size.add_argument("--keep-size", action="store_true",
+                      help="process the image at its own size (default: resize one far from the model's size to it)")
+    size.add_argument("--height", type=positive_int, default=None, help="resize the image to this height first")
+    size.add_argument("--width", type=positive_int, default=None, help="resize the image to this width first")
+    size.add_argument("--output-size", choices=("model", "input"), default="model",
+                      help="write the result at the size it was processed at, or resized back to the input's")
+    size.add_argument("--background", default="white",
+                      help="colour transparent pixels are composited over: white, black, gray or #rrggbb")
+    groups = {"invert": e.add_argument_group("inversion"), "ledits++": e.add_argument_group("LEDITS++ options"),
+              "p2p": e.add_argument_group("Prompt-to-Prompt options"), "edit": e.add_argument_group("edit")}
+    for o in EDIT_OPTIONS:
+        grp = groups["invert" if o.stage == "invert" and o.methods != P2P else
+                     o.methods[0] if len(o.methods) == 1 else "edit"]
+        grp.add_argument(*o.flags, dest=o.dest, default=None, **o.kw)
+    _runtime(e)
+
+    d = sub.add_parser("demo", parents=[sub_common], help="edit a bundled example scene", **fmt,
+                       description="Render a bundled Shapes scene (a red circle), invert it and edit it to a blue "
+                                   "circle; writes input.png, reconstruction.png, edited.png and side_by_side.png.")
+    d.add_argument("-o", "--output", required=True, help="output folder (created if missing; files in it with "
+                                                         "those four names are replaced)")
+    d.add_argument("--model", default="shapes", help="a Shapes-world model folder (default: the bundled one)")
+
+    v = sub.add_parser("vocab", parents=[sub_common], help="list the words a model was trained on", **fmt,
+                       description="Print the vocabulary a model declares (the bundled shapes model does); prompts "
+                                   "with other words get a warning.")
+    v.add_argument("--model", default="shapes", help=MODEL_HELP)
+
+    # Listed for --help only: main() hands everything after "bench" to the benchmark's own parser.
+    sub.add_parser("bench", help="benchmarks: overpaint bench [e2e|edit|step] [--device cpu --tiny ...] (e2e and edit: "
+                                 "vs diffusers; step: edit_many batching vs one at a time)", add_help=False)
+    return p
