@@ -60,24 +60,34 @@ def parse_background(background) -> tuple[float, float, float]:
     return tuple(c / 255.0 for c in rgb)
 
 
-def _open(path: Path, max_pixels: int):
-    """Open (not decode) an image file, refusing oversized ones before their pixels are read."""
+class ImageTooLarge(ValueError):
+    """An image over the pixel limit (found from its header, before decoding)."""
+
+
+def _open(source, max_pixels: int, name: str):
+    """Open (not decode) an image file or bytes, refusing oversized ones before their pixels are read."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    if isinstance(source, Path) and not source.is_file():
+        raise FileNotFoundError(f"image {name} does not exist")
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ValueError(f"image {name} is empty")
+        source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
-            im = Image.open(path)
+            im = Image.open(source)
     except Image.DecompressionBombError:  # PIL's own hard limit, far above ours
-        raise ValueError(f"image {str(path)!r} is over the {max_pixels} pixel limit; downscale it first") from None
+        raise ImageTooLarge(f"image {name} is over the {max_pixels} pixel limit; downscale it first") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        raise ValueError(f"cannot read image {name}: {e}") from None
     if im.width * im.height > max_pixels:
         im.close()
-        raise ValueError(f"image {str(path)!r} is {im.width}x{im.height}, over the {max_pixels} pixel limit; "
-                         f"downscale it first")
+        raise ImageTooLarge(f"image {name} is {im.width}x{im.height}, over the {max_pixels} pixel limit; "
+                            f"downscale it first")
     return im
 
 
@@ -140,19 +150,20 @@ def _array_to_float(a: np.ndarray, background) -> np.ndarray:
 
 
 def load_image(image, max_pixels: int = MAX_PIXELS, background="white") -> torch.Tensor:
-    """A path, PIL image, array [H, W(, 1|3|4)] (uint8, uint16, or float in [0, 1]) or float
+    """A path, encoded bytes, PIL image, array [H, W(, 1|3|4)] (uint8, uint16, or float in [0, 1]) or float
     tensor [3, H, W] / [B, 3, H, W] in [0, 1] -> float32 tensor [B, 3, H, W] in [0, 1].
 
     Transparent pixels are composited over ``background`` ("white", "black", "#rrggbb" or
     (r, g, b)). Never modifies what it is given."""
     from PIL import Image
 
-    if isinstance(image, (str, Path)):
-        with _open(Path(image), max_pixels) as im:
+    if isinstance(image, (str, Path, bytes, bytearray)):
+        name = "data" if isinstance(image, (bytes, bytearray)) else repr(str(image))
+        with _open(image if isinstance(image, (bytes, bytearray)) else Path(image), max_pixels, name) as im:
             try:
                 arr = _pil_to_array(im, background)
-            except (OSError, SyntaxError) as e:  # truncated or corrupt data found while decoding
-                raise ValueError(f"cannot read image {str(image)!r}: {e}") from None
+            except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data found while decoding
+                raise ValueError(f"cannot read image {name}: {e}") from None
         image = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     elif isinstance(image, Image.Image):
         if image.width * image.height > max_pixels:

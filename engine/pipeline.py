@@ -203,11 +203,9 @@ class Pipeline:
         """Invert several images together: each request is a dict of :meth:`invert`'s keyword
         arguments (``image``, ``prompt``, ``method``, ...). Every request's rows share one model
         call per step. Returns the :class:`Inversion` s in order."""
-        progs = [self._inversion(dict(r)) for r in _requests(requests)]
-        invs = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows, "invert")
-        for inv in invs:  # which model made it: an edit with another one is refused
-            inv.settings["model"] = {"name": self.name, "id": self.identity}
-        return invs
+        progs = [self.program("invert", r) for r in _requests(requests)]
+        results = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows, "invert")
+        return [self.finish("invert", inv) for inv in results]
 
     @torch.no_grad()
     def edit_many(self, requests: list[dict], *, output_type: str = "pil", progress: bool = False,
@@ -224,11 +222,40 @@ class Pipeline:
         """
         reqs = [dict(r) for r in _requests(requests)]
         types = [r.pop("output_type", output_type) for r in reqs]
-        what = "edit" if any("inv" in r for r in reqs) else "generate"  # the progress bar's label
-        progs = [self._edit(r) if "inv" in r else self._generation(r) for r in reqs]
-        latents = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows, what)
-        return [to_output(self.decode(x), t) for x, t in tqdm(list(zip(latents, types)), desc="decode",
-                                                               disable=not progress, leave=False)]
+        kinds = ["edit" if "inv" in r else "generate" for r in reqs]
+        progs = [self.program(k, r) for k, r in zip(kinds, reqs)]
+        latents = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows,
+                            "edit" if "edit" in kinds else "generate")  # the progress bar's label
+        return [self.finish(k, x, t) for k, x, t in tqdm(list(zip(kinds, latents, types)), desc="decode",
+                                                          disable=not progress, leave=False)]
+
+    # ---- requests as programs (what edit_many / invert_many and the server run) ----------
+    KINDS = ("invert", "edit", "generate")
+
+    def program(self, kind: str, request: dict):
+        """The program of one request: ``kind`` "invert" (:meth:`invert`'s keyword arguments),
+        "edit" (:meth:`edit`'s, with ``inv``) or "generate" (:meth:`generate`'s). Checks the
+        request (raising ``ValueError`` / ``TypeError``) and encodes its prompts and image; its
+        result goes through :meth:`finish`."""
+        r = dict(request)
+        if kind == "invert":
+            return self._inversion(r)
+        if kind == "edit":
+            if "inv" not in r:
+                raise ValueError("an edit request needs 'inv' (an Inversion)")
+            return self._edit(r)
+        if kind == "generate":
+            return self._generation(r)
+        raise ValueError(f"unknown request kind {kind!r}; use one of {self.KINDS}")
+
+    @torch.no_grad()
+    def finish(self, kind: str, result, output_type: str = "pil"):
+        """A finished program's result as the user gets it: an :class:`Inversion` stamped with
+        the model that made it (an edit with another one is refused), or decoded images."""
+        if kind == "invert":
+            result.settings["model"] = {"name": self.name, "id": self.identity}
+            return result
+        return to_output(self.decode(result), output_type)
 
     def _inversion(self, r: dict):
         r.pop("progress", None)

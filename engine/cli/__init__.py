@@ -4,6 +4,7 @@
     overpaint generate --prompt TEXT -o out.png [--steps ...]      (default model: the bundled shapes)
     overpaint demo -o DIR                  edit a bundled example scene with the shapes model
     overpaint vocab [--model shapes]       the words a model declares
+    overpaint serve [--port 8000 ...]      serve edits over HTTP (engine.serving)
     overpaint tiny DIR [--arch sd15|sdxl]  write a tiny random-weight pipeline
     overpaint bench [e2e|edit|step] ...    benchmarks (a source checkout)
 
@@ -18,13 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
-from .commands import cmd_demo, cmd_edit, cmd_generate, cmd_tiny, cmd_vocab
+from .commands import cmd_demo, cmd_edit, cmd_generate, cmd_serve, cmd_tiny, cmd_vocab
 from .errors import UserError, report
 from .options import EDIT_METHODS, build_parser
 
 __all__ = ["main", "build_parser", "UserError", "EDIT_METHODS"]
 
-COMMANDS = {"tiny": cmd_tiny, "generate": cmd_generate, "edit": cmd_edit, "demo": cmd_demo, "vocab": cmd_vocab}
+COMMANDS = {"tiny": cmd_tiny, "generate": cmd_generate, "edit": cmd_edit, "demo": cmd_demo, "vocab": cmd_vocab,
+            "serve": cmd_serve}
 
 
 def cmd_bench(argv: list[str]) -> int:

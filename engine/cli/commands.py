@@ -202,3 +202,32 @@ def cmd_vocab(args) -> None:
         return
     print(f"{args.model} knows {len(card.vocabulary)} words:")
     print(" ".join(card.vocabulary))
+
+
+def cmd_serve(args) -> None:
+    import os
+
+    from engine.serving.api import ServeSettings
+    from engine.serving.server import check_host
+
+    key = args.api_key or os.environ.get("OVERPAINT_API_KEY") or None
+    try:
+        check_host(args.host, key, args.insecure)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.cache_dir:
+        check_output_folder(args.cache_dir, [])
+    _check_device(args.device)
+    settings = ServeSettings(model=args.model, device=args.device, dtype=args.dtype, cuda_graphs=args.cuda_graphs,
+                             max_batch_rows=args.max_batch_rows, max_queue=args.max_queue,
+                             max_body_bytes=args.max_body_bytes, timeout=args.timeout, cache_bytes=args.cache_bytes,
+                             cache_dir=args.cache_dir, api_key=key, batch_invariant=args.batch_invariant,
+                             grace_s=args.grace)
+    if args.ray:
+        from engine.serving.ray_app import serve_ray
+
+        serve_ray(settings, host=args.host, port=args.port, replicas=args.replicas)
+        return
+    from engine.serving.server import serve
+
+    serve(settings, host=args.host, port=args.port, insecure=args.insecure)

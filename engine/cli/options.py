@@ -276,6 +276,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with other words get a warning.")
     v.add_argument("--model", default="shapes", help=MODEL_HELP)
 
+    s = sub.add_parser("serve", parents=[sub_common], help="serve edits over HTTP (OpenAI-compatible routes, a web page)",
+                       description="Serve edits over HTTP with step-level continuous batching: OpenAI-compatible "
+                                   "/v1/images/edits and /v1/images/generations, native jobs with server-sent events, "
+                                   "an inversion cache, /metrics, and a web page at /.", **fmt)
+    s.add_argument("--model", default="shapes", help=MODEL_HELP)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback needs --api-key)")
+    s.add_argument("--port", type=_number(int, lo=0), default=8000, help="port (0: any free one)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also from OVERPAINT_API_KEY)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    s.add_argument("--max-batch-rows", type=positive_int, default=64, help="cap on model rows per step")
+    s.add_argument("--max-queue", type=positive_int, default=256, help="jobs waiting beyond this get 429")
+    s.add_argument("--max-body-bytes", type=positive_int, default=32 << 20, help="larger request bodies get 413")
+    s.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before a request ends with 408")
+    s.add_argument("--cache-bytes", type=positive_int, default=2 << 30, help="inversion cache size in memory")
+    s.add_argument("--cache-dir", default=None, help="also keep cached inversions in this folder (safetensors)")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="fixed-size batches: each result bit-identical to the request served alone")
+    s.add_argument("--grace", type=positive_float, default=30.0, help="seconds to finish jobs after SIGTERM")
+    s.add_argument("--ray", action="store_true", help="serve through Ray Serve (pip install 'overpaint[ray]')")
+    s.add_argument("--replicas", type=positive_int, default=1, help="with --ray: replicas (one per GPU)")
+    _runtime(s)
+
     # Listed for --help only: main() hands everything after "bench" to the benchmark's own parser.
     sub.add_parser("bench", help="benchmarks: overpaint bench [e2e|edit|step] [--device cpu --tiny ...] (e2e and edit: "
                                  "vs diffusers; step: edit_many batching vs one at a time)", add_help=False)

@@ -48,6 +48,7 @@ class Loop:
     ``sync_timing`` (a benchmark's switch: it synchronises around every call)."""
 
     sync_timing = False
+    before_call = None  # callable(programs) run before each model call (a server's fault injection)
 
     def __init__(self, denoiser, *, batch_invariant: bool = False, bucket_rows: int = BUCKET_ROWS,
                  max_rows: int | None = None, progress: bool = False, desc: str | None = None):
@@ -75,11 +76,21 @@ class Loop:
             self.live.append(program)
         return program
 
-    def step(self) -> None:
-        """One step of every live program: one model call per group (or per bucket)."""
+    def remove(self, program: Program) -> None:
+        """Leave before the next step (a cancelled or timed-out request); its rows stop running."""
+        self.live = [p for p in self.live if p is not program]
+
+    @property
+    def rows(self) -> int:
+        """Model rows of the live programs (what one step runs, before padding)."""
+        return sum(len(p.cond()) for p in self.live)
+
+    def step(self, programs: list[Program] | None = None) -> None:
+        """One step of every live program (or of ``programs``, a subset: a server retries the
+        programs of a failed call on their own): one model call per group (or per bucket)."""
         tic = time.perf_counter()
         groups: dict = {}
-        for p in self.live:
+        for p in self.live if programs is None else programs:
             x, t = p.model_input()
             groups.setdefault(p.group_key(x), []).append((p, x, t))
         for members in groups.values():
@@ -134,6 +145,8 @@ class Loop:
         tic = time.perf_counter()
         sizes = tuple(len(p.cond()) for p in progs) + ((total - n,) if total > n else ())
         segments = "blocks" if self.batch_invariant else (sizes if len(sizes) > 1 else None)
+        if self.before_call is not None:
+            self.before_call(progs)
         out = self.denoiser(x, t, rows, plan, segments)  # [R, C, h, w]
         if hasattr(plan, "copy_back"):
             plan.copy_back()

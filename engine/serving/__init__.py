@@ -1,0 +1,1 @@
+"""Serving edits over HTTP: the engine thread (batcher), jobs, the inversion cache, the API."""

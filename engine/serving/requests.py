@@ -1,0 +1,190 @@
+"""From HTTP fields to jobs: every field checked and named in the error, images checked from
+their header before decoding, edits split into an (optionally cached) inversion and an edit."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from .cache import inversion_id
+from .jobs import PREVIOUS, ApiError, Job, Stage, bad_request
+
+METHODS = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm"}  # edit -> default inversion
+# HTTP name -> the inversion's parameter
+INVERT_FIELDS = {"steps": "steps", "seed": "seed", "skip": "skip", "inversion_guidance_scale": "guidance_scale",
+                 "inversion_sampler": "sampler", "inversion_method": "method"}
+EDIT_FIELDS = {
+    "*": {"guidance_scale", "negative_prompt"},
+    "ledits++": {"editing_prompt", "edit_guidance_scale", "edit_threshold", "edit_warmup_steps", "edit_cooldown_steps",
+                 "reverse_editing_direction", "use_cross_attn_mask", "use_intersect_mask", "guidance_rescale"},
+    "p2p": {"cross_replace_steps", "self_replace_steps", "edit_type", "equalizer", "local_blend_words",
+            "blend_threshold", "blend_start", "blend_resolution", "blend_maps", "source_guidance_scale", "source",
+            "self_replace_max_queries", "self_replace_min_scale"},
+}
+GENERATE_FIELDS = {"steps", "seed", "guidance_scale", "negative_prompt", "sampler", "guidance_rescale", "eta"}
+OPENAI_IGNORED = {"model", "user", "response_format", "n", "size", "quality", "style", "background", "moderation",
+                  "output_format", "output_compression", "input_fidelity", "partial_images", "stream"}
+MAX_N = 8
+
+
+def text(fields: dict, name: str, required: bool = False, default: str | None = None, limit: int = 2000) -> str | None:
+    v = fields.get(name, default)
+    if v is None:
+        if required:
+            raise bad_request(f"'{name}' is required", name, "missing_field")
+        return None
+    if not isinstance(v, str):
+        raise bad_request(f"'{name}' must be a string", name)
+    if len(v) > limit:
+        raise bad_request(f"'{name}' is {len(v)} characters; at most {limit}", name)
+    return v
+
+
+def integer(fields: dict, name: str, default: int, lo: int, hi: int) -> int:
+    v = fields.get(name, default)
+    if isinstance(v, str):
+        v = v.strip()
+        v = int(v) if v.lstrip("-").isdigit() else v
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise bad_request(f"'{name}' must be an integer from {lo} to {hi}, got {v!r}", name)
+    return v
+
+
+def size(fields: dict, name: str = "size") -> tuple[int, int] | None:
+    """OpenAI's "WIDTHxHEIGHT" (or "auto"/absent: the model's) -> (height, width)."""
+    v = fields.get(name)
+    if v in (None, "", "auto"):
+        return None
+    try:
+        w, h = (int(p) for p in str(v).lower().split("x"))
+    except ValueError:
+        raise bad_request(f"'{name}' must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {v!r}", name) from None
+    if not (8 <= w <= 4096 and 8 <= h <= 4096):
+        raise bad_request(f"'{name}' sides must be from 8 to 4096, got {v!r}", name)
+    return h, w
+
+
+def form_value(v):
+    """A multipart field's value: JSON (numbers, booleans, lists, objects) where it parses, else the text."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+def b64_image(fields: dict, name: str = "image") -> bytes:
+    v = text(fields, name, required=True, limit=1 << 30)
+    if v.startswith("data:"):
+        v = v.partition(",")[2]
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"'{name}' must be a base64-encoded image", name) from None
+
+
+def decode_image(data: bytes, max_pixels: int):
+    """Image bytes -> [1, 3, H, W]; 413 over the pixel limit (read from the header), 400 if unreadable."""
+    from ..images import ImageTooLarge, load_image
+
+    try:
+        return load_image(data, max_pixels=max_pixels)
+    except ImageTooLarge as e:
+        raise ApiError(413, str(e), "invalid_request_error", "image", "image_too_large") from None
+    except ValueError as e:
+        raise bad_request(str(e), "image", "invalid_image") from None
+
+
+def method_params(fields: dict, method: str, extra_ok: set[str]) -> tuple[dict, dict]:
+    """(inversion params, edit params) from the request's extension fields; unknown fields are 400s."""
+    inv, edit = {}, {}
+    allowed = EDIT_FIELDS["*"] | EDIT_FIELDS.get(method, set())
+    for k, v in fields.items():
+        if k in extra_ok or k in OPENAI_IGNORED:
+            continue
+        v = form_value(v)
+        if k in INVERT_FIELDS:
+            inv[INVERT_FIELDS[k]] = v
+        elif k in allowed:
+            edit[k] = tuple(v) if k == "local_blend_words" and isinstance(v, list) else v
+        else:
+            known = sorted(set(INVERT_FIELDS) | allowed)
+            raise bad_request(f"unknown parameter '{k}' for method '{method}'; known: {', '.join(known)}", k,
+                              "unknown_parameter")
+    if "method" in inv and (method != "p2p" or inv["method"] not in ("ddim", "ddpm")):
+        raise bad_request("'inversion_method' applies to method 'p2p' and is 'ddim' or 'ddpm'", "inversion_method")
+    return inv, edit
+
+
+def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
+    """The job of an edit: the inversion (from the cache, or a stage that fills it) and the edit."""
+    method = text(fields, "method", default="p2p")
+    if method not in METHODS:
+        raise bad_request(f"unknown method {method!r}; use one of {', '.join(METHODS)}", "method")
+    source = text(fields, "source_prompt", default="")
+    target = text(fields, "prompt" if "prompt" in fields else "target_prompt")
+    inv_params, edit_params = method_params(fields, method, {"image", "prompt", "target_prompt", "source_prompt",
+                                                             "method", "inversion"})
+    if method == "ledits++" and not edit_params.get("editing_prompt") and target is None:
+        raise bad_request("ledits++ needs 'prompt' (or 'editing_prompt': concepts to add)", "prompt", "missing_field")
+    if method != "ledits++" and target is None:
+        raise bad_request("'prompt' (the caption of the edited image) is required", "prompt", "missing_field")
+    if method == "ledits++" and not edit_params.get("editing_prompt"):
+        edit_params["editing_prompt"] = [target]
+    target = None if method == "ledits++" else target
+    inv_method = inv_params.pop("method", None) or server.pipe.card.inversion_for.get(method, METHODS[method])
+    inv_id = text(fields, "inversion")
+    stages = []
+    if inv_id is not None:
+        inv = server.cache.get(inv_id)
+        if inv is None:
+            raise ApiError(404, f"no inversion {inv_id!r} (expired or never made); POST /v1/inversions first",
+                           "invalid_request_error", "inversion", "not_found")
+        server.metrics.cache.labels("hit").inc()
+    else:
+        if image is None:
+            raise bad_request("give 'image' or 'inversion' (an id from POST /v1/inversions)", "image", "missing_field")
+        _, inv, stage = inversion_stage(server, image, source, inv_method, inv_params)
+        if stage is not None:
+            stages.append(stage)
+    stages.append(Stage("edit", {"inv": inv if not stages else PREVIOUS, "method": method, "target_prompt": target,
+                                 **edit_params}))
+    return Job(stages, route=route, method=method, timeout=server.settings.timeout)
+
+
+def inversion_stage(server, image: bytes, prompt: str, method: str, params: dict):
+    """(cache id, the cached inversion or None, else a stage that inverts and caches it)."""
+    x = decode_image(image, server.settings.max_pixels)  # [1, 3, H, W]
+    fit = server.pipe.fit_size(*x.shape[-2:])
+    if fit is not None:
+        from ..images import resize
+
+        x = resize(x, *fit)
+    key = inversion_id(image, {"prompt": prompt, "method": method, **params}, server.pipe.identity)
+    inv = server.cache.get(key)
+    server.metrics.cache.labels("hit" if inv is not None else "miss").inc()
+    if inv is not None:
+        return key, inv, None
+    stage = Stage("invert", {"image": x, "prompt": prompt, "method": method, **params},
+                  on_result=lambda result: server.cache.put(key, result))
+    return key, None, stage
+
+
+def generation_job(server, fields: dict) -> Job:
+    prompt = text(fields, "prompt", required=True)
+    n = integer(fields, "n", 1, 1, MAX_N)
+    hw = size(fields)
+    params = {}
+    for k, v in fields.items():
+        if k in ("prompt",) or k in OPENAI_IGNORED:
+            continue
+        if k not in GENERATE_FIELDS:
+            raise bad_request(f"unknown parameter '{k}'; known: {', '.join(sorted(GENERATE_FIELDS))}", k,
+                              "unknown_parameter")
+        params[k] = form_value(v)
+    if hw is not None:
+        params["height"], params["width"] = hw
+    return Job([Stage("generate", {"prompt": prompt, "num_images": n, **params})], route="generations",
+               method="generate", timeout=server.settings.timeout)

@@ -1,0 +1,242 @@
+"""The HTTP API over loopback on tiny models: every route, bad inputs as OpenAI-shaped 4xx errors
+(and the server stays up), cancellation, queue limits, timeouts, fault injection."""
+
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.serving.api import ServeSettings
+
+
+def png(size=(32, 32), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def edit_form(**extra):
+    return {"prompt": "a blue circle", "source_prompt": "a red circle", "method": "ddim", "steps": "2", **extra}
+
+
+def error_of(r, status):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    return body
+
+
+@pytest.fixture()
+def server(live, sd15_pipe):
+    return live(ServeSettings(max_body_bytes=2 << 20, max_pixels=512 * 512), sd15_pipe)
+
+
+def test_routes(server):
+    c = server.client
+    assert c.get("/health").json()["status"] == "ok" and c.get("/ready").status_code == 200
+    assert "<form" in c.get("/").text
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")}, data=edit_form())
+    assert r.status_code == 200, r.text
+    out = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert out.size == (32, 32)
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")}, data=edit_form(size="48x40", n="2"))
+    assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(48, 40)] * 2
+    r = c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "n": 2, "size": "32x32"})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+    inv = c.post("/v1/inversions", json={"image": b64(png()), "source_prompt": "a red circle", "method": "ddpm",
+                                         "steps": 3}).json()
+    assert inv["id"].startswith("inv_") and inv["cached"] is False
+    again = c.post("/v1/inversions", json={"image": b64(png()), "source_prompt": "a red circle", "method": "ddpm",
+                                           "steps": 3}).json()
+    assert again["id"] == inv["id"] and again["cached"] is True  # same bytes and settings: same id, no work
+    job = c.post("/v1/edits", json={"inversion": inv["id"], "target_prompt": "a blue circle", "method": "ddpm"})
+    assert job.status_code == 202
+    jid = job.json()["id"]
+    events = []
+    with c.stream("GET", f"/v1/jobs/{jid}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+    assert events[0] in ("queued", "stage") and events[-1] == "done" and "step" in events
+    got = c.get(f"/v1/jobs/{jid}").json()
+    assert got["status"] == "succeeded" and got["data"][0]["b64_json"]
+    assert c.delete(f"/v1/jobs/{jid}").json()["status"] == "succeeded"  # finished: nothing to cancel
+    metrics = c.get("/metrics").text
+    assert 'overpaint_inversion_cache_total{result="hit"}' in metrics and "overpaint_rows_per_step_bucket" in metrics
+    assert 'overpaint_request_seconds_count{method="ddim",route="images/edits"}' in metrics
+
+
+def bomb(side: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def test_bad_input_corpus(server):
+    c = server.client
+    good = png()
+    post = lambda files=None, data=None, **kw: c.post("/v1/images/edits", files=files, data=data, **kw)  # noqa: E731
+    img = lambda data, name="a.png", kind="image/png": {"image": (name, data, kind)}  # noqa: E731
+    cases = [
+        (post(img(b"not an image at all"), edit_form()), 400, "image"),  # corrupt / wrong type
+        (post(img(good[:60]), edit_form()), 400, "image"),  # truncated
+        (post(img(b""), edit_form()), 400, "image"),  # empty
+        (post(img(bomb(30000)), edit_form()), 413, "image"),  # decompression bomb: from the header
+        (post(img(bomb(1000)), edit_form()), 413, "image"),  # over this server's pixel limit
+        (post(img(b"x" * (3 << 20)), edit_form()), 413, None),  # body over the limit
+        (post(img(good), {"source_prompt": "x", "method": "ddim"}), 400, "prompt"),  # missing field
+        (post(None, edit_form()), 400, "image"),
+        (post(img(good), edit_form(steps="2.5")), 400, "steps"),  # bad numbers
+        (post(img(good), edit_form(guidance_scale="inf")), 400, "guidance_scale"),
+        (post(img(good), edit_form(seed="abc")), 400, "seed"),
+        (post(img(good), edit_form(n="0")), 400, "n"),
+        (post(img(good), edit_form(size="big")), 400, "size"),
+        (post(img(good), edit_form(method="magic")), 400, "method"),  # unknown method
+        (post(img(good), edit_form(cross_replace_steps="0.5")), 400, "cross_replace_steps"),  # not ddim's
+        (post(img(good), edit_form(prompt="word " * 90)), 400, None),  # oversized prompt
+        (post(img(good), edit_form(response_format="url")), 400, "response_format"),
+        (c.post("/v1/images/edits", content=b"--xx\r\nbroken", headers={"content-type": "multipart/form-data; "
+                                                                          "boundary=xx"}), 400, None),
+        (c.post("/v1/images/edits", json={"prompt": "x"}), 400, None),  # JSON where multipart is expected
+        (c.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"}), 400,
+         None),
+        (c.post("/v1/images/generations", json=["a list"]), 400, None),
+        (c.post("/v1/images/generations", json={"prompt": 3}), 400, "prompt"),
+        (c.post("/v1/images/generations", json={"prompt": "x", "steps": -1}), 400, "steps"),
+        (c.post("/v1/images/generations", json={"prompt": "x", "frobnicate": 1}), 400, "frobnicate"),
+        (c.post("/v1/edits", json={"inversion": "inv_" + "0" * 32, "target_prompt": "y"}), 404, "inversion"),
+        (c.post("/v1/edits", json={"inversion": "../../etc/passwd", "target_prompt": "y"}), 404, "inversion"),
+        (c.post("/v1/edits", json={"image": "%%%", "target_prompt": "y"}), 400, "image"),
+        (c.post("/v1/inversions", json={"image": b64(good), "method": "p2p"}), 400, "method"),
+        (c.get("/v1/jobs/job_nope"), 404, "id"),
+        (c.delete("/v1/jobs/job_nope"), 404, "id"),
+    ]
+    for r, status, param in cases:
+        body = error_of(r, status)
+        if param is not None:
+            assert body["param"] == param, (body, param)
+    assert c.get("/ready").status_code == 200  # still up
+    assert c.post("/v1/images/edits", files=img(good), data=edit_form()).status_code == 200
+
+
+def test_streamed_body_over_the_limit_is_413_before_reading_it_all(server):
+    def chunks():
+        for _ in range(64):
+            yield b"x" * (64 << 10)
+
+    r = server.client.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+    error_of(r, 413)
+
+
+def test_api_key(live, sd15_pipe):
+    s = live(ServeSettings(api_key="sekrit"), sd15_pipe)
+    assert error_of(s.client.post("/v1/images/generations", json={"prompt": "x", "steps": 1}), 401)["code"] == \
+        "invalid_api_key"
+    ok = s.client.post("/v1/images/generations", json={"prompt": "x", "steps": 1},
+                       headers={"Authorization": "Bearer sekrit"})
+    assert ok.status_code == 200
+    assert s.client.get("/health").status_code == 200  # operations stay open
+
+
+def _wait(cond, timeout=60):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_cancellation_frees_rows_at_the_next_step(server):
+    c = server.client
+    jid = c.post("/v1/edits", json={"image": b64(png()), "target_prompt": "y", "method": "ddim", "steps": 400}).json()["id"]
+    batcher = server.state.batcher
+    _wait(lambda: batcher.loop.rows > 0)
+    steps = batcher.steps
+    assert c.delete(f"/v1/jobs/{jid}").status_code == 200
+    _wait(lambda: batcher.loop.rows == 0)
+    assert batcher.steps - steps <= 2  # gone at the next step boundary
+    got = c.get(f"/v1/jobs/{jid}").json()
+    assert got["status"] == "cancelled" and got["error"]["code"] == "cancelled"
+
+
+def test_queue_full_is_429_with_retry_after(live, sd15_pipe):
+    s = live(ServeSettings(max_queue=1, max_batch_rows=1), sd15_pipe)
+    c = s.client
+    long = {"image": b64(png()), "target_prompt": "y", "method": "ddim", "steps": 300}
+    first = c.post("/v1/edits", json=long).json()["id"]
+    _wait(lambda: s.state.batcher.loop.rows > 0)
+    second = c.post("/v1/edits", json=long).json()["id"]  # waits: no room under max_batch_rows
+    r = c.post("/v1/edits", json=long)
+    assert error_of(r, 429)["code"] == "queue_full" and int(r.headers["retry-after"]) >= 1
+    for jid in (first, second):
+        c.delete(f"/v1/jobs/{jid}")
+
+
+def test_timeout_is_408(live, sd15_pipe):
+    s = live(ServeSettings(timeout=0.3), sd15_pipe)
+    r = s.client.post("/v1/images/generations", json={"prompt": "x", "steps": 500})
+    assert error_of(r, 408)["code"] == "timeout"
+    assert s.state.batcher.loop.rows == 0
+
+
+def test_out_of_memory_hits_only_the_request_that_causes_it(server):
+    batcher = server.state.batcher
+
+    def inject(programs):  # the model "runs out of memory" whenever the poisoned request's rows are in a call
+        for p in programs:
+            job = batcher.programs[id(p)][0]
+            if "POISON" in str(job.stages[-1].request.get("prompt")):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    batcher.loop.before_call = inject
+    results = {}
+
+    def go(name, prompt):
+        results[name] = server.client.post("/v1/images/generations", json={"prompt": prompt, "steps": 6})
+
+    threads = [threading.Thread(target=go, args=(n, p)) for n, p in
+               (("a", "a red circle"), ("bad", "POISON"), ("b", "a blue square"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["a"].status_code == 200 and results["b"].status_code == 200
+    assert error_of(results["bad"], 503)["code"] == "out_of_memory"
+    assert 'overpaint_errors_total{reason="out_of_memory"} 1.0' in server.client.get("/metrics").text
+
+
+def test_results_are_identical_alone_and_under_load_when_batch_invariant(live, sd15_pipe):
+    s = live(ServeSettings(batch_invariant=True, bucket_rows=16), sd15_pipe)
+    form = edit_form(method="p2p", steps="3")
+
+    def edit(seed_img=0):
+        r = s.client.post("/v1/images/edits", files={"image": ("a.png", png(seed=seed_img), "image/png")}, data=form)
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["b64_json"]
+
+    alone = edit()
+    out = {}
+
+    def load(i):
+        out[i] = edit(seed_img=i)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out[0] == alone  # the same bytes while three other edits shared its model calls
