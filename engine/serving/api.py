@@ -50,10 +50,14 @@ class ServeSettings:
 
 
 class Server:
-    """What the routes share: settings, the pipeline, the batcher, the cache, the metrics."""
+    """What the routes share: settings, the model (``model``: a Pipeline, or on a Ray ingress its
+    :class:`ModelInfo`), the batcher (local, or :class:`engine.serving.ray_app.RemoteBatcher`),
+    the cache and the metrics."""
 
-    def __init__(self, settings: ServeSettings, pipe=None):
+    def __init__(self, settings: ServeSettings, pipe=None, connect=None):
         self.settings, self.pipe, self.batcher = settings, pipe, None
+        self.model = pipe  # what requests read: name, identity, card, fit_size
+        self.connect = connect  # callable(server) -> (model info, batcher): a remote engine instead of a local one
         self.cache = InversionCache(settings.cache_bytes, settings.cache_dir)
         self.metrics = Metrics()
         self.ready = self.draining = self.stopped = False
@@ -64,21 +68,27 @@ class Server:
         """Load the model (unless given) and start the engine thread, in the background."""
         def load():
             try:
-                if self.pipe is None:
-                    import engine
-
-                    self.pipe = engine.load(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
-                kw = {"batch_invariant": self.settings.batch_invariant}
-                if self.settings.bucket_rows:
-                    kw["bucket_rows"] = self.settings.bucket_rows
-                self.batcher = Batcher(self.pipe, max_rows=self.settings.max_batch_rows,
-                                       max_queue=self.settings.max_queue, cuda_graphs=self.settings.cuda_graphs,
-                                       metrics=self.metrics, **kw).start()
+                if self.connect is not None:
+                    self.model, self.batcher = self.connect(self)
+                else:
+                    self.batcher = self.local_batcher()
                 self.ready = True
             except Exception as e:  # noqa: BLE001 -- reported by /ready and /health
                 self.load_error = f"{type(e).__name__}: {e}"
 
         threading.Thread(target=load, name="overpaint-load", daemon=True).start()
+
+    def local_batcher(self) -> Batcher:
+        if self.pipe is None:
+            import engine
+
+            self.pipe = engine.load(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
+        self.model = self.pipe
+        kw = {"batch_invariant": self.settings.batch_invariant}
+        if self.settings.bucket_rows:
+            kw["bucket_rows"] = self.settings.bucket_rows
+        return Batcher(self.pipe, max_rows=self.settings.max_batch_rows, max_queue=self.settings.max_queue,
+                       cuda_graphs=self.settings.cuda_graphs, metrics=self.metrics, **kw).start()
 
     def begin_drain(self) -> None:
         self.draining, self.ready = True, False
@@ -108,9 +118,11 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -> FastAPI:
+    """The app; ``pipe``: a loaded Pipeline to serve (else ``settings.model`` loads in the
+    background); ``connect``: see :class:`Server` (Ray Serve's ingress)."""
     settings = settings or ServeSettings()
-    server = Server(settings, pipe)
+    server = Server(settings, pipe, connect)
     app = FastAPI(title="overpaint", version=_version(), docs_url="/docs", redoc_url=None,
                   lifespan=_lifespan(server))
     app.state.server = server
@@ -256,7 +268,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
     async def get_job(job_id: str):
         job = job_of(job_id)
         out = job.summary()
-        if job.status == "succeeded":
+        if job.status == "succeeded" and isinstance(job.result, list):  # images (an inversion job has none)
             out["data"] = await asyncio.to_thread(images, job)
         return out
 
@@ -282,7 +294,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
                             return
                         yield ": keep-alive\n\n"
                         continue
-                    if event["type"] == "done":
+                    if event["type"] == "done" and isinstance(job.result, list):
                         event = {**event, "data": await asyncio.to_thread(images, job)}
                     yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
                     if event["type"] in ("done", "error"):
@@ -305,7 +317,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None) -> FastAPI:
         if not server.ready:
             why = "draining" if server.draining else "failed" if server.load_error else "loading"
             return JSONResponse({"status": why, "error": server.load_error}, status_code=503)
-        return {"status": "ready", "model": server.pipe.name, "queue": server.batcher.depth}
+        return {"status": "ready", "model": server.model.name, "queue": server.batcher.depth}
 
     @app.get("/metrics")
     async def metrics():
@@ -324,6 +336,7 @@ def _lifespan(server: Server):
 
     @asynccontextmanager
     async def lifespan(app):
+        server.loop = asyncio.get_running_loop()  # where a remote batcher runs its streams
         server.start()
         yield
         await asyncio.to_thread(server.stop)

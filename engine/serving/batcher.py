@@ -85,6 +85,10 @@ class Batcher:
     def depth(self) -> int:
         return len(self.queue)
 
+    @property
+    def rows(self) -> int:
+        return self.loop.rows
+
     def drain(self, grace_s: float) -> None:
         """Stop accepting; let queued and running jobs finish within ``grace_s``; end the rest with
         a 503 error (every accepted job gets a terminal event); stop the thread."""

@@ -72,6 +72,8 @@ class InversionCache:
 
     def put(self, key: str, inv, persist: bool = True) -> None:
         size = nbytes(inv)
+        if self.max_bytes <= 0 and self.folder is None:
+            return  # caching off
         with self._lock:
             if key in self.entries:
                 self.bytes -= self.entries.pop(key)[1]

@@ -3,6 +3,7 @@ and the errors it can end with, shaped as OpenAI's API shapes them."""
 
 from __future__ import annotations
 
+import enum
 import itertools
 import threading
 import time
@@ -10,7 +11,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-PREVIOUS = object()  # in a stage's request: the previous stage's result (an edit's inversion)
+class _Marker(enum.Enum):
+    PREVIOUS = "previous"  # an enum member: the same object after pickling (to a Ray replica and back)
+
+
+PREVIOUS = _Marker.PREVIOUS  # in a stage's request: the previous stage's result (an edit's inversion)
 
 
 class ApiError(Exception):

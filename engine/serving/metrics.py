@@ -45,5 +45,5 @@ class Metrics:
     def render(self, batcher=None) -> bytes:
         if batcher is not None:
             self.queue_depth.set(batcher.depth)
-            self.live_rows.set(batcher.loop.rows)
+            self.live_rows.set(batcher.rows)
         return generate_latest(self.registry)

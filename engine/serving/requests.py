@@ -134,7 +134,7 @@ def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
     if method == "ledits++" and not edit_params.get("editing_prompt"):
         edit_params["editing_prompt"] = [target]
     target = None if method == "ledits++" else target
-    inv_method = inv_params.pop("method", None) or server.pipe.card.inversion_for.get(method, METHODS[method])
+    inv_method = inv_params.pop("method", None) or server.model.card.inversion_for.get(method, METHODS[method])
     inv_id = text(fields, "inversion")
     stages = []
     if inv_id is not None:
@@ -157,12 +157,12 @@ def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
 def inversion_stage(server, image: bytes, prompt: str, method: str, params: dict):
     """(cache id, the cached inversion or None, else a stage that inverts and caches it)."""
     x = decode_image(image, server.settings.max_pixels)  # [1, 3, H, W]
-    fit = server.pipe.fit_size(*x.shape[-2:])
+    fit = server.model.fit_size(*x.shape[-2:])
     if fit is not None:
         from ..images import resize
 
         x = resize(x, *fit)
-    key = inversion_id(image, {"prompt": prompt, "method": method, **params}, server.pipe.identity)
+    key = inversion_id(image, {"prompt": prompt, "method": method, **params}, server.model.identity)
     inv = server.cache.get(key)
     server.metrics.cache.labels("hit" if inv is not None else "miss").inc()
     if inv is not None:

@@ -57,3 +57,43 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, in
                             limit_concurrency=settings.max_queue * 4 + 64)
     print(f"overpaint: serving {settings.model} on http://{host}:{port} (the page at /, the API at /v1)", flush=True)
     Server(config).run()
+
+
+class Background:
+    """The app served by uvicorn in a background thread on loopback, on a free port: for tests,
+    benchmarks and notebooks. ``with Background(settings, pipe) as srv: httpx.get(srv.url + "/health")``."""
+
+    def __init__(self, settings: ServeSettings, pipe=None, startup_s: float = 120):
+        import uvicorn
+
+        self.app = create_app(settings, pipe)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="error",
+                                                    timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, name="overpaint-http", daemon=True)
+        self.startup_s = startup_s
+
+    @property
+    def state(self):
+        """The :class:`engine.serving.api.Server` (batcher, cache, metrics)."""
+        return self.app.state.server
+
+    def __enter__(self) -> "Background":
+        import time
+
+        import httpx
+
+        self.thread.start()
+        end = time.monotonic() + self.startup_s
+        while not (self.server.started and self.state.ready):
+            if time.monotonic() > end or self.state.load_error or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start: {self.state.load_error or 'timed out'}")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=600)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=60)

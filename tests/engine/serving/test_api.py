@@ -240,3 +240,16 @@ def test_results_are_identical_alone_and_under_load_when_batch_invariant(live, s
     for t in threads:
         t.join()
     assert out[0] == alone  # the same bytes while three other edits shared its model calls
+
+
+def test_serve_refuses_an_open_host_without_a_key(capsys, monkeypatch):
+    from engine.cli import main
+    from engine.serving.server import check_host, is_loopback
+
+    monkeypatch.delenv("OVERPAINT_API_KEY", raising=False)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+    assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
+    assert "set an API key" in capsys.readouterr().err
+    check_host("0.0.0.0", "key", False)
+    check_host("0.0.0.0", None, True)

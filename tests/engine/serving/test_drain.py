@@ -4,7 +4,6 @@ error event, and exits 0 (the real `overpaint serve` process)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,28 +12,14 @@ import time
 import httpx
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sigterm_under_load_loses_nothing(tiny_sd15_dir):
-    port = free_port()
+def test_sigterm_under_load_loses_nothing(tiny_sd15_dir, free_port, wait_ready):
+    port = free_port
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--model", str(tiny_sd15_dir), "--port",
                              str(port), "--grace", "5"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end and proc.poll() is None, "the server did not become ready"
-            time.sleep(0.1)
+        wait_ready(url, 90, alive=lambda: proc.poll() is None)
         results, events = {}, []
 
         def request(i):
