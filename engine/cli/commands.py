@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 
 from .errors import UserError
-from .options import EDIT_METHODS, EDIT_OPTIONS
+from engine.methods import inversion_for
+
+from .options import EDIT_OPTIONS
 from .outputs import check_output, check_output_folder, output_paths, writable_folder
 
 log = logging.getLogger("overpaint")
@@ -114,7 +116,7 @@ def _latent_mask(mask, inv):
 def _inversion_method(args, card) -> str:
     if getattr(args, "invert_with", None):
         return args.invert_with
-    return card.inversion_for.get(args.method, EDIT_METHODS[args.method])
+    return inversion_for(args.method, card)
 
 
 def _image_size(pipe, x, args) -> tuple[int, int] | None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> the inversion it edits
+
 MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
 SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
-# Each edit method and the inversion it edits unless the model's recipes or --invert-with say otherwise.
-EDIT_METHODS = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm"}
 LEDITS, P2P, GUIDED = ("ledits++",), ("p2p",), ("p2p", "ddim", "ddpm")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..methods import DEFAULT_INVERSION, inversion_for
 from .inversion import Inversion
 
 # name -> (module, function); modules are imported on first use.
@@ -55,4 +56,4 @@ def edit_program(method: str):
     return _lookup({k: (m, "edit_program") for k, (m, _) in EDITORS.items()}, method, "edit")
 
 
-__all__ = ["Inversion", "INVERTERS", "EDITORS", "inverter", "editor", "inversion_program", "edit_program"]
+__all__ = ["Inversion", "INVERTERS", "EDITORS", "DEFAULT_INVERSION", "inversion_for", "inverter", "editor", "inversion_program", "edit_program"]

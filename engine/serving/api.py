@@ -25,7 +25,8 @@ from .cache import InversionCache
 from .jobs import ApiError, Job, bad_request
 from .limits import BodyTooLarge, Guard
 from .metrics import Metrics
-from .requests import b64_image, edit_job, generation_job, integer, inversion_stage, method_params, size, text
+from .requests import (INVERT_FIELDS, b64_image, edit_job, generation_job, integer, inversion_stage, method_params,
+                       size, text)
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -230,14 +231,11 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
         method = text(fields, "method", default="ddim")
         if method not in ("ddim", "ddpm", "ledits++"):
             raise bad_request(f"unknown inversion method {method!r}; use ddim, ddpm or ledits++", "method")
-        params, _ = method_params({k: v for k, v in fields.items() if k in ("steps", "seed", "skip",
-                                                                            "inversion_guidance_scale",
-                                                                            "inversion_sampler")}, method, set())
-        extra = set(fields) - {"image", "source_prompt", "method", "steps", "seed", "skip", "inversion_guidance_scale",
-                               "inversion_sampler"}
-        if extra:
-            k = sorted(extra)[0]
-            raise bad_request(f"unknown parameter '{k}' for an inversion", k, "unknown_parameter")
+        params, edit_only = method_params(fields, method, {"image", "source_prompt", "method"})
+        if edit_only:  # an edit's parameter sent to an inversion
+            k = sorted(edit_only)[0]
+            raise bad_request(f"'{k}' is an edit parameter; an inversion takes "
+                              f"{', '.join(sorted(INVERT_FIELDS))}", k, "unknown_parameter")
         source = text(fields, "source_prompt", default="")
         key, inv, stage = inversion_stage(server, image, source, method, params)
         if inv is None:

@@ -184,6 +184,7 @@ class Batcher:
             job.status, job.result, job.pending = "running", None, None
             self.loop.add(prog)
             self.programs[id(prog)] = (job, prog)
+            job.stage_steps = prog.steps_left
             job.emit({"type": "stage", "job": job.id, "stage": stage.kind, "steps": prog.steps_left})
 
     def _pop(self, job: Job) -> None:
@@ -215,13 +216,12 @@ class Batcher:
                     self._end(job, unavailable("the device ran out of memory for this request; retry with a "
                                                "smaller image or fewer images", "out_of_memory")
                               if is_oom(e2) else self._internal(e2))
-            self.loop.live = [p for p in self.loop.live if not p.done]
         self.steps += 1
         if self.metrics is not None:
             self.metrics.step(rows, time.perf_counter() - tic, self.pipe.device)
         for key, (job, prog) in list(self.programs.items()):
             stage = job.stages[job.stage]
-            n = prog_steps(job, prog)
+            n = job.stage_steps
             job.emit({"type": "step", "job": job.id, "stage": stage.kind, "step": n - prog.steps_left, "steps": n})
             if prog.done:
                 del self.programs[key]
@@ -262,14 +262,6 @@ class Batcher:
         if len(self.jobs) > keep:
             for jid in [j.id for j in sorted(self.jobs.values(), key=lambda j: j.order) if j.finished][:len(self.jobs) - keep]:
                 del self.jobs[jid]
-
-
-def prog_steps(job: Job, prog) -> int:
-    """Steps of the job's current program (recorded when it joined)."""
-    for e in reversed(job.events):
-        if e["type"] == "stage":
-            return e["steps"]
-    return prog.steps_left
 
 
 def _param_of(message: str) -> str | None:

@@ -84,7 +84,3 @@ class InversionCache:
                 self.bytes -= s
         if persist and self.folder is not None:
             inv.save(self.folder / f"{key}.safetensors")
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries or (self.folder is not None and ID.match(key) is not None
-                                       and (self.folder / f"{key}.safetensors").is_file())

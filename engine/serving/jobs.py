@@ -82,6 +82,7 @@ class Job:
     events: list[dict] = field(default_factory=list)
     cancelled: bool = False
     pending: Any = None  # the next stage's program, built while it waits for room
+    stage_steps: int = 0  # steps of the running stage's program
     order: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):
@@ -136,9 +137,6 @@ class Job:
     def unsubscribe(self, queue) -> None:
         with self._lock:
             self._subscribers = [(lp, q) for lp, q in self._subscribers if q is not queue]
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
 
     def summary(self) -> dict:
         steps = [e for e in self.events if e["type"] == "step"]

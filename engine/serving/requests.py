@@ -7,10 +7,10 @@ import base64
 import binascii
 import json
 
+from ..methods import DEFAULT_INVERSION, inversion_for
 from .cache import inversion_id
 from .jobs import PREVIOUS, ApiError, Job, Stage, bad_request
 
-METHODS = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm"}  # edit -> default inversion
 # HTTP name -> the inversion's parameter
 INVERT_FIELDS = {"steps": "steps", "seed": "seed", "skip": "skip", "inversion_guidance_scale": "guidance_scale",
                  "inversion_sampler": "sampler", "inversion_method": "method"}
@@ -42,13 +42,13 @@ def text(fields: dict, name: str, required: bool = False, default: str | None = 
 
 
 def integer(fields: dict, name: str, default: int, lo: int, hi: int) -> int:
-    v = fields.get(name, default)
-    if isinstance(v, str):
-        v = v.strip()
-        v = int(v) if v.lstrip("-").isdigit() else v
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise bad_request(f"'{name}' must be an integer from {lo} to {hi}, got {v!r}", name)
-    return v
+    """An integer field (a form's text or JSON's number), checked by :func:`engine.params.integer`."""
+    from .. import params
+
+    try:
+        return params.integer(name, form_value(fields.get(name, default)), lo, hi)
+    except ValueError as e:
+        raise bad_request(str(e), name) from None
 
 
 def size(fields: dict, name: str = "size") -> tuple[int, int] | None:
@@ -121,8 +121,8 @@ def method_params(fields: dict, method: str, extra_ok: set[str]) -> tuple[dict, 
 def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
     """The job of an edit: the inversion (from the cache, or a stage that fills it) and the edit."""
     method = text(fields, "method", default="p2p")
-    if method not in METHODS:
-        raise bad_request(f"unknown method {method!r}; use one of {', '.join(METHODS)}", "method")
+    if method not in DEFAULT_INVERSION:
+        raise bad_request(f"unknown method {method!r}; use one of {', '.join(DEFAULT_INVERSION)}", "method")
     source = text(fields, "source_prompt", default="")
     target = text(fields, "prompt" if "prompt" in fields else "target_prompt")
     inv_params, edit_params = method_params(fields, method, {"image", "prompt", "target_prompt", "source_prompt",
@@ -134,7 +134,7 @@ def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
     if method == "ledits++" and not edit_params.get("editing_prompt"):
         edit_params["editing_prompt"] = [target]
     target = None if method == "ledits++" else target
-    inv_method = inv_params.pop("method", None) or server.model.card.inversion_for.get(method, METHODS[method])
+    inv_method = inv_params.pop("method", None) or inversion_for(method, server.model.card)
     inv_id = text(fields, "inversion")
     stages = []
     if inv_id is not None:

@@ -93,11 +93,13 @@ class Loop:
         for p in self.live if programs is None else programs:
             x, t = p.model_input()
             groups.setdefault(p.group_key(x), []).append((p, x, t))
-        for members in groups.values():
-            for chunk in self._chunks(members):
-                self._call(chunk)
-        self.live = [p for p in self.live if not p.done]
-        self.seconds += time.perf_counter() - tic
+        try:
+            for members in groups.values():
+                for chunk in self._chunks(members):
+                    self._call(chunk)
+        finally:  # a failed call leaves the programs of earlier calls advanced: drop the finished ones
+            self.live = [p for p in self.live if not p.done]
+            self.seconds += time.perf_counter() - tic
 
     def run(self) -> None:
         total = max((p.steps_left for p in self.live), default=0)
