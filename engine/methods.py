@@ -4,7 +4,8 @@ parser reads it). Their programs are registered in :mod:`engine.editing`."""
 from __future__ import annotations
 
 # The inversion each edit method edits unless a model's recipes (ModelCard.inversion_for) say otherwise.
-DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm"}
+DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm", "pnp": "ddim",
+                     "masactrl": "ddim"}
 
 
 def inversion_for(method: str, card=None) -> str:

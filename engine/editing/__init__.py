@@ -26,6 +26,8 @@ EDITORS = {
     "ddpm": ("engine.editing.ddpm", "edit"),
     "ledits++": ("engine.editing.ledits", "edit"),
     "p2p": ("engine.editing.p2p", "edit"),
+    "pnp": ("engine.editing.pnp", "edit"),
+    "masactrl": ("engine.editing.masactrl", "edit"),
 }
 
 

@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.attention import AttentionPlan, CrossMix
-from ..prompts import Conditioning, as_list
-from ..step import Guidance, SamplerProgram, stored_noise
+from .branches import SOURCES, BranchEdit, branch_guidance, branch_prompts
 from .common import run_one
 from .p2p_align import align, token_ids, token_mask, word_token_indices
 
@@ -96,41 +95,24 @@ def _grid(h: int, w: int, scale: int) -> tuple[int, int]:
     return h, w
 
 
-class P2PEdit(SamplerProgram):
-    """The source and edit branches as one program: sample rows [source x B, edit x B], model rows
-    [uncond_src, uncond_edit, cond_src, cond_edit]; the plan of step k borrows the source's
-    attention; after the update, the source rows may be reset to the inversion's trajectory and
-    the local blend keeps the source outside the mask."""
+class P2PEdit(BranchEdit):
+    """Prompt-to-Prompt's two branches: the plan of step k borrows the source's attention;
+    after the update the local blend keeps the source outside the mask."""
 
     def __init__(self, pipe, g, rp, plans, blend, source: str, callback=None):
-        b = rp.x.shape[0]
-        noise = None if rp.noise is None else stored_noise(rp.noise, rp.first, copies=2)  # both branches
-        h, w = rp.x.shape[-2:]
-        f = pipe.vae_scale_factor
-        super().__init__(pipe.denoiser, g, torch.cat([rp.x, rp.x]), rp.sampler, height=h * f, width=w * f,
-                         start=rp.first + rp.start, noise=noise, callback=callback)
-        self.b, self.i0, self.rp, self.plans, self.blend, self.source = b, rp.first + rp.start, rp, plans, blend, source
-        self.mask = None
-
-    def plan(self):
-        return self.plans[self.i - self.i0]
+        super().__init__(pipe, g, rp, plans, source, callback)
+        self.blend, self.mask = blend, None
 
     def after_update(self, i):
+        super().after_update(i)
         k, b, x = i - self.i0, self.b, self.x
-        if self.source == "inversion":
-            x = torch.cat([self.rp.latents[self.rp.start + k + 1], x[b:]])  # the inversion's exact trajectory
         if self.blend is not None:
             self.mask = _blend_mask(self.blend, self.blend["c0"], b, tuple(x.shape[-2:]))  # [B, 1, h, w]
             if k >= self.blend["start"]:
-                x = torch.cat([x[:b], x[:b] + self.mask.to(x.dtype) * (x[b:] - x[:b])])
-        self.x = x
+                self.x = torch.cat([x[:b], x[:b] + self.mask.to(x.dtype) * (x[b:] - x[:b])])
 
     def report(self, i):
-        return dict(i=i - self.i0, t=self.sampler.timesteps[i].expand(2 * self.b), x=self.x, mask=self.mask,
-                    maps=self.blend["store"] if self.blend else None)
-
-    def result(self):
-        return self.x[self.b:]
+        return dict(super().report(i), mask=self.mask, maps=self.blend["store"] if self.blend else None)
 
 
 def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None = None,
@@ -178,7 +160,7 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
     callback: gets dict(i, t, x [2B: source rows, then edit rows], mask or None,
         maps {layer: stored maps [rows, Nq, L]} or None) after each step.
     """
-    if source not in ("denoise", "inversion"):
+    if source not in SOURCES:
         raise ValueError(f"source must be 'denoise' or 'inversion', got {source!r}")
     if blend_maps not in ("own", "edited"):
         raise ValueError(f"blend_maps must be 'own' or 'edited', got {blend_maps!r}")
@@ -194,8 +176,7 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
     rp = inv.replay(pipe.schedule, pipe.device, pipe.dtype, skip)
     dev, S, B = pipe.device, rp.steps, rp.x.shape[0]  # S: the steps we run
     tok, L = pipe.tokenizers[0], inv.source.context.shape[1]
-    sources = as_list(inv.settings.get("prompt", ""), B, "inversion prompt")
-    targets = as_list(sources if target_prompt is None else target_prompt, B, "target_prompt")
+    sources, targets = branch_prompts(inv, target_prompt, B)
 
     # ---- what each edit token borrows: mapper [B, L], aligned m [B, L], equalizer eq [B, L]
     src_ids, tgt_ids = [token_ids(tok, p) for p in sources], [token_ids(tok, p) for p in targets]
@@ -257,21 +238,7 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
                                blend["store"] if blend else {}, dev, blend_maps == "edited")
         plans.append(cache[key])
 
-    # ---- conditioning
-    src = inv.source if len(inv.source) == B else pipe.encode_prompt(sources, guidance=False)[0]
-    target = pipe.encode_prompt(targets, guidance=False)[0]
-    both = Conditioning.cat([src, target]).to(dev, pipe.dtype)  # [2B, ...]: source rows, edit rows
-    uncond = None
-    if cfg:
-        neg = inv.settings.get("negative_prompt") if negative_prompt is None else negative_prompt
-        uncond = inv.uncond
-        if negative_prompt is not None or uncond is None or len(uncond) != B:
-            uncond = pipe.encode_prompt(sources, neg, guidance=True)[1]
-        uncond = Conditioning.cat([uncond, uncond]).to(dev, pipe.dtype)
-    scale = guidance_scale if cfg else 1.0
-    if cfg and source_guidance_scale != guidance_scale:  # per-row scales: [source x B, edit x B]
-        scale = torch.tensor([float(source_guidance_scale)] * B + [float(guidance_scale)] * B, device=dev)
-    g = Guidance(both, uncond, None, scale)  # SDXL time ids: the Denoiser's, from the image size
+    g = branch_guidance(pipe, inv, sources, targets, guidance_scale, source_guidance_scale, negative_prompt)
     return P2PEdit(pipe, g, rp, plans, blend, source, callback)
 
 

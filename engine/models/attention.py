@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -62,6 +63,20 @@ class CrossMix:
         return ((s, e, self.edited_maps),) if e > s else ()
 
 
+@dataclass(frozen=True)
+class KeyMask:
+    """Mask-guided mutual self-attention (MasaCtrl, Cao et al. 2023, Sec. 4.3): rows
+    [start, stop) read the keys/values their injection names (``k_from``/``v_from``) twice,
+    once restricted to the keys inside ``key_fg`` and once to those outside, and each query
+    takes the first where ``query_fg`` is 1, the second where it is 0. Masks are at the
+    latent's resolution, resized (nearest) to each layer's grid; the program may overwrite
+    them in place between steps (the plan keeps the tensors, not copies)."""
+
+    key_fg: torch.Tensor  # [n, h, w] {0, 1}: foreground of the rows whose keys are read
+    query_fg: torch.Tensor  # [n, h, w] {0, 1}: where the reading rows' queries take the foreground read
+    rows: tuple = (0, 0)  # rows [start, stop) of the call
+
+
 @dataclass
 class AttentionPlan:
     """Per-forward attention instructions, passed as data through the executor.
@@ -75,6 +90,10 @@ class AttentionPlan:
     tokens per layer index: ``(k_img, v_img, scale)``.
     ``cross_mix``: a :class:`CrossMix` for the cross-attention layers in ``layers``
     (it takes the place of ``cross_inject`` there; see :meth:`mix`).
+    ``features`` maps a :class:`~engine.models.features.FeatureSite` index to rows [B]:
+    row b takes the features of row ``rows[b]`` there (Plug-and-Play's ResNet features).
+    ``key_masks`` maps a self-attention layer index to a :class:`KeyMask` (mask-guided
+    MasaCtrl): that layer runs the composite instead of one kernel call.
     """
 
     self_inject: dict | None = None
@@ -84,6 +103,14 @@ class AttentionPlan:
     store: dict[int, torch.Tensor] = field(default_factory=dict)
     ip: dict[int, tuple] = field(default_factory=dict)
     cross_mix: CrossMix | None = None
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_masks: dict = field(default_factory=dict)
+
+    def feature_rows(self, site) -> torch.Tensor | None:
+        return self.features.get(site.index)
+
+    def key_mask(self, layer: AttnLayer):
+        return self.key_masks.get(layer.index)
 
     def mix(self, layer: AttnLayer) -> CrossMix | None:
         """The composite this layer runs instead of one kernel call, or None."""
@@ -114,9 +141,49 @@ def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | Non
     if plan is None or layer is None:
         return kernels.attention(q, k, v)
     mix = plan.mix(layer)
-    if mix is None:
-        return kernels.attention(q, k, v, **plan.args(layer))
-    return mixed_attention(q, k, v, mix, **plan.args(layer))
+    if mix is not None:
+        return mixed_attention(q, k, v, mix, **plan.args(layer))
+    masks = plan.key_mask(layer)
+    if masks is not None:
+        return masked_attention(q, k, v, masks, **plan.args(layer))
+    return kernels.attention(q, k, v, **plan.args(layer))
+
+
+def masked_attention(q, k, v, masks, *, scale=None, q_from=None, k_from=None, v_from=None, **rest):
+    """Run :class:`KeyMask` s (one, or a tuple over row ranges): one ordinary call for every
+    row, then per masked range the foreground and background reads as kernel calls with
+    0/1 token weights, renormalised by the weights' probability mass (a third call on unit
+    values): softmax restricted to a key set S is Σ_{j∈S} p_j v_j / Σ_{j∈S} p_j. A range
+    with no foreground (or no background) keys keeps the ordinary read there."""
+    out = kernels.attention(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from, **rest)  # [B, H, Nq, D]
+    for m in masks if isinstance(masks, tuple) else (masks,):
+        s, e = m.rows
+        pick = lambda t, idx: t[s:e] if idx is None else t.index_select(0, idx[s:e])  # noqa: E731
+        qs, ks, vs = pick(q, q_from), pick(k, k_from), pick(v, v_from)  # [n, H, N, D]
+        kf = _resized(m.key_fg, ks.shape[2]).to(torch.float32)  # [n, Nk]
+        qf = _resized(m.query_fg, qs.shape[2])[:, None, :, None].to(torch.float32)  # [n, 1, Nq, 1]
+        num_fg = kernels.attention(qs, ks, vs, scale=scale, token_weights=kf).float()  # Σ_fg p v
+        num_bg = kernels.attention(qs, ks, vs, scale=scale, token_weights=1 - kf).float()  # Σ_bg p v
+        z = kernels.attention(qs, ks, torch.ones_like(vs), scale=scale, token_weights=kf).float()  # Σ_fg p
+        full = out[s:e].float()
+        fg = torch.where(z > 1e-6, num_fg / z.clamp_min(1e-6), full)
+        bg = torch.where(z < 1 - 1e-6, num_bg / (1 - z).clamp_min(1e-6), full)
+        out[s:e] = (fg * qf + bg * (1 - qf)).to(out.dtype)
+    return out
+
+
+def _resized(mask, n: int):
+    """[n, h, w] at the latent -> [n, N] at the grid of a layer with N tokens (nearest, as
+    MasaCtrl); the grid halves (rounding up, as stride-2 convolutions) until it has N."""
+    h, w = mask.shape[-2:]
+    gh, gw = h, w
+    while gh * gw > n:
+        gh, gw = (gh + 1) // 2, (gw + 1) // 2
+    if gh * gw != n:
+        raise ValueError(f"a key mask of {h}x{w} fits no grid of {n} tokens; give masks at the latent size")
+    if (gh, gw) != (h, w):
+        mask = F.interpolate(mask[:, None].float(), size=(gh, gw), mode="nearest")[:, 0]
+    return mask.flatten(1)
 
 
 def mixed_attention(q, k, v, mix: CrossMix, *, store=None, ip=None, token_weights=None, scale=None, store_rows=None):

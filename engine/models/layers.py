@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, AttentionPlan
+from .features import inject_features
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0):
@@ -89,6 +90,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.site = None  # its FeatureSite, assigned by the executor after construction
 
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))  # [B, Cout, H, W]
@@ -154,8 +156,10 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.site = None  # its FeatureSite (the block's input), assigned by the executor
 
     def forward(self, x, context, plan: AttentionPlan | None = None):
+        x = inject_features(x, self.site, plan)  # [B, N, C]
         x = self.attn1(self.norm1(x), plan=plan) + x  # [B, N, C]
         x = self.attn2(self.norm2(x), context, plan=plan) + x
         return self.ff(self.norm3(x)) + x

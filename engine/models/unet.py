@@ -14,8 +14,10 @@ from torch import nn
 
 from .attention import AttentionPlan, number_attention_layers
 from .config import UNetConfig
+from .features import inject_features, number_feature_sites, site_named
 from .layers import (
-    Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D, timestep_embedding,
+    BasicTransformerBlock, Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D,
+    timestep_embedding,
 )
 
 
@@ -43,7 +45,7 @@ class DownBlock(nn.Module):
     def forward(self, x, temb, context, plan):
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
+            x = inject_features(resnet(x, temb), resnet.site, plan)
             if self.attentions is not None:
                 x = self.attentions[j](x, context, plan)
             skips.append(x)
@@ -63,9 +65,9 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(c, c, cfg.time_embed_dim, g, eps) for _ in range(2)])
 
     def forward(self, x, temb, context, plan):
-        x = self.resnets[0](x, temb)
+        x = inject_features(self.resnets[0](x, temb), self.resnets[0].site, plan)
         for attn, resnet in zip(self.attentions, self.resnets[1:]):
-            x = resnet(attn(x, context, plan), temb)
+            x = inject_features(resnet(attn(x, context, plan), temb), resnet.site, plan)
         return x
 
 
@@ -86,6 +88,7 @@ class UpBlock(nn.Module):
     def forward(self, x, skips, temb, context, plan, size=None):
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # [B, C + Cskip, H, W] -> [B, Cout, H, W]
+            x = inject_features(x, resnet.site, plan)
             if self.attentions is not None:
                 x = self.attentions[j](x, context, plan)
         if self.upsamplers is not None:
@@ -119,6 +122,11 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
         self.attn_layers = number_attention_layers(self, self._scale_of)
+        self.feature_sites = number_feature_sites(self, {ResnetBlock2D: "resnet", BasicTransformerBlock: "block"})
+
+    def site(self, name: str):
+        """The :class:`FeatureSite` of the module at ``name`` (e.g. "up_blocks.1.resnets.1")."""
+        return site_named(self.feature_sites, name)
 
     def _scale_of(self, name: str) -> int:
         """Spatial downsampling of the module at ``name`` relative to the latent."""

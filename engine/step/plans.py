@@ -10,6 +10,9 @@ module turns their plans into one :class:`MergedPlan` over all rows of the call:
   attention as none);
 * a layer where any program mixes (Prompt-to-Prompt) runs one CrossMix for all rows,
   with alpha = 1, beta = 0 and identity indices for the others;
+* feature instructions (Plug-and-Play) become one row index per site, identity for rows
+  of programs that give none; key masks (mask-guided MasaCtrl) keep each program's mask
+  tensors (programs update them in place between steps) with their row ranges shifted;
 * maps are *outputs*, kept apart from the instructions: the kernel writes every row's
   maps of a stored layer into one scratch buffer [R, Nq, Nk], and :meth:`MergedPlan.copy_back`
   hands each program its rows after the call (the CUDA-graph runner treats fields named
@@ -22,7 +25,7 @@ composition, not once per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -48,10 +51,18 @@ class MergedPlan:
     """Per-layer instructions over all rows of a call; duck-types AttentionPlan at the seam."""
 
     calls: dict  # layer index -> LayerCall
+    features: dict = field(default_factory=dict)  # feature site index -> rows [R] int64
+    key_masks: dict = field(default_factory=dict)  # layer index -> tuple of KeyMask over row ranges
 
     def mix(self, layer: AttnLayer) -> CrossMix | None:
         c = self.calls.get(layer.index)
         return None if c is None else c.mix
+
+    def feature_rows(self, site):
+        return self.features.get(site.index)
+
+    def key_mask(self, layer: AttnLayer):
+        return self.key_masks.get(layer.index)
 
     def args(self, layer: AttnLayer) -> dict:
         c = self.calls.get(layer.index)
@@ -72,7 +83,7 @@ class MergedPlan:
 
 
 def _touched(plan: AttentionPlan, layers: list[AttnLayer]) -> list[AttnLayer]:
-    return [l for l in layers if plan.args(l) or plan.mix(l) is not None]
+    return [l for l in layers if plan.args(l) or plan.mix(l) is not None or plan.key_mask(l) is not None]
 
 
 def merge(fragments: list[tuple[AttentionPlan | None, int, int]], total: int, layers: list[AttnLayer],
@@ -94,9 +105,36 @@ def merge(fragments: list[tuple[AttentionPlan | None, int, int]], total: int, la
         call, w = _merge_layer(layer, live, total, device)
         calls[idx] = call
         writes += w
-    merged = MergedPlan(calls)
+    merged = MergedPlan(calls, _merge_features(live, total, device), _merge_key_masks(live, layers))
     merged._writes = writes  # not a dataclass field: graphs see only the instructions and the scratch
     return merged
+
+
+def _merge_features(live, total: int, device) -> dict:
+    sites = sorted({i for p, _, _ in live for i in getattr(p, "features", {})})
+    out = {}
+    for i in sites:
+        rows = torch.arange(total, device=device)  # [R]: rows of other programs read themselves
+        for p, off, n in live:
+            if i in getattr(p, "features", {}):
+                rows[off:off + n] = p.features[i].to(device).long() + off
+        out[i] = rows
+    return out
+
+
+def _merge_key_masks(live, layers: list[AttnLayer]) -> dict:
+    out = {}
+    for layer in layers:
+        parts = []
+        for p, off, _ in live:
+            km = p.key_mask(layer)
+            for m in km if isinstance(km, tuple) else (() if km is None else (km,)):
+                if p.mix(layer) is not None:
+                    raise ValueError("a layer cannot both mix cross-attention and mask keys")
+                parts.append(replace(m, rows=(m.rows[0] + off, m.rows[1] + off)))
+        if parts:
+            out[layer.index] = tuple(parts)
+    return out
 
 
 def _merge_layer(layer: AttnLayer, live, total: int, device):
