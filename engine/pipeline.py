@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 from . import params as checks
 from .editing import edit_program, inversion_program
 from .images import fit_size, load_image, to_output
+from .matte import chroma_matte, key_rgb
 from .loading.card import ModelCard
 from .prompts import Conditioning, as_list, encode
 from .sampling import NoiseSchedule, SchedulerConfig, make_sampler, sampler_name_for
+from .sampling.chroma import SD_CHANNELS, SD_SCALING_FACTORS, TARGET_SHIFT, key_direction, tkg_noise
 from .sampling.schedule import UnsupportedConfigError
 from .runtime.graphs import GraphRunner
 from .step import Guidance, Loop, SamplerProgram, UNetDenoiser, drawn_noise
@@ -335,9 +337,32 @@ class Pipeline:
         draws. ``cuda_graphs``: run the model calls as captured CUDA graphs
         (:mod:`engine.runtime.graphs`; eager, with the reason logged once, where capture is
         impossible); default off.
+
+        Chroma-key generation (TKG-DM, :mod:`engine.sampling.chroma`): ``chroma_key`` "green",
+        "blue" or (r, g, b) shifts the initial noise so the objects come out on that colour;
+        ``chroma_shift`` (0.11), ``chroma_std`` (0.5, or (x, y)) and ``chroma_center`` ((0, 0)
+        in [-1, 1] coordinates) set the shift and the object region; ``chroma_direction``
+        overrides the per-channel direction. ``alpha=True`` returns RGBA images whose key
+        background is transparent (:func:`engine.matte.chroma_matte`).
         """
-        return self.edit_many([dict(prompt=prompt, negative_prompt=negative_prompt, **params)],
-                              output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
+        alpha = params.pop("alpha", False)
+        if alpha and params.get("chroma_key") is None:
+            raise ValueError("alpha=True keys out a chroma background: also give chroma_key='green' (or 'blue', (r, g, b))")
+        req = dict(prompt=prompt, negative_prompt=negative_prompt, **params)
+        if not alpha:
+            return self.edit_many([req], output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
+        images = self.edit_many([req], output_type="pt", progress=progress, cuda_graphs=cuda_graphs)[0]
+        return to_output(chroma_matte(images, params["chroma_key"]), output_type)
+
+    def chroma_direction(self, key) -> list[float]:
+        """The latent direction of a chroma key: the paper's (channels 1 and 2 up) for green on
+        SD-family VAEs, else measured on this pipeline's VAE (:func:`key_direction`)."""
+        rgb = key_rgb(key)
+        cfg = self.vae.config
+        if (isinstance(key, str) and key.strip().lower() == "green" and cfg.latent_channels == 4
+                and cfg.scaling_factor in SD_SCALING_FACTORS):
+            return [1.0 if c in SD_CHANNELS else 0.0 for c in range(4)]
+        return key_direction(self.encode_image, rgb, size=self.default_size)
 
     def _generation(self, r: dict) -> SamplerProgram:
         r.pop("progress", None)
@@ -350,7 +375,9 @@ class Pipeline:
                            num_images: int = 1, sampler: str | None = None, eta: float = 0.0,
                            guidance_rescale: float = 0.0, latents: torch.Tensor | None = None,
                            generator: torch.Generator | None = None, original_size=None,
-                           crops_coords_top_left=(0, 0), target_size=None, callback=None) -> SamplerProgram:
+                           crops_coords_top_left=(0, 0), target_size=None, callback=None, chroma_key=None,
+                           chroma_shift: float = TARGET_SHIFT, chroma_std=0.5, chroma_center=(0.0, 0.0),
+                           chroma_direction=None) -> SamplerProgram:
         """Plain generation as a program (see :meth:`generate`); its result is latents."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -371,6 +398,9 @@ class Pipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         # Drawn in the model dtype (as diffusers, so seeds agree), then kept in float32 by the loop.
         x = latents.to(self.device).float()
+        if chroma_key is not None or chroma_direction is not None:
+            direction = chroma_direction if chroma_direction is not None else self.chroma_direction(chroma_key)
+            x = tkg_noise(x, direction, target_shift=chroma_shift, std=chroma_std, center=chroma_center)
         name = sampler or self.default_sampler
         opts = {"eta": eta} if name == "ddim" else {}
         smp = make_sampler(name, self.schedule, steps, device=self.device, **opts)

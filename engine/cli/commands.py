@@ -41,14 +41,21 @@ def cmd_generate(args) -> None:
     import engine
     from engine.images import save_image
 
+    if args.alpha and args.chroma_key is None:
+        raise UserError("--alpha keys out a chroma background: also give --chroma-key green (or blue, or R,G,B)")
+    if args.alpha and Path(args.output).suffix.lower() not in (".png", ".webp"):
+        raise UserError(f"--alpha writes transparency, which {Path(args.output).suffix or 'this format'} cannot "
+                        f"hold: write a .png or .webp")
     outputs = output_paths(args.output, args.num_images, [])
     _check_device(args.device)
     pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
+    chroma = {} if args.chroma_key is None else dict(chroma_key=args.chroma_key, chroma_shift=args.chroma_shift,
+                                                     chroma_std=args.chroma_std, alpha=args.alpha)
     images = pipe.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
         guidance_rescale=args.guidance_rescale, height=args.height, width=args.width, seed=args.seed,
         num_images=args.num_images, sampler=args.sampler, progress=not args.no_progress,
-        cuda_graphs=args.cuda_graphs or None,
+        cuda_graphs=args.cuda_graphs or None, **chroma,
     )
     for img, path in zip(images, outputs):
         save_image(img, path)

@@ -15,7 +15,7 @@ from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> t
 
 MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
 SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
-LEDITS, P2P, GUIDED = ("ledits++",), ("p2p",), ("p2p", "ddim", "ddpm")
+LEDITS, P2P, GUIDED = ("ledits++",), ("p2p",), ("p2p", "ddim", "ddpm", "pnp", "masactrl")
 
 
 def _number(kind, lo=None, positive=False):
@@ -44,6 +44,20 @@ def _fraction(s):
     if not 0 <= v <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
     return v
+
+
+def _chroma_key(s):
+    """green | blue | R,G,B (0..255)."""
+    if s.strip().lower() in ("green", "blue"):
+        return s.strip().lower()
+    parts = s.split(",")
+    try:
+        rgb = tuple(int(p) for p in parts)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise argparse.ArgumentTypeError(f"expected green, blue or R,G,B with values in 0..255, got {s!r}")
+    return rgb
 
 
 def _bool(s):
@@ -229,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's size)")
     g.add_argument("--num-images", type=positive_int, default=1, help="images to generate")
     g.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's scheduler")
+    k = g.add_argument_group("chroma key (TKG-DM): objects on a key-coloured background")
+    k.add_argument("--chroma-key", type=_chroma_key, default=None, help="green, blue or R,G,B")
+    k.add_argument("--alpha", action="store_true", help="write RGBA with the key background transparent "
+                                                        "(needs --chroma-key and a .png or .webp output)")
+    k.add_argument("--chroma-shift", type=_fraction, default=0.11,
+                   help="rise of the shifted channels' share of key-signed values (paper: 0.11)")
+    k.add_argument("--chroma-std", type=_number(float, positive=True), default=0.5,
+                   help="std of the Gaussian object region on [-1, 1] coordinates (paper: 0.5)")
     _runtime(g)
 
     e = sub.add_parser("edit", parents=[sub_common], help="edit a real image with a sentence", **fmt,

@@ -46,7 +46,16 @@ def test_generate_several_images(tiny_sd15_dir, tmp_path):
     assert (tmp_path / "o_0.png").exists() and (tmp_path / "o_1.png").exists()
 
 
+def test_generate_chroma_key_with_alpha(tiny_sd15_dir, tmp_path):
+    out = tmp_path / "keyed.png"
+    assert main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", str(out), "--steps", "1",
+                 "--chroma-key", "green", "--alpha", "--no-progress"]) == 0
+    assert Image.open(out).mode == "RGBA"
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--prompt", "x", "-o", "o.png", "--alpha"], "also give --chroma-key"),
+    (["--prompt", "x", "-o", "o.jpg", "--chroma-key", "green", "--alpha"], "write a .png or .webp"),
     (["--prompt", "x", "-o", "out.txt"], "must end in one of"),
     (["--prompt", "x", "-o", "/nonexistent/dir/o.png"], "does not exist"),
     (["--prompt", "x", "-o", "o.png", "--device", "cuda"], "CUDA is not available"),
@@ -73,6 +82,9 @@ def test_bad_arguments_exit_through_argparse(tiny_sd15_dir, photo, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", "o.png", "--steps", "0"])
     assert "must be positive" in _err(capsys)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", "o.png", "--chroma-key", "0,300,0"])
+    assert "R,G,B with values in 0..255" in _err(capsys)
 
 
 @pytest.mark.parametrize("method,extra", [
@@ -80,6 +92,8 @@ def test_bad_arguments_exit_through_argparse(tiny_sd15_dir, photo, capsys):
     ("ddim", ["--target-prompt", "a blue circle"]),
     ("ddpm", ["--target-prompt", "a blue circle", "--skip", "0.2"]),
     ("ledits++", ["--edit-prompt", "blue", "--edit-scale", "4", "--reverse", "false"]),
+    ("pnp", ["--target-prompt", "a blue circle"]),
+    ("masactrl", ["--target-prompt", "a blue circle", "--guidance", "3"]),
 ])
 def test_edit_methods(tiny_sd15_dir, photo, tmp_path, method, extra):
     out = tmp_path / "edited.png"

@@ -1,0 +1,85 @@
+"""TKG-DM initial noise (Morita et al. 2025, "TKG-DM: Training-free Chroma Key Content
+Generation Diffusion Model", Sec. 3): a background of one key colour, by editing z_T only.
+
+* Channel mean shift (Sec. 3.2): a latent channel c of the noise is shifted by delta, raised
+  from 0 in steps of 0.01 until the share of its values with the key's sign has risen by
+  ``target_shift`` (the paper's 0.11): z*_c = z_c + sign_c · delta_c. The paper shifts SD's
+  channels 1 and 2 upwards for green (``direction = (0, 1, 1, 0)``). Other colours and
+  other VAEs: :func:`key_direction` measures the direction on the VAE (the latent of a
+  solid key-colour image minus that of grey), and a channel with weight d_c (|d_c| <= 1)
+  has its share rise by ``target_shift · |d_c|``; ±1 weights are the paper's rule.
+* Init noise selection (Sec. 3.3): a 2D Gaussian G on [-1, 1] coordinates (std 0.5, centre
+  0; both adjustable) keeps the original noise where the object goes and the shifted noise
+  around it: z = G · z_T + (1 − G) · z*_T.
+
+Pure functions of tensors (the reference shifts the whole batch's channel at once; here
+each image is shifted on its own statistics, so an image's noise does not depend on its
+batch neighbours; with one image they agree).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+TARGET_SHIFT = 0.11  # the paper's rise of the positive-value ratio
+STEP = 0.01  # the paper's shift increment
+SD_CHANNELS = (1, 2)  # the channels the paper shifts (SD's VAE)
+SD_SCALING_FACTORS = (0.18215, 0.13025)  # SD1.x/2.x and SDXL VAEs: where the paper's channels apply
+
+
+def shift_channel(z: Tensor, sign: float, target_shift: float = TARGET_SHIFT, step: float = STEP) -> Tensor:
+    """One channel z [h, w] shifted by sign·delta, the smallest delta in 0, step, 2·step, ... (as
+    the paper accumulates it) for which the share of values of that sign rises by ``target_shift``."""
+    zs = z * sign  # the key's sign made positive
+    target = float((zs > 0).float().mean()) + target_shift
+    if target > 1.0:
+        raise ValueError(f"target_shift {target_shift} asks for more than all values of one sign; use a smaller shift")
+    delta = 0.0
+    while float(((zs + delta) > 0).float().mean()) < target:
+        delta += step
+    return z + sign * delta
+
+
+def channel_mean_shift(z: Tensor, direction, target_shift: float = TARGET_SHIFT, step: float = STEP) -> Tensor:
+    """z [B, C, h, w] -> z* with every channel c where direction[c] != 0 shifted (per image),
+    its share of values of the sign of direction[c] rising by target_shift · |direction[c]|."""
+    if len(direction) != z.shape[1]:
+        raise ValueError(f"the chroma direction has {len(direction)} entries for {z.shape[1]} latent channels")
+    out = z.clone()
+    for b in range(z.shape[0]):
+        for c, d in enumerate(direction):
+            if d:
+                out[b, c] = shift_channel(z[b, c], 1.0 if d > 0 else -1.0, target_shift * min(abs(float(d)), 1.0), step)
+    return out
+
+
+def gaussian_mask(h: int, w: int, std: float = 0.5, center=(0.0, 0.0), device=None) -> Tensor:
+    """G [h, w]: exp(−((x − cx)² + (y − cy)²) / (2 std²)) on a grid of [-1, 1] coordinates
+    (1 at the centre, decaying to the border). ``std`` sets the object's region size; a pair
+    (std_x, std_y) makes it elliptical."""
+    sx, sy = (std, std) if isinstance(std, (int, float)) else std
+    if min(sx, sy) <= 0:
+        raise ValueError(f"the mask's std must be positive, got {std!r}")
+    y = torch.linspace(-1, 1, h, device=device)[:, None]
+    x = torch.linspace(-1, 1, w, device=device)[None, :]
+    cx, cy = center
+    return torch.exp(-((x - cx) ** 2 / (2 * sx ** 2) + (y - cy) ** 2 / (2 * sy ** 2)))
+
+
+def tkg_noise(z: Tensor, direction, *, target_shift: float = TARGET_SHIFT, std=0.5, center=(0.0, 0.0)) -> Tensor:
+    """TKG-DM's initial noise: G · z + (1 − G) · channel_mean_shift(z)."""
+    g = gaussian_mask(z.shape[-2], z.shape[-1], std, center, z.device).to(z.dtype)  # [h, w]
+    return g * z + (1 - g) * channel_mean_shift(z, direction, target_shift)
+
+
+def key_direction(encode, colour_rgb, size: int = 64, reference=(0.5, 0.5, 0.5), floor: float = 0.2) -> list[float]:
+    """Per-channel weights in [-1, 1] that move the VAE's latent towards ``colour_rgb`` (floats
+    in [0, 1]): encode(key image) − encode(grey image), channel means, divided by the largest
+    magnitude; weights under ``floor`` are 0. ``encode`` maps images [1, 3, size, size] in
+    [0, 1] to latents [1, C, h, w]."""
+    key = torch.tensor(colour_rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)
+    ref = torch.tensor(reference, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)
+    diff = (encode(key).float().mean((0, 2, 3)) - encode(ref).float().mean((0, 2, 3))).cpu()  # [C]
+    d = diff / diff.abs().max().clamp_min(1e-12)
+    return [float(x) if abs(float(x)) >= floor else 0.0 for x in d]
