@@ -15,6 +15,10 @@ for exactly the settings the demo uses. Settings follow the papers, scaled to th
   ledits++  LEDITS++ (Brack et al. 2024): DPM-Solver++ SDE inversion, SEGA concepts that are
             the captions' phrases for what changes ("a small blue circle on the left"),
             intersect (attention and guidance) mask; edit scale 5 and threshold 0.5 (see EDIT).
+  pnp       Plug-and-Play (Tumanyan et al. 2023) on the DDIM inversion: decoder ResNet
+            features for 80% of the steps, self-attention queries/keys for 50%.
+  masactrl  MasaCtrl (Cao et al. 2023) on the DDIM inversion: the edit's self-attention
+            reads the source's keys/values from step 4, in the decoder's last layers.
 
 A :class:`Change` says what the edit touches in words (the prompts, P2P's local-blend
 words, LEDITS++'s concepts); ``engine.shapes.world`` edits convert with :func:`change_of`.
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from engine.shapes import world
 
-METHODS = ("ddim", "ddpm", "p2p", "ledits++")
+METHODS = ("ddim", "ddpm", "p2p", "ledits++", "pnp", "masactrl")
 STEPS = 30
 
 INVERT = {
@@ -38,6 +42,10 @@ INVERT = {
     # Unconditional inversion (diffusers' default empty source prompt): LEDITS++ replays the
     # unconditional branch, so only then is the reconstruction exact.
     "ledits++": dict(method="ledits++", prompt="", steps=STEPS, skip=0.15, seed=0),
+    # Plug-and-Play and MasaCtrl regenerate a DDIM inversion (the reference inverts PnP with an
+    # empty prompt; ours keeps the caption: the source row then replays what it inverted).
+    "pnp": dict(method="ddim", steps=STEPS, guidance_scale=1.0),
+    "masactrl": dict(method="ddim", steps=STEPS, guidance_scale=1.0),
 }
 EDIT = {
     "ddim": dict(guidance_scale=1.0),
@@ -52,9 +60,14 @@ EDIT = {
     # 2.5, 45% at 5 (the away term overshoots: blue -> purple came out white); whole captions as
     # concepts 50%. Shape swaps (10): towards-only 100% at 5; backgrounds 80%.
     "ledits++": dict(edit_guidance_scale=5.0, edit_threshold=0.5, use_intersect_mask=True),
+    # The references' defaults (PnP: attention 0.5, features 0.8; MasaCtrl: from step 4, from the
+    # self-attention layer at 10/16 of the UNet, here 6 of 10); guidance 7.5 as both papers.
+    "pnp": dict(guidance_scale=7.5, pnp_attn_t=0.5, pnp_f_t=0.8),
+    "masactrl": dict(guidance_scale=7.5, start_step=4),
 }
 # The parameter each method's fidelity-editability sweep varies (benchmark plot).
 SWEEP = {"p2p": ("cross_replace_steps", (0.2, 0.4, 0.6, 0.8, 1.0)),
+         "pnp": ("pnp_f_t", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)),
          "ledits++": ("edit_guidance_scale", (1.5, 2.5, 5.0, 7.5, 10.0))}
 
 
