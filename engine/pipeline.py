@@ -116,8 +116,23 @@ class Pipeline:
         """The model call on rows (eager); ``denoiser.with_runner(self.graphs)`` for CUDA graphs."""
         if getattr(self, "_denoiser", None) is None:
             proj = self.text_encoders[-1].config.projection_dim if self.arch == "sdxl" else None
-            self._denoiser = UNetDenoiser(self.unet, proj)
+            self._denoiser = UNetDenoiser(self.unet, proj, controlnet=getattr(self, "controlnet", None))
         return self._denoiser
+
+    def load_controlnet(self, path, dtype: torch.dtype | None = None):
+        """Attach a diffusers-format ControlNet (a local folder or a cached hub id with
+        ``config.json`` and ``diffusion_pytorch_model.safetensors``); afterwards ``generate``
+        takes ``control_image`` and ``controlnet_conditioning_scale``. Returns the model."""
+        from .loading.files import resolve
+        from .loading.modules import load_controlnet
+
+        self.controlnet = load_controlnet(resolve(path, marker="config.json"), self.device, dtype or self.dtype)
+        if self.controlnet.config.unet.cross_attention_dim != self.unet.config.cross_attention_dim:
+            self.controlnet = None
+            raise ValueError(f"the ControlNet at {path} was made for another model family (its cross-attention "
+                             f"width differs from this UNet's); use one trained for this model")
+        self._denoiser = None  # rows now carry control images: a new Denoiser (and a new batching key)
+        return self.controlnet
 
     # ---- the batched step ---------------------------------------------------------------
     def guidance(self, prompt, negative_prompt=None, guidance_scale: float = 7.5, height: int | None = None,
@@ -338,6 +353,9 @@ class Pipeline:
         (:mod:`engine.runtime.graphs`; eager, with the reason logged once, where capture is
         impossible); default off.
 
+        ControlNet (after :meth:`load_controlnet`): ``control_image`` (path, PIL, array or
+        tensor; resized to the output) and ``controlnet_conditioning_scale`` (1.0).
+
         Chroma-key generation (TKG-DM, :mod:`engine.sampling.chroma`): ``chroma_key`` "green",
         "blue" or (r, g, b) shifts the initial noise so the objects come out on that colour;
         ``chroma_shift`` (0.11), ``chroma_std`` (0.5, or (x, y)) and ``chroma_center`` ((0, 0)
@@ -377,7 +395,8 @@ class Pipeline:
                            generator: torch.Generator | None = None, original_size=None,
                            crops_coords_top_left=(0, 0), target_size=None, callback=None, chroma_key=None,
                            chroma_shift: float = TARGET_SHIFT, chroma_std=0.5, chroma_center=(0.0, 0.0),
-                           chroma_direction=None) -> SamplerProgram:
+                           chroma_direction=None, control_image=None,
+                           controlnet_conditioning_scale: float = 1.0) -> SamplerProgram:
         """Plain generation as a program (see :meth:`generate`); its result is latents."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -404,8 +423,14 @@ class Pipeline:
         name = sampler or self.default_sampler
         opts = {"eta": eta} if name == "ddim" else {}
         smp = make_sampler(name, self.schedule, steps, device=self.device, **opts)
+        control = None
+        if control_image is not None:
+            image = load_image(control_image)  # [1 or B, 3, H, W] in [0, 1]
+            if tuple(image.shape[-2:]) != (height, width):
+                image = torch.nn.functional.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
+            control = (image, float(controlnet_conditioning_scale))
         return SamplerProgram(self.denoiser, g, x * smp.init_noise_sigma, smp, height=height, width=width,
-                              noise=drawn_noise(generator), callback=callback)
+                              noise=drawn_noise(generator), callback=callback, control=control)
 
     @property
     def graphs(self):

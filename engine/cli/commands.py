@@ -46,16 +46,25 @@ def cmd_generate(args) -> None:
     if args.alpha and Path(args.output).suffix.lower() not in (".png", ".webp"):
         raise UserError(f"--alpha writes transparency, which {Path(args.output).suffix or 'this format'} cannot "
                         f"hold: write a .png or .webp")
-    outputs = output_paths(args.output, args.num_images, [])
+    if (args.controlnet is None) != (args.control_image is None):
+        raise UserError("--controlnet and --control-image go together: give both, or neither")
+    control = {}
+    if args.control_image is not None:
+        from engine.images import load_image
+
+        control = dict(control_image=load_image(args.control_image), controlnet_conditioning_scale=args.control_scale)
+    outputs = output_paths(args.output, args.num_images, [] if args.control_image is None else [Path(args.control_image)])
     _check_device(args.device)
     pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
+    if args.controlnet is not None:
+        pipe.load_controlnet(args.controlnet)
     chroma = {} if args.chroma_key is None else dict(chroma_key=args.chroma_key, chroma_shift=args.chroma_shift,
                                                      chroma_std=args.chroma_std, alpha=args.alpha)
     images = pipe.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
         guidance_rescale=args.guidance_rescale, height=args.height, width=args.width, seed=args.seed,
         num_images=args.num_images, sampler=args.sampler, progress=not args.no_progress,
-        cuda_graphs=args.cuda_graphs or None, **chroma,
+        cuda_graphs=args.cuda_graphs or None, **chroma, **control,
     )
     for img, path in zip(images, outputs):
         save_image(img, path)

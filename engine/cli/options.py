@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's size)")
     g.add_argument("--num-images", type=positive_int, default=1, help="images to generate")
     g.add_argument("--sampler", choices=SAMPLERS, default=None, help="default: the checkpoint's scheduler")
+    c = g.add_argument_group("ControlNet")
+    c.add_argument("--controlnet", default=None, help="a diffusers ControlNet folder (config.json + safetensors)")
+    c.add_argument("--control-image", default=None, help="the conditioning image (edges, depth, pose, ...)")
+    c.add_argument("--control-scale", type=_number(float, lo=0.0), default=1.0, help="conditioning scale (default 1)")
     k = g.add_argument_group("chroma key (TKG-DM): objects on a key-coloured background")
     k.add_argument("--chroma-key", type=_chroma_key, default=None, help="green, blue or R,G,B")
     k.add_argument("--alpha", action="store_true", help="write RGBA with the key background transparent "

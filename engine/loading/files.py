@@ -61,15 +61,15 @@ def _snapshot(repo_dir: Path, revision: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def resolve(path_or_id: str | Path) -> Path:
-    """Find a diffusers pipeline folder: a local folder or ``org/name[@revision]`` in the HF cache."""
+def resolve(path_or_id: str | Path, marker: str = "model_index.json") -> Path:
+    """Find a diffusers pipeline folder (or, with ``marker="config.json"``, a single model's
+    folder such as a ControlNet): a local folder or ``org/name[@revision]`` in the HF cache."""
     local = Path(os.path.expanduser(str(path_or_id)))
     if local.is_dir():
-        if not (local / "model_index.json").is_file():
-            raise LoadError(
-                f"{local.resolve()} is a folder but has no model_index.json; pass the root of a diffusers "
-                f"pipeline folder (the one holding model_index.json, unet/, vae/, ...)"
-            )
+        if not (local / marker).is_file():
+            what = ("the root of a diffusers pipeline folder (the one holding model_index.json, unet/, vae/, ...)"
+                    if marker == "model_index.json" else f"a diffusers model folder (the one holding {marker})")
+            raise LoadError(f"{local.resolve()} is a folder but has no {marker}; pass {what}")
         return local.resolve()
     if local.is_file():
         raise LoadError(
@@ -87,9 +87,9 @@ def resolve(path_or_id: str | Path) -> Path:
     cache = hub_cache_dir()
     repo_dir = cache / f"models--{org}--{name}"
     snap = _snapshot(repo_dir, revision) if repo_dir.is_dir() else None
-    if snap is not None and (snap / "model_index.json").is_file():
+    if snap is not None and (snap / marker).is_file():
         return snap
-    where = f"{snap} (no model_index.json: incomplete download?)" if snap else str(repo_dir)
+    where = f"{snap} (no {marker}: incomplete download?)" if snap else str(repo_dir)
     repo = f"{org}/{name}"
     raise ModelNotFoundError(
         f"cannot find model {str(path_or_id)!r}. Looked in:\n"

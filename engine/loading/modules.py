@@ -104,6 +104,18 @@ def load_unet(folder: Path, device, dtype, variant=None) -> nn.Module:
     return load_module("unet", lambda: UNet2DConditionModel(config), sd, device, dtype)
 
 
+def load_controlnet(folder: Path, device, dtype, variant=None) -> nn.Module:
+    """overpaint's ControlNet from a diffusers ``ControlNetModel`` folder (config.json + weights)."""
+    from engine.models.controlnet import ControlNetConfig, ControlNetModel
+
+    try:
+        config = ControlNetConfig.from_dict(read_json(folder / "config.json", "controlnet"))
+    except ValueError as e:
+        raise LoadError(f"controlnet ({folder}): {e}") from e
+    sd = read_state_dict(folder, "diffusion_pytorch_model", variant)
+    return load_module("controlnet", lambda: ControlNetModel(config), sd, device, dtype)
+
+
 def load_vae(folder: Path, device, dtype, variant=None) -> nn.Module:
     """diffusers' AutoencoderKL from ``vae/config.json`` and its weights."""
     from diffusers import AutoencoderKL

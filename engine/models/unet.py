@@ -96,6 +96,24 @@ class UpBlock(nn.Module):
         return x
 
 
+def embed_time(model: nn.Module, cfg: UNetConfig, sample, timestep, added_cond_kwargs=None):
+    """The timestep embedding [B, 4*C0] (plus SDXL's text/size embedding) of ``model``, a UNet or
+    a ControlNet (same modules, same names: ``time_embedding``, ``add_embedding``)."""
+    b = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device)
+    t = t.reshape(-1).expand(b) if t.numel() == 1 else t  # [B]
+    temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = model.time_embedding(temb.to(sample.dtype))  # [B, 4*C0]
+    if cfg.addition_embed_type == "text_time":
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            raise ValueError("this SDXL-family model needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
+        time_ids = added_cond_kwargs["time_ids"]  # [B, 6]
+        tid = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        add = torch.cat([added_cond_kwargs["text_embeds"], tid.reshape(b, -1)], dim=-1)  # [B, Dpool + 6*Dt]
+        temb = temb + model.add_embedding(add.to(temb.dtype))
+    return temb
+
+
 class UNet2DConditionModel(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -144,10 +162,13 @@ class UNet2DConditionModel(nn.Module):
         return self.conv_in.weight.device
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
-                plan: AttentionPlan | None = None, return_dict: bool = False):
+                plan: AttentionPlan | None = None, return_dict: bool = False,
+                down_block_additional_residuals=None, mid_block_additional_residual=None):
         """sample [B, C, H, W], timestep [B] (or scalar), encoder_hidden_states [B, L, Dctx].
 
         SDXL needs ``added_cond_kwargs = {"text_embeds": [B, Dpool], "time_ids": [B, 6]}``.
+        ControlNet residuals (``engine.models.controlnet``) are added to the skip connections
+        and to the mid block's output, as diffusers does.
         Returns the model output [B, C, H, W] (``return_dict`` is accepted for diffusers
         compatibility and ignored: the output is always the tensor).
         """
@@ -155,18 +176,7 @@ class UNet2DConditionModel(nn.Module):
         # Samplers keep the latent in float32 (half precision loses the small per-step
         # updates); the UNet input is the one place it takes the weights' dtype.
         sample = sample.to(self.dtype)
-        b = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.reshape(-1).expand(b) if t.numel() == 1 else t  # [B]
-        temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = self.time_embedding(temb.to(sample.dtype))  # [B, 4*C0]
-        if cfg.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-                raise ValueError("this SDXL-family UNet needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
-            time_ids = added_cond_kwargs["time_ids"]  # [B, 6]
-            tid = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-            add = torch.cat([added_cond_kwargs["text_embeds"], tid.reshape(b, -1)], dim=-1)  # [B, Dpool + 6*Dt]
-            temb = temb + self.add_embedding(add.to(temb.dtype))
+        temb = embed_time(self, cfg, sample, timestep, added_cond_kwargs)  # [B, 4*C0]
 
         # Upsampling to explicit sizes when the latent is not a multiple of the total stride.
         n_up = len(self.up_blocks) - 1
@@ -178,6 +188,10 @@ class UNet2DConditionModel(nn.Module):
             x, s = block(x, temb, encoder_hidden_states, plan)
             skips.extend(s)
         x = self.mid_block(x, temb, encoder_hidden_states, plan)
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]

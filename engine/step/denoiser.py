@@ -53,15 +53,17 @@ class UNetDenoiser:
 
     family = "unet"
 
-    def __init__(self, unet: nn.Module, text_projection_dim: int | None = None, runner: GraphRunner | None = None):
+    def __init__(self, unet: nn.Module, text_projection_dim: int | None = None, runner: GraphRunner | None = None,
+                 controlnet: nn.Module | None = None):
         self.unet = unet
         self.text_projection_dim = text_projection_dim
         self.runner = runner
+        self.controlnet = controlnet  # with one, every row carries a control image and scale (0: none)
 
     @property
     def key(self) -> tuple:
         """Rows of programs with equal keys may share a model call."""
-        return (self.family, id(self.unet))
+        return (self.family, id(self.unet), id(self.controlnet))
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +82,7 @@ class UNetDenoiser:
         return self.unet.config.addition_embed_type == "text_time"
 
     def with_runner(self, runner: GraphRunner | None) -> "UNetDenoiser":
-        return UNetDenoiser(self.unet, self.text_projection_dim, runner)
+        return UNetDenoiser(self.unet, self.text_projection_dim, runner, self.controlnet)
 
     # ---- conditioning -------------------------------------------------------------------
     def time_ids(self, n: int, height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
@@ -97,21 +99,35 @@ class UNetDenoiser:
         return torch.tensor([ids], dtype=self.dtype, device=self.device).repeat(n, 1)
 
     def condition(self, cond: Conditioning, height: int, width: int, time_ids: Tensor | None = None,
-                  **size_kw) -> RowCond:
-        """Text conditioning of R rows at an image size -> the UNet's row inputs."""
+                  control=None, **size_kw) -> RowCond:
+        """Text conditioning of R rows at an image size -> the UNet's row inputs. ``control``:
+        (images [R or 1, 3, H, W] in [0, 1], scale: float or [R]) for the ControlNet; rows
+        without control (or scale 0) get a zero image at scale 0, which adds exactly 0."""
         fields = {"context": cond.context.to(self.device, self.dtype)}  # [R, L, D]
         if cond.pooled is not None:
             if time_ids is None:
                 time_ids = self.time_ids(len(cond), height, width, **size_kw)
             fields["text_embeds"] = cond.pooled.to(self.device, self.dtype)  # [R, P]
             fields["time_ids"] = time_ids.to(self.device, self.dtype)  # [R, 6]
+        if control is not None and self.controlnet is None:
+            raise ValueError("a control image needs a ControlNet: pipe.load_controlnet(path) first")
+        if self.controlnet is not None:
+            r = len(cond)
+            image, scale = control if control is not None else (torch.zeros(1, 3, height, width), 0.0)
+            if tuple(image.shape[-2:]) != (height, width):
+                raise ValueError(f"the control image is {image.shape[-1]}x{image.shape[-2]} but the output is "
+                                 f"{width}x{height}; resize it to the output size")
+            fields["control"] = image.to(self.device, self.dtype).expand(r, -1, -1, -1) if image.shape[0] == 1 \
+                else image.to(self.device, self.dtype).repeat(r // image.shape[0], 1, 1, 1)  # [R, 3, H, W]
+            fields["control_scale"] = torch.as_tensor(scale, dtype=torch.float32, device=self.device).expand(r).clone()  # [R]
         return RowCond(fields)
 
-    def condition_guidance(self, g, height: int, width: int, **size_kw) -> RowCond:
+    def condition_guidance(self, g, height: int, width: int, control=None, **size_kw) -> RowCond:
         """The model rows of a :class:`~engine.step.Guidance`: [uncond, cond] (2B) or cond (B),
-        with its own SDXL time ids (doubled for the guided rows) or ones made from the size."""
+        with its own SDXL time ids (doubled for the guided rows) or ones made from the size.
+        ``control`` (images [B or 1, ...], scale) applies to both halves, as diffusers does."""
         ids = g.time_ids if g.time_ids is None or not g.guided else torch.cat([g.time_ids, g.time_ids])  # [R, 6]
-        return self.condition(g.model_conditioning(), height, width, time_ids=ids, **size_kw)
+        return self.condition(g.model_conditioning(), height, width, time_ids=ids, control=control, **size_kw)
 
     def guided(self, g, height: int, width: int, plan=None):
         """(x [B, ...], t [B]) -> the guided prediction of ``g``'s B sample rows: one call of
@@ -133,7 +149,11 @@ class UNetDenoiser:
         f = rows.fields
         added = {"text_embeds": f["text_embeds"], "time_ids": f["time_ids"]} if "text_embeds" in f else None
         with row_segments(segments):
-            return self.unet(x, t, f["context"], added, plan=plan)  # the UNet casts x to its dtype
+            res = {}
+            if "control" in f:  # the ControlNet reads the same rows; no attention plan (its layers are its own)
+                down, mid = self.controlnet(x, t, f["context"], f["control"], f["control_scale"], added)
+                res = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            return self.unet(x, t, f["context"], added, plan=plan, **res)  # the UNet casts x to its dtype
 
     def __call__(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:
         if self.runner is None:

@@ -55,6 +55,8 @@ def test_generate_chroma_key_with_alpha(tiny_sd15_dir, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "x", "-o", "o.png", "--alpha"], "also give --chroma-key"),
+    (["--prompt", "x", "-o", "o.png", "--controlnet", "cn"], "go together"),
+    (["--prompt", "x", "-o", "o.png", "--controlnet", "cn", "--control-image", "missing.png"], "missing.png"),
     (["--prompt", "x", "-o", "o.jpg", "--chroma-key", "green", "--alpha"], "write a .png or .webp"),
     (["--prompt", "x", "-o", "out.txt"], "must end in one of"),
     (["--prompt", "x", "-o", "/nonexistent/dir/o.png"], "does not exist"),
