@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 import platform
 import re
 import statistics
@@ -312,6 +313,14 @@ def meta(device: str, settings: dict) -> dict:
     return dict(device=device_name(device), capability=cap,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 git_commit=git_commit(), versions=versions(), settings=settings)
+
+
+def plot_or_warn(plot, *args) -> None:
+    """Run a matplotlib figure function; without matplotlib, say so and go on (it is optional)."""
+    try:
+        plot(*args)
+    except ImportError:
+        print("matplotlib is not installed: no figure", file=sys.stderr)
 
 
 def write_json(path: Path, meta_: dict, results: list[dict]) -> Path:

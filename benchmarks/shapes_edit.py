@@ -230,10 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
                 per_case=per_case)
     path.write_text(json.dumps(data, indent=1))
     if sweeps or results:
-        try:
-            plot(sweeps, {m: results[m] for m in methods}, path.with_suffix(".png"))
-        except ImportError:
-            print("matplotlib is not installed: no plot", file=sys.stderr)
+        common.plot_or_warn(plot, sweeps, {m: results[m] for m in methods}, path.with_suffix(".png"))
     print(f"wrote {path} ({meta['wall_s']} s)")
     return data
 

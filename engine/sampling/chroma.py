@@ -5,9 +5,10 @@ Generation Diffusion Model", Sec. 3): a background of one key colour, by editing
   from 0 in steps of 0.01 until the share of its values with the key's sign has risen by
   ``target_shift`` (the paper's 0.11): z*_c = z_c + sign_c · delta_c. The paper shifts SD's
   channels 1 and 2 upwards for green (``direction = (0, 1, 1, 0)``). Other colours and
-  other VAEs: :func:`key_direction` measures the direction on the VAE (the latent of a
-  solid key-colour image minus that of grey), and a channel with weight d_c (|d_c| <= 1)
-  has its share rise by ``target_shift · |d_c|``; ±1 weights are the paper's rule.
+  other VAEs: :func:`key_direction` measures the direction on the VAE (the channel means of
+  a solid key-colour image's latent: where the key sits relative to the noise's zero mean),
+  and a channel with weight d_c (|d_c| <= 1) has its share rise by ``target_shift · |d_c|``;
+  ±1 weights are the paper's rule.
 * Init noise selection (Sec. 3.3): a 2D Gaussian G on [-1, 1] coordinates (std 0.5, centre
   0; both adjustable) keeps the original noise where the object goes and the shifted noise
   around it: z = G · z_T + (1 − G) · z*_T.
@@ -73,13 +74,12 @@ def tkg_noise(z: Tensor, direction, *, target_shift: float = TARGET_SHIFT, std=0
     return g * z + (1 - g) * channel_mean_shift(z, direction, target_shift)
 
 
-def key_direction(encode, colour_rgb, size: int = 64, reference=(0.5, 0.5, 0.5), floor: float = 0.2) -> list[float]:
-    """Per-channel weights in [-1, 1] that move the VAE's latent towards ``colour_rgb`` (floats
-    in [0, 1]): encode(key image) − encode(grey image), channel means, divided by the largest
-    magnitude; weights under ``floor`` are 0. ``encode`` maps images [1, 3, size, size] in
-    [0, 1] to latents [1, C, h, w]."""
+def key_direction(encode, colour_rgb, size: int = 64, floor: float = 0.2) -> list[float]:
+    """Per-channel weights in [-1, 1] that move the noise towards ``colour_rgb`` (floats in
+    [0, 1]): the channel means of encode(a solid key image) -- scaled latents, which the
+    noise's zero mean is the centre of -- divided by the largest magnitude; weights under
+    ``floor`` are 0. ``encode`` maps images [1, 3, size, size] in [0, 1] to latents [1, C, h, w]."""
     key = torch.tensor(colour_rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)
-    ref = torch.tensor(reference, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)
-    diff = (encode(key).float().mean((0, 2, 3)) - encode(ref).float().mean((0, 2, 3))).cpu()  # [C]
-    d = diff / diff.abs().max().clamp_min(1e-12)
+    mean = encode(key).float().mean((0, 2, 3)).cpu()  # [C]
+    d = mean / mean.abs().max().clamp_min(1e-12)
     return [float(x) if abs(float(x)) >= floor else 0.0 for x in d]

@@ -161,3 +161,18 @@ def test_pnp_default_layers_state_the_reference_rule(sd15_pipe, sdxl_pipe):
         want = {l.name for l in unet.attn_layers if not l.cross and l.name.startswith("up_blocks")
                 and not l.name.startswith(f"up_blocks.{first}.attentions.0.")}
         assert names == want
+
+
+def test_batched_with_other_programs_each_edit_is_as_alone(sd15_pipe, image):
+    """PnP (features), mask-guided MasaCtrl (key masks over row ranges) and a P2P edit share
+    model calls through edit_many; each result matches its run alone (batch-size rounding)."""
+    pipe = sd15_pipe
+    inv = pipe.invert(image, SRC, method="ddim", steps=STEPS, progress=False)
+    reqs = [dict(inv=inv, method="pnp", target_prompt=TGT, guidance_scale=3.0),
+            dict(inv=inv, method="masactrl", target_prompt=TGT, guidance_scale=3.0, start_step=1,
+                 mask_words=("cat", "cat")),
+            dict(inv=inv, method="p2p", target_prompt=TGT, guidance_scale=3.0)]
+    together = pipe.edit_many([dict(r) for r in reqs], output_type="pt")
+    for r, got in zip(reqs, together):
+        alone = pipe.edit_many([dict(r)], output_type="pt")[0]
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-4)
