@@ -19,8 +19,9 @@ needs_model = pytest.mark.skipif(not (BUNDLED["shapes"] / "model_index.json").is
 METHOD = "p2p"  # the demo's method
 # Methods held to the colour-swap target (ShapesEdit, 30 swaps: P2P 97%, LEDITS++ 90%, DDIM 100%); the
 # CI subset asserts success for them. DDPM (87%) runs too but is only checked to replay the source.
-SUBSET_METHODS = ("p2p", "ddim", "ddpm", "ledits++")
-MUST_SUCCEED = ("p2p", "ledits++", "ddim")
+# Plug-and-Play and MasaCtrl (210 cases: colour swaps 100% / 97%) are held to it too.
+SUBSET_METHODS = ("p2p", "ddim", "ddpm", "ledits++", "pnp", "masactrl")
+MUST_SUCCEED = ("p2p", "ledits++", "ddim", "pnp", "masactrl")
 MIN_BG_PSNR = 25.0
 
 
@@ -93,3 +94,19 @@ def test_generate_benchmark_writes_json_with_device(tmp_path):
     data = json.loads(out.read_text())
     assert data["meta"]["device"] and data["meta"]["git_commit"] and data["meta"]["settings"]["n"] == 2
     assert data["results"][0]["named_rate"] == res["named_rate"] and set(res["attributes"]) >= {"background"}
+
+
+@needs_model
+def test_chroma_benchmark_keys_a_background_the_world_has(tmp_path):
+    """TKG-DM on the Shapes model, 4 prompts: a black key gives black backgrounds (99% of 100
+    prompts in the committed run) and the matte agrees with the analyser's masks."""
+    import json
+
+    from benchmarks import shapes_chroma
+
+    out = tmp_path / "chroma.json"
+    shapes_chroma.main(["--prompts", "4", "--keys", "black", "--batch", "4", "--figure-prompts", "2",
+                        "--out", str(out)])
+    r = json.loads(out.read_text())["results"][0]
+    assert r["black"]["key_bg"] >= 0.75 and r["black"]["alpha_ok"] >= 0.95, r
+    assert json.loads(out.read_text())["meta"]["device"]

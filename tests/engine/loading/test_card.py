@@ -17,7 +17,7 @@ def test_the_bundled_card_is_written_from_the_recipes():
     on_disk = json.loads((resolve("shapes") / "overpaint.json").read_text())
     assert on_disk == json.loads(json.dumps(recipes.model_card()))  # regenerate with recipes.write_card
     card = ModelCard.read(resolve("shapes"))
-    assert card.inversion_for == {"p2p": "ddpm"}
+    assert card.inversion_for == {"p2p": "ddpm", "pnp": "ddim", "masactrl": "ddim"}
     assert card.edit["ledits++"] == recipes.EDIT["ledits++"]
     assert "circle" in card.vocabulary
 
