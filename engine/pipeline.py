@@ -243,7 +243,7 @@ class Pipeline:
         progs = [self.program(k, r) for k, r in zip(kinds, reqs)]
         latents = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows,
                             "edit" if "edit" in kinds else "generate")  # the progress bar's label
-        return [self.finish(k, x, t) for k, x, t in tqdm(list(zip(kinds, latents, types)), desc="decode",
+        return [self.finish(k, x, t, p.matte) for k, x, t, p in tqdm(list(zip(kinds, latents, types, progs)), desc="decode",
                                                           disable=not progress, leave=False)]
 
     # ---- requests as programs (what edit_many / invert_many and the server run) ----------
@@ -266,13 +266,15 @@ class Pipeline:
         raise ValueError(f"unknown request kind {kind!r}; use one of {self.KINDS}")
 
     @torch.no_grad()
-    def finish(self, kind: str, result, output_type: str = "pil"):
+    def finish(self, kind: str, result, output_type: str = "pil", matte=None):
         """A finished program's result as the user gets it: an :class:`Inversion` stamped with
-        the model that made it (an edit with another one is refused), or decoded images."""
+        the model that made it (an edit with another one is refused), or decoded images --
+        RGBA with ``matte`` (a chroma key, the program's ``matte``) keyed out."""
         if kind == "invert":
             result.settings["model"] = {"name": self.name, "id": self.identity}
             return result
-        return to_output(self.decode(result), output_type)
+        images = self.decode(result)  # [B, 3, H, W]
+        return to_output(images if matte is None else chroma_matte(images, matte), output_type)
 
     def _inversion(self, r: dict):
         r.pop("progress", None)
@@ -363,14 +365,8 @@ class Pipeline:
         overrides the per-channel direction. ``alpha=True`` returns RGBA images whose key
         background is transparent (:func:`engine.matte.chroma_matte`).
         """
-        alpha = params.pop("alpha", False)
-        if alpha and params.get("chroma_key") is None:
-            raise ValueError("alpha=True keys out a chroma background: also give chroma_key='green' (or 'blue', (r, g, b))")
-        req = dict(prompt=prompt, negative_prompt=negative_prompt, **params)
-        if not alpha:
-            return self.edit_many([req], output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
-        images = self.edit_many([req], output_type="pt", progress=progress, cuda_graphs=cuda_graphs)[0]
-        return to_output(chroma_matte(images, params["chroma_key"]), output_type)
+        return self.edit_many([dict(prompt=prompt, negative_prompt=negative_prompt, **params)],
+                              output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
 
     def chroma_direction(self, key) -> list[float]:
         """The latent direction of a chroma key: the paper's (channels 1 and 2 up) for green on
@@ -386,7 +382,12 @@ class Pipeline:
         r.pop("progress", None)
         if "prompt" not in r:
             raise ValueError(f"a request needs 'inv' (an edit) or 'prompt' (a generation); got keys {sorted(r)}")
-        return self.generation_program(**self._request(r))
+        alpha = r.pop("alpha", False)
+        if alpha and r.get("chroma_key") is None:
+            raise ValueError("alpha=True keys out a chroma background: also give chroma_key='green' (or 'blue', (r, g, b))")
+        prog = self.generation_program(**self._request(r))
+        prog.matte = r["chroma_key"] if alpha else None  # what finish keys out
+        return prog
 
     def generation_program(self, prompt, negative_prompt=None, *, steps: int = 50, guidance_scale: float = 7.5,
                            height: int | None = None, width: int | None = None, seed: int | None = None,

@@ -230,7 +230,7 @@ class Batcher:
     def _finish_stage(self, job: Job, stage, prog) -> None:
         try:
             with torch.no_grad():
-                result = self.pipe.finish(stage.kind, prog.result(), job.output_type)
+                result = self.pipe.finish(stage.kind, prog.result(), job.output_type, prog.matte)
             if stage.on_result is not None:
                 stage.on_result(result)
         except Exception as e:  # noqa: BLE001

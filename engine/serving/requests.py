@@ -21,8 +21,12 @@ EDIT_FIELDS = {
     "p2p": {"cross_replace_steps", "self_replace_steps", "edit_type", "equalizer", "local_blend_words",
             "blend_threshold", "blend_start", "blend_resolution", "blend_maps", "source_guidance_scale", "source",
             "self_replace_max_queries", "self_replace_min_scale"},
+    "pnp": {"pnp_attn_t", "pnp_f_t"},
+    "masactrl": {"start_step", "start_layer", "end_step", "end_layer", "mask_words", "mask_threshold",
+                 "source_guidance_scale", "source"},
 }
-GENERATE_FIELDS = {"steps", "seed", "guidance_scale", "negative_prompt", "sampler", "guidance_rescale", "eta"}
+GENERATE_FIELDS = {"steps", "seed", "guidance_scale", "negative_prompt", "sampler", "guidance_rescale", "eta",
+                   "chroma_key", "chroma_shift", "chroma_std", "chroma_center"}
 OPENAI_IGNORED = {"model", "user", "response_format", "n", "size", "quality", "style", "background", "moderation",
                   "output_format", "output_compression", "input_fidelity", "partial_images", "stream"}
 MAX_N = 8
@@ -108,7 +112,7 @@ def method_params(fields: dict, method: str, extra_ok: set[str]) -> tuple[dict, 
         if k in INVERT_FIELDS:
             inv[INVERT_FIELDS[k]] = v
         elif k in allowed:
-            edit[k] = tuple(v) if k == "local_blend_words" and isinstance(v, list) else v
+            edit[k] = tuple(v) if k in ("local_blend_words", "mask_words") and isinstance(v, list) else v
         else:
             known = sorted(set(INVERT_FIELDS) | allowed)
             raise bad_request(f"unknown parameter '{k}' for method '{method}'; known: {', '.join(known)}", k,
@@ -177,13 +181,22 @@ def generation_job(server, fields: dict) -> Job:
     n = integer(fields, "n", 1, 1, MAX_N)
     hw = size(fields)
     params = {}
+    background = text(fields, "background", default="auto")  # OpenAI's: "transparent" | "opaque" | "auto"
+    if background not in ("auto", "opaque", "transparent"):
+        raise bad_request(f"'background' must be 'transparent', 'opaque' or 'auto', got {background!r}", "background")
+    if background == "transparent":
+        if fields.get("chroma_key") is None:
+            raise bad_request("background='transparent' keys out a chroma background: also give chroma_key "
+                              "('green', 'blue' or [r, g, b])", "background")
+        params["alpha"] = True
     for k, v in fields.items():
         if k in ("prompt",) or k in OPENAI_IGNORED:
             continue
         if k not in GENERATE_FIELDS:
             raise bad_request(f"unknown parameter '{k}'; known: {', '.join(sorted(GENERATE_FIELDS))}", k,
                               "unknown_parameter")
-        params[k] = form_value(v)
+        v = form_value(v)
+        params[k] = tuple(v) if k in ("chroma_key", "chroma_center") and isinstance(v, list) else v
     if hw is not None:
         params["height"], params["width"] = hw
     return Job([Stage("generate", {"prompt": prompt, "num_images": n, **params})], route="generations",

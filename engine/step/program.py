@@ -35,6 +35,7 @@ class Program:
     """Base of every program; see the module docstring for the protocol."""
 
     denoiser = None  # the Denoiser whose model this program's rows need
+    matte = None  # a chroma key the façade removes from the decoded result (RGBA output), or None
 
     def cond(self) -> RowCond:
         raise NotImplementedError

@@ -53,6 +53,13 @@ def test_routes(server):
     assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(48, 40)] * 2
     r = c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "n": 2, "size": "32x32"})
     assert r.status_code == 200 and len(r.json()["data"]) == 2
+    r = c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "size": "32x32", "chroma_key": [0, 177, 64],
+                                                "background": "transparent"})  # TKG-DM + matte: RGBA PNG
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).mode == "RGBA"
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+               data=edit_form(method="masactrl", start_step="1", mask_words='[["circle"], ["circle"]]'))
+    assert r.status_code == 200, r.text
     inv = c.post("/v1/inversions", json={"image": b64(png()), "source_prompt": "a red circle", "method": "ddpm",
                                          "steps": 3}).json()
     assert inv["id"].startswith("inv_") and inv["cached"] is False
@@ -118,6 +125,7 @@ def test_bad_input_corpus(server):
         (c.post("/v1/images/generations", json=["a list"]), 400, None),
         (c.post("/v1/images/generations", json={"prompt": 3}), 400, "prompt"),
         (c.post("/v1/images/generations", json={"prompt": "x", "steps": -1}), 400, "steps"),
+        (c.post("/v1/images/generations", json={"prompt": "x", "background": "transparent"}), 400, "background"),
         (c.post("/v1/images/generations", json={"prompt": "x", "frobnicate": 1}), 400, "frobnicate"),
         (c.post("/v1/edits", json={"inversion": "inv_" + "0" * 32, "target_prompt": "y"}), 404, "inversion"),
         (c.post("/v1/edits", json={"inversion": "../../etc/passwd", "target_prompt": "y"}), 404, "inversion"),
