@@ -31,13 +31,15 @@ class RowCond:
     """
 
     fields: dict[str, Tensor]
+    controlled: bool = False  # some row has a control image (host-side: a call without one skips the ControlNet)
 
     def __len__(self) -> int:
         return next(iter(self.fields.values())).shape[0]
 
     @staticmethod
     def cat(parts: list["RowCond"]) -> "RowCond":
-        return RowCond({k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields})
+        return RowCond({k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields},
+                       any(p.controlled for p in parts))
 
     def signature(self) -> tuple:
         """What must agree for rows to share a call: field names, trailing shapes, dtypes."""
@@ -45,7 +47,8 @@ class RowCond:
 
     def pad(self, n: int) -> "RowCond":
         """n more rows (copies of row 0: idle rows whose outputs nobody reads)."""
-        return RowCond({k: torch.cat([v, v[:1].expand(n, *v.shape[1:])]) for k, v in self.fields.items()})
+        return RowCond({k: torch.cat([v, v[:1].expand(n, *v.shape[1:])]) for k, v in self.fields.items()},
+                       self.controlled)
 
 
 class UNetDenoiser:
@@ -101,8 +104,9 @@ class UNetDenoiser:
     def condition(self, cond: Conditioning, height: int, width: int, time_ids: Tensor | None = None,
                   control=None, **size_kw) -> RowCond:
         """Text conditioning of R rows at an image size -> the UNet's row inputs. ``control``:
-        (images [R or 1, 3, H, W] in [0, 1], scale: float or [R]) for the ControlNet; rows
-        without control (or scale 0) get a zero image at scale 0, which adds exactly 0."""
+        (images [R or 1, 3, H, W] in [0, 1], scale: float) for the ControlNet; rows without
+        control get a zero image at scale 0, which adds exactly 0, so they can share a call with
+        controlled rows; a call with no controlled row skips the ControlNet."""
         fields = {"context": cond.context.to(self.device, self.dtype)}  # [R, L, D]
         if cond.pooled is not None:
             if time_ids is None:
@@ -120,7 +124,7 @@ class UNetDenoiser:
             fields["control"] = image.to(self.device, self.dtype).expand(r, -1, -1, -1) if image.shape[0] == 1 \
                 else image.to(self.device, self.dtype).repeat(r // image.shape[0], 1, 1, 1)  # [R, 3, H, W]
             fields["control_scale"] = torch.as_tensor(scale, dtype=torch.float32, device=self.device).expand(r).clone()  # [R]
-        return RowCond(fields)
+        return RowCond(fields, controlled=control is not None)
 
     def condition_guidance(self, g, height: int, width: int, control=None, **size_kw) -> RowCond:
         """The model rows of a :class:`~engine.step.Guidance`: [uncond, cond] (2B) or cond (B),
@@ -150,7 +154,7 @@ class UNetDenoiser:
         added = {"text_embeds": f["text_embeds"], "time_ids": f["time_ids"]} if "text_embeds" in f else None
         with row_segments(segments):
             res = {}
-            if "control" in f:  # the ControlNet reads the same rows; no attention plan (its layers are its own)
+            if rows.controlled:  # the ControlNet reads the same rows; no attention plan (its layers are its own)
                 down, mid = self.controlnet(x, t, f["context"], f["control"], f["control_scale"], added)
                 res = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
             return self.unet(x, t, f["context"], added, plan=plan, **res)  # the UNet casts x to its dtype

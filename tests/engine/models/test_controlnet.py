@@ -102,6 +102,12 @@ def test_generate_with_control_through_the_pipeline(case):
     assert torch.equal(pipe.generate("a cat", control_image=control, controlnet_conditioning_scale=0.0, **kw), plain)
     controlled = pipe.generate("a cat", control_image=control, **kw)
     assert (controlled - plain).abs().max() > 1e-3
+    calls = []
+    h = pipe.controlnet.register_forward_hook(lambda m, a, out: calls.append(len(a[0])))  # observes only
+    try:  # a call with no controlled row skips the ControlNet
+        assert torch.equal(pipe.generate("a cat", **kw), plain) and calls == []
+    finally:
+        h.remove()
     req = {k: v for k, v in kw.items() if k not in ("output_type", "progress")}
     both = pipe.edit_many([dict(prompt="a cat", control_image=control, **req), dict(prompt="a cat", **req)],
                           output_type="pt")
@@ -111,3 +117,28 @@ def test_generate_with_control_through_the_pipeline(case):
     assert keyed.isfinite().all() and not torch.equal(keyed, controlled)
     with pytest.raises(ValueError, match="load_controlnet"):
         plain_pipe.generate("a cat", control_image=control, **kw)
+
+
+def test_generate_matches_diffusers_controlnet_pipeline(case):
+    """pipe.generate with a ControlNet vs diffusers' StableDiffusion(XL)ControlNetPipeline: same
+    weights, latents, control image and scale."""
+    import numpy as np
+
+    import engine
+
+    plain_pipe, unet, cn, _, (folder, cn_folder) = case
+    sdxl = plain_pipe.arch == "sdxl"
+    cls = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
+    ref = cls.from_pretrained(folder, controlnet=diffusers.ControlNetModel.from_pretrained(cn_folder))
+    ours = engine.load(folder)
+    ours.load_controlnet(cn_folder)
+    size = 32
+    g = torch.Generator().manual_seed(7)
+    lat = torch.randn(1, 4, size // ours.vae_scale_factor, size // ours.vae_scale_factor, generator=g)
+    control = torch.rand(1, 3, size, size, generator=g)
+    want = ref("a red circle", image=control, latents=lat.clone(), num_inference_steps=4, guidance_scale=5.0,
+               controlnet_conditioning_scale=0.8, height=size, width=size, output_type="np").images
+    got = ours.generate("a red circle", control_image=control, controlnet_conditioning_scale=0.8, latents=lat.clone(),
+                        steps=4, guidance_scale=5.0, height=size, width=size, output_type="np", progress=False)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1e-4
