@@ -131,6 +131,9 @@ def _edit_requests(pipe, image):
         dict(inv=ddpm, method="ddpm", target_prompt="a blue cat", guidance_scale=6.0),
         dict(inv=led, method="ledits++", editing_prompt=["dog", "hat"], edit_threshold=0.7),
         dict(prompt="a green square", steps=3, guidance_scale=5.0, height=SIZE * 2, width=SIZE * 2, seed=3),
+        dict(inv=ddim, method="pnp", target_prompt="a blue cat", guidance_scale=3.0),  # feature injection
+        dict(inv=ddim, method="masactrl", target_prompt="a blue cat", guidance_scale=3.0, start_step=1,
+             mask_words=("cat", "cat")),  # key masks rewritten in place between steps
     ]
 
 
