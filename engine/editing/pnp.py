@@ -119,9 +119,9 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float = 7.5, 
 
     n_tgt = 2 * B if g.guided else B
     reads = torch.cat([torch.arange(B), torch.arange(B).repeat(n_tgt // B)]).to(dev)  # [R]: every row reads the source
-    site = pipe.unet.site(feature_site or default_feature_site(pipe.unet))
-    attn = frozenset(pnp_attention_layers(pipe.unet, pnp_attn_blocks))
     n_attn, n_feat = int(S * pnp_attn_t), int(S * pnp_f_t)
+    site = pipe.unet.site(feature_site or default_feature_site(pipe.unet)) if n_feat else None
+    attn = frozenset(pnp_attention_layers(pipe.unet, pnp_attn_blocks)) if n_attn else frozenset()
     cache = {}
     for on in ((True, True), (True, False), (False, True), (False, False)):
         a, f = on
