@@ -122,13 +122,17 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float = 7.5, 
     n_attn, n_feat = int(S * pnp_attn_t), int(S * pnp_f_t)
     site = pipe.unet.site(feature_site or default_feature_site(pipe.unet)) if n_feat else None
     attn = frozenset(pnp_attention_layers(pipe.unet, pnp_attn_blocks)) if n_attn else frozenset()
-    cache = {}
-    for on in ((True, True), (True, False), (False, True), (False, False)):
-        a, f = on
-        cache[on] = None if not (a or f) else AttentionPlan(
+    def plan(a: bool, f: bool):  # one plan object per combination: the loop memoises merges by identity
+        return None if not (a or f) else AttentionPlan(
             self_inject={"q_from": reads, "k_from": reads} if a else None, layers=attn if a else frozenset(),
             features={site.index: reads} if f else {})
-    plans = [cache[(k < n_attn, k < n_feat)] for k in range(S)]
+
+    cache, plans = {}, []
+    for k in range(S):
+        on = (k < n_attn, k < n_feat)
+        if on not in cache:
+            cache[on] = plan(*on)
+        plans.append(cache[on])
     return PnPEdit(pipe, g, rp, src_rows, plans, callback)
 
 
