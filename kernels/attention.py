@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import attention_torch, check_inputs
+from .reference import attention_torch, check_inputs, needs_grad
 
 
 @triton.jit
@@ -299,7 +299,7 @@ def _check_interpreter(interpret):
             "(or unset it to use the torch CPU path)")
 
 
-LAST_PATH = None  # "triton" or "torch": which implementation the last call used (for tests)
+LAST_PATH = None  # "triton", "torch" or "torch-autograd": which implementation the last call used (for tests)
 
 
 def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
@@ -317,6 +317,10 @@ def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, tok
     global LAST_PATH
     check_inputs(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
                  token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
+    if needs_grad(q, k, v, token_weights, ip):  # the Triton kernel has no backward: the differentiable torch path
+        LAST_PATH = "torch-autograd"
+        return attention_torch(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
+                               token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
     if q.is_cuda or _interpreting():
         LAST_PATH = "triton"
         return attention_triton(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,

@@ -107,6 +107,16 @@ def check_inputs(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, 
                   f"{tuple(out.shape)} {out.dtype} on {out.device}")
 
 
+def needs_grad(q, k, v, token_weights=None, ip=None) -> bool:
+    """True when autograd records this call (an input requires grad and grad mode is on):
+    then the differentiable torch path runs, whatever the device. Stored maps written by
+    that path (``store.copy_``) carry gradients too."""
+    if not torch.is_grad_enabled():
+        return False
+    ts = [q, k, v, token_weights] + ([] if ip is None else [t for t in ip if isinstance(t, torch.Tensor)])
+    return any(t is not None and t.requires_grad for t in ts)
+
+
 def _rows(t, idx):
     return t if idx is None else t.index_select(0, idx.long())
 

@@ -49,6 +49,19 @@ def row_segments(spec):
         _SEGMENTS.reset(token)
 
 
+def checkpointed(fn, *args):
+    """``fn(*args)`` with activation checkpointing (Chen et al. 2016): its activations are not
+    kept for backward but recomputed then, under the same :func:`row_segments` as the forward
+    (so the recomputation matches it bit for bit). Only when autograd records the call."""
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    spec = _SEGMENTS.get()
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), row_segments(spec)))
+
+
 def rowwise(linear: nn.Linear, x):
     """``linear(x)`` for per-row vectors x [B, D], split as :func:`row_segments` says.
 

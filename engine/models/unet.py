@@ -17,7 +17,7 @@ from .config import UNetConfig
 from .features import inject_features, number_feature_sites, site_named
 from .layers import (
     BasicTransformerBlock, Downsample2D, ResnetBlock2D, TimestepEmbedding, Transformer2DModel, Upsample2D,
-    timestep_embedding,
+    checkpointed, timestep_embedding,
 )
 
 
@@ -87,7 +87,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x, skips, temb, context, plan, size=None):
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)  # [B, C + Cskip, H, W] -> [B, Cout, H, W]
+            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb)  # [B, C + Cskip, H, W] -> [B, Cout, H, W]
             x = inject_features(x, resnet.site, plan)
             if self.attentions is not None:
                 x = self.attentions[j](x, context, plan)
@@ -141,6 +141,10 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
         self.attn_layers = number_attention_layers(self, self._scale_of)
         self.feature_sites = number_feature_sites(self, {ResnetBlock2D: "resnet", BasicTransformerBlock: "block"})
+        self.gradient_checkpointing = False  # with autograd: recompute each block's activations in backward
+
+    def _block(self, block, *args):
+        return checkpointed(block, *args) if self.gradient_checkpointing else block(*args)
 
     def site(self, name: str):
         """The :class:`FeatureSite` of the module at ``name`` (e.g. "up_blocks.1.resnets.1")."""
@@ -185,9 +189,9 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, s = block(x, temb, encoder_hidden_states, plan)
+            x, s = self._block(block, x, temb, encoder_hidden_states, plan)
             skips.extend(s)
-        x = self.mid_block(x, temb, encoder_hidden_states, plan)
+        x = self._block(self.mid_block, x, temb, encoder_hidden_states, plan)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         if mid_block_additional_residual is not None:
@@ -196,5 +200,5 @@ class UNet2DConditionModel(nn.Module):
             n = len(block.resnets)
             mine, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[-2:] if explicit and i < n_up else None
-            x = block(x, mine, temb, encoder_hidden_states, plan, size)
+            x = self._block(block, x, mine, temb, encoder_hidden_states, plan, size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
