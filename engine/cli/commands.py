@@ -99,7 +99,7 @@ def method_params(args, inv_method: str) -> tuple[dict, dict]:
             value = _per_concept(value, len(concepts), o.flags[0])
         elif o.param == "equalizer":
             value = dict(value)
-        elif o.param == "local_blend_words":
+        elif o.param in ("local_blend_words", "mask_words"):
             value = (value[0].split(), value[1].split())
         elif o.param == "user_mask":
             value = _mask(value)

@@ -16,6 +16,7 @@ from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> t
 MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
 SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
 LEDITS, P2P, GUIDED = ("ledits++",), ("p2p",), ("p2p", "ddim", "ddpm", "pnp", "masactrl")
+PNP, MASACTRL = ("pnp",), ("masactrl",)
 
 
 def _number(kind, lo=None, positive=False):
@@ -172,6 +173,27 @@ EDIT_OPTIONS = [
         kw=dict(type=positive_int, help="p2p: replace self-attention at layers with at most this many queries")),
     Opt(("--self-replace-min-scale",), "self_replace_min_scale", P2P,
         kw=dict(type=positive_int, help="p2p: or at layers downsampled at least this much")),
+    # Plug-and-Play
+    Opt(("--pnp-attn-t",), "pnp_attn_t", PNP,
+        kw=dict(type=_fraction, help="pnp: fraction of steps whose decoder self-attention queries/keys come from "
+                                     "the source (default 0.5)")),
+    Opt(("--pnp-f-t",), "pnp_f_t", PNP,
+        kw=dict(type=_fraction, help="pnp: fraction of steps whose ResNet features come from the source "
+                                     "(default 0.8)")),
+    Opt(("--feature-site",), "feature_site", PNP,
+        kw=dict(metavar="MODULE", help="pnp: the ResNet whose output is injected (default: the reference's, "
+                                       "e.g. up_blocks.1.resnets.1 on SD)")),
+    # MasaCtrl
+    Opt(("--start-step",), "start_step", MASACTRL,
+        kw=dict(type=_number(int, lo=0), help="masactrl: first step with mutual self-attention (default 4)")),
+    Opt(("--start-layer",), "start_layer", MASACTRL,
+        kw=dict(type=_number(int, lo=0), help="masactrl: first self-attention layer, in forward order "
+                                              "(default: 10 of SD's 16, 44 of SDXL's 70)")),
+    Opt(("--mask-words",), "mask_words", MASACTRL,
+        kw=dict(nargs=2, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
+                help="masactrl: the mask-guided variant, masks from these words' attention maps")),
+    Opt(("--mask-threshold",), "mask_threshold", MASACTRL,
+        kw=dict(type=_fraction, help="masactrl: mask threshold after min-max normalisation (default 0.1)")),
 ]
 
 
@@ -283,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--background", default="white",
                       help="colour transparent pixels are composited over: white, black, gray or #rrggbb")
     groups = {"invert": e.add_argument_group("inversion"), "ledits++": e.add_argument_group("LEDITS++ options"),
-              "p2p": e.add_argument_group("Prompt-to-Prompt options"), "edit": e.add_argument_group("edit")}
+              "p2p": e.add_argument_group("Prompt-to-Prompt options"), "pnp": e.add_argument_group("Plug-and-Play options"),
+              "masactrl": e.add_argument_group("MasaCtrl options"), "edit": e.add_argument_group("edit")}
     for o in EDIT_OPTIONS:
         grp = groups["invert" if o.stage == "invert" and o.methods != P2P else
                      o.methods[0] if len(o.methods) == 1 else "edit"]

@@ -94,8 +94,9 @@ def test_bad_arguments_exit_through_argparse(tiny_sd15_dir, photo, capsys):
     ("ddim", ["--target-prompt", "a blue circle"]),
     ("ddpm", ["--target-prompt", "a blue circle", "--skip", "0.2"]),
     ("ledits++", ["--edit-prompt", "blue", "--edit-scale", "4", "--reverse", "false"]),
-    ("pnp", ["--target-prompt", "a blue circle"]),
-    ("masactrl", ["--target-prompt", "a blue circle", "--guidance", "3"]),
+    ("pnp", ["--target-prompt", "a blue circle", "--pnp-attn-t", "0.3", "--pnp-f-t", "0.6"]),
+    ("masactrl", ["--target-prompt", "a blue circle", "--guidance", "3", "--start-step", "1", "--start-layer", "2",
+                  "--mask-words", "circle", "circle", "--mask-threshold", "0.2"]),
 ])
 def test_edit_methods(tiny_sd15_dir, photo, tmp_path, method, extra):
     out = tmp_path / "edited.png"
