@@ -126,11 +126,11 @@ class Pipeline:
         from .loading.files import resolve
         from .loading.modules import load_controlnet
 
-        self.controlnet = load_controlnet(resolve(path, marker="config.json"), self.device, dtype or self.dtype)
-        if self.controlnet.config.unet.cross_attention_dim != self.unet.config.cross_attention_dim:
-            self.controlnet = None
+        net = load_controlnet(resolve(path, marker="config.json"), self.device, dtype or self.dtype)
+        if net.config.unet.cross_attention_dim != self.unet.config.cross_attention_dim:  # an attached one stays
             raise ValueError(f"the ControlNet at {path} was made for another model family (its cross-attention "
                              f"width differs from this UNet's); use one trained for this model")
+        self.controlnet = net
         self._denoiser = None  # rows now carry control images: a new Denoiser (and a new batching key)
         return self.controlnet
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..models.attention import AttentionPlan, KeyMask
 from .branches import BranchEdit, branch_guidance, branch_prompts
 from .common import run_one
-from .p2p import _grid, blend_layers
+from .p2p import blend_layers, layer_grid
 from .p2p_align import token_mask
 
 SD_LAYERS, SD_START_LAYER = 16, 10
@@ -122,7 +122,7 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float = 7.5,
         tok, L = pipe.tokenizers[0], inv.source.context.shape[1]
         h, w = rp.x.shape[-2:]
         blayers = blend_layers(unet, mask_resolution, (h, w))
-        gh, gw = _grid(h, w, blayers[0].scale)
+        gh, gw = layer_grid(h, w, blayers[0].scale)
         words = torch.stack([token_mask(tok, p, src_words, L, "mask_words") for p in sources]
                             + [token_mask(tok, p, tgt_words, L, "mask_words") for p in targets])  # [2B, L]
         store = {l.index: torch.zeros(n, gh * gw, L, device=dev) for l in blayers}  # [N, Nq, L] each

@@ -89,7 +89,8 @@ def blend_layers(unet, resolution: int, latent_hw: tuple[int, int]) -> list:
     return [l for l in near if l.scale == smallest]
 
 
-def _grid(h: int, w: int, scale: int) -> tuple[int, int]:
+def layer_grid(h: int, w: int, scale: int) -> tuple[int, int]:
+    """The query grid of a layer downsampled ``scale``x from an h x w latent."""
     while scale > 1:  # stride-2 convs with padding 1: ceil(h / 2) per level
         h, w, scale = (h + 1) // 2, (w + 1) // 2, scale // 2
     return h, w
@@ -222,7 +223,7 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
     if local_blend_words is not None:
         src_words, tgt_words = local_blend_words
         layers = blend_layers(unet, blend_resolution, (h, w))
-        gh, gw = _grid(h, w, layers[0].scale)
+        gh, gw = layer_grid(h, w, layers[0].scale)
         words = torch.stack([token_mask(tok, p, src_words, L, "local_blend_words") for p in sources]
                             + [token_mask(tok, p, tgt_words, L, "local_blend_words") for p in targets])  # [2B, L]
         store = {l.index: torch.zeros(n, gh * gw, L, device=dev) for l in layers}  # [N, Nq, L] each
@@ -251,9 +252,9 @@ def edit(pipe, inv, target_prompt=None, *, progress: bool = True, **params):
 def _self_replaced(layer, latent_hw, max_queries, min_scale) -> bool:
     if min_scale is not None:
         return layer.scale >= min_scale
-    gh, gw = _grid(*latent_hw, layer.scale)
+    gh, gw = layer_grid(*latent_hw, layer.scale)
     if max_queries is None:  # the official 16² at SD's 64² latent: the query grid 4x below the latent's
-        qh, qw = _grid(*latent_hw, 4)
+        qh, qw = layer_grid(*latent_hw, 4)
         max_queries = qh * qw
     return gh * gw <= max_queries
 

@@ -92,28 +92,29 @@ def load_module(name: str, build, state_dict: dict[str, Tensor], device: torch.d
     return module.eval().requires_grad_(False)
 
 
+def _load_model(name: str, folder: Path, config_cls, model_cls, device, dtype, variant=None) -> nn.Module:
+    """One of our diffusers-format models: ``config_cls.from_dict(config.json)`` (errors name the
+    component and folder), then ``diffusion_pytorch_model*.safetensors`` assigned into it."""
+    try:
+        config = config_cls.from_dict(read_json(folder / "config.json", name))
+    except ValueError as e:
+        raise LoadError(f"{name} ({folder}): {e}") from e
+    sd = read_state_dict(folder, "diffusion_pytorch_model", variant)
+    return load_module(name, lambda: model_cls(config), sd, device, dtype)
+
+
 def load_unet(folder: Path, device, dtype, variant=None) -> nn.Module:
     """overpaint's UNet from ``unet/config.json`` and diffusers' weights."""
     from engine.models.unet import UNet2DConditionModel, UNetConfig
 
-    try:
-        config = UNetConfig.from_dict(read_json(folder / "config.json", "unet"))
-    except ValueError as e:
-        raise LoadError(f"unet ({folder}): {e}") from e
-    sd = read_state_dict(folder, "diffusion_pytorch_model", variant)
-    return load_module("unet", lambda: UNet2DConditionModel(config), sd, device, dtype)
+    return _load_model("unet", folder, UNetConfig, UNet2DConditionModel, device, dtype, variant)
 
 
 def load_controlnet(folder: Path, device, dtype, variant=None) -> nn.Module:
     """overpaint's ControlNet from a diffusers ``ControlNetModel`` folder (config.json + weights)."""
     from engine.models.controlnet import ControlNetConfig, ControlNetModel
 
-    try:
-        config = ControlNetConfig.from_dict(read_json(folder / "config.json", "controlnet"))
-    except ValueError as e:
-        raise LoadError(f"controlnet ({folder}): {e}") from e
-    sd = read_state_dict(folder, "diffusion_pytorch_model", variant)
-    return load_module("controlnet", lambda: ControlNetModel(config), sd, device, dtype)
+    return _load_model("controlnet", folder, ControlNetConfig, ControlNetModel, device, dtype, variant)
 
 
 def load_vae(folder: Path, device, dtype, variant=None) -> nn.Module:

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import number_attention_layers
 from .config import UNetConfig
 from .layers import TimestepEmbedding
 from .unet import DownBlock, MidBlock, embed_time
@@ -99,7 +98,7 @@ class ControlNetModel(nn.Module):
         self.controlnet_down_blocks = nn.ModuleList(zero)
         self.mid_block = MidBlock(cfg)
         self.controlnet_mid_block = nn.Conv2d(ch[-1], ch[-1], 1)
-        self.attn_layers = number_attention_layers(self)
+        # Its attention layers are not numbered: no plan reaches them (the UNet's indices are the plan's).
 
     @property
     def dtype(self) -> torch.dtype:

@@ -126,6 +126,7 @@ def test_bad_input_corpus(server):
         (c.post("/v1/images/generations", json={"prompt": 3}), 400, "prompt"),
         (c.post("/v1/images/generations", json={"prompt": "x", "steps": -1}), 400, "steps"),
         (c.post("/v1/images/generations", json={"prompt": "x", "background": "transparent"}), 400, "background"),
+        (c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "chroma_key": "purple"}), 400, None),
         (c.post("/v1/images/generations", json={"prompt": "x", "frobnicate": 1}), 400, "frobnicate"),
         (c.post("/v1/edits", json={"inversion": "inv_" + "0" * 32, "target_prompt": "y"}), 404, "inversion"),
         (c.post("/v1/edits", json={"inversion": "../../etc/passwd", "target_prompt": "y"}), 404, "inversion"),
