@@ -5,7 +5,8 @@ from __future__ import annotations
 
 # The inversion each edit method edits unless a model's recipes (ModelCard.inversion_for) say otherwise.
 DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm", "pnp": "ddim",
-                     "masactrl": "ddim"}
+                     "masactrl": "ddim", "null-text": "null-text",
+                     "pix2pix-zero": "pix2pix-zero", "imagic": "imagic"}
 
 
 def inversion_for(method: str, card=None) -> str:

@@ -20,6 +20,9 @@ INVERTERS = {
     "ddim": ("engine.editing.ddim", "invert"),
     "ddpm": ("engine.editing.ddpm", "invert"),
     "ledits++": ("engine.editing.ledits", "invert"),
+    "null-text": ("engine.editing.nulltext", "invert"),
+    "pix2pix-zero": ("engine.editing.pix2pix_zero", "invert"),
+    "imagic": ("engine.editing.imagic", "invert"),
 }
 EDITORS = {
     "ddim": ("engine.editing.ddim", "edit"),
@@ -28,6 +31,9 @@ EDITORS = {
     "p2p": ("engine.editing.p2p", "edit"),
     "pnp": ("engine.editing.pnp", "edit"),
     "masactrl": ("engine.editing.masactrl", "edit"),
+    "null-text": ("engine.editing.nulltext", "edit"),
+    "pix2pix-zero": ("engine.editing.pix2pix_zero", "edit"),
+    "imagic": ("engine.editing.imagic", "edit"),
 }
 
 

@@ -52,7 +52,8 @@ class BranchEdit(SamplerProgram):
     """Source and edit branches as one program (see the module docstring); ``plans[k]`` is
     the attention plan of the k-th step run."""
 
-    def __init__(self, pipe, g: Guidance, rp, plans: list, source: str = "denoise", callback=None):
+    def __init__(self, pipe, g: Guidance, rp, plans: list, source: str = "denoise", callback=None,
+                 uncond_steps: list | None = None):
         if source not in SOURCES:
             raise ValueError(f"source must be 'denoise' or 'inversion', got {source!r}")
         b = rp.x.shape[0]
@@ -60,7 +61,7 @@ class BranchEdit(SamplerProgram):
         h, w = rp.x.shape[-2:]
         f = pipe.vae_scale_factor
         super().__init__(pipe.denoiser, g, torch.cat([rp.x, rp.x]), rp.sampler, height=h * f, width=w * f,
-                         start=rp.first + rp.start, noise=noise, callback=callback)
+                         start=rp.first + rp.start, noise=noise, callback=callback, uncond_steps=uncond_steps)
         self.b, self.i0, self.rp, self.plans, self.source = b, rp.first + rp.start, rp, plans, source
 
     @property

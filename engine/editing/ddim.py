@@ -40,11 +40,10 @@ class DDIMInversion(SamplerProgram):
                          settings=self.settings)
 
 
-def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, guidance_scale: float = 1.0,
-                   negative_prompt=None, height: int | None = None, width: int | None = None,
-                   callback=None, seed=None) -> DDIMInversion:
-    """DDIM-invert ``image`` under ``prompt`` (guidance > 1 inverts the guided model).
-    ``seed`` is accepted for a uniform API; DDIM inversion draws nothing."""
+def inversion_inputs(pipe, image, prompt, steps: int, guidance_scale: float, negative_prompt=None,
+                     height: int | None = None, width: int | None = None):
+    """(guidance, x0 [B, C, h, w], settings) of a DDIM inversion of ``image`` under ``prompt``:
+    what :class:`DDIMInversion` and the inversions built on it start from."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     x0 = pipe.encode_image(image, height, width)  # [B, C, h, w]
@@ -53,6 +52,15 @@ def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, guidance_s
     settings = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
                     height=h, width=w, sampler="ddim",
                     replay=dict(sampler="ddim", steps=steps, eta=0.0, overrides={}, skip=None))
+    return g, x0, settings
+
+
+def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, guidance_scale: float = 1.0,
+                   negative_prompt=None, height: int | None = None, width: int | None = None,
+                   callback=None, seed=None) -> DDIMInversion:
+    """DDIM-invert ``image`` under ``prompt`` (guidance > 1 inverts the guided model).
+    ``seed`` is accepted for a uniform API; DDIM inversion draws nothing."""
+    g, x0, settings = inversion_inputs(pipe, image, prompt, steps, guidance_scale, negative_prompt, height, width)
     return DDIMInversion(pipe, g, x0, steps, settings, callback)
 
 
@@ -65,7 +73,8 @@ def regenerate_program(pipe, inv: Inversion, target_prompt=None, *, guidance_sca
                        negative_prompt=None, skip: float | None = None, callback=None) -> SamplerProgram:
     """Replay ``inv`` under ``target_prompt`` (the source prompt when None: a reconstruction):
     plain DDIM from the noisiest latent, or, for an inversion with noise maps, the stochastic
-    steps driven by them from ``skip``. Guidance defaults to the inversion's own."""
+    steps driven by them from ``skip``. Guidance defaults to the inversion's own; a null-text
+    inversion's unconditional rows take its optimised embedding at each step."""
     s = inv.settings
     prompt = s.get("prompt", "") if target_prompt is None else target_prompt
     scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
@@ -73,8 +82,9 @@ def regenerate_program(pipe, inv: Inversion, target_prompt=None, *, guidance_sca
     g = guidance_for(pipe, prompt, neg, scale, s.get("height"), s.get("width"), inv.x0.shape[0])
     rp = inv.replay(pipe.schedule, pipe.device, pipe.dtype, skip)
     noise = None if rp.noise is None else stored_noise(rp.noise, rp.first)
+    nulls = inv.uncond_steps(rp.start, negative_prompt) if g.guided else None  # null-text: ∅_t per step
     return SamplerProgram(pipe.denoiser, g, rp.x, rp.sampler, height=s.get("height"), width=s.get("width"),
-                          start=rp.first + rp.start, noise=noise, callback=callback)
+                          start=rp.first + rp.start, noise=noise, callback=callback, uncond_steps=nulls)
 
 
 def edit_program(pipe, inv: Inversion, target_prompt=None, *, plan=None, **params) -> SamplerProgram:

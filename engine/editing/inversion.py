@@ -55,7 +55,7 @@ class Replay:
 
 @dataclass
 class Inversion:
-    """method: "ddim" | "ddpm" | "ledits++".
+    """method: "ddim" | "ddpm" | "ledits++" | "null-text" | ...
 
     x0: clean image latents [B, C, h, w] (VAE-encoded, scaled).
     latents: [S+1, B, C, h, w]; latents[i] is what denoising step i starts from
@@ -136,6 +136,18 @@ class Inversion:
         start = int(self.steps * frac) if spec["skip"] is not None and frac else 0
         noise = None if self.noise is None else self.noise.to(device, dtype)
         return Replay(smp, first, start, self.latents.to(device, torch.float32), noise)
+
+    def uncond_steps(self, start: int = 0, negative_prompt=None) -> list[Conditioning] | None:
+        """The per-step unconditional embeddings of a null-text inversion, for steps ``start``..
+        (indices into this inversion's steps), or None for other inversions."""
+        ctx = self.extras.get("null.context")  # [S, B, L, D]
+        if ctx is None:
+            return None
+        if negative_prompt is not None:
+            raise ValueError("this null-text inversion's optimised unconditional embeddings take the place of a "
+                             "negative prompt: drop negative_prompt (or edit another inversion)")
+        pooled = self.extras.get("null.pooled")  # [S, B, P]
+        return [Conditioning(ctx[k], None if pooled is None else pooled[k]) for k in range(start, ctx.shape[0])]
 
     def to(self, device) -> "Inversion":
         def mv(t):

@@ -44,8 +44,8 @@ def default_start_layer(n_self: int) -> int:
 class MasaCtrlEdit(BranchEdit):
     """The two branches; with masks, they are rebuilt after every step from the stored maps."""
 
-    def __init__(self, pipe, g, rp, plans, source, masks=None, callback=None):
-        super().__init__(pipe, g, rp, plans, source, callback)
+    def __init__(self, pipe, g, rp, plans, source, masks=None, callback=None, uncond_steps=None):
+        super().__init__(pipe, g, rp, plans, source, callback, uncond_steps)
         self.masks = masks
 
     def after_update(self, i):
@@ -139,7 +139,8 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float = 7.5,
     off = AttentionPlan(layers=frozenset(), store=store) if store else None
     stop = S if end_step is None else end_step
     plans = [on if start_step <= k < stop else off for k in range(S)]
-    return MasaCtrlEdit(pipe, g, rp, plans, source, masks, callback)
+    nulls = inv.uncond_steps(rp.start, negative_prompt) if g.guided else None  # null-text: ∅_t per step
+    return MasaCtrlEdit(pipe, g, rp, plans, source, masks, callback, nulls)
 
 
 @torch.no_grad()

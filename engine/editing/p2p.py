@@ -100,8 +100,8 @@ class P2PEdit(BranchEdit):
     """Prompt-to-Prompt's two branches: the plan of step k borrows the source's attention;
     after the update the local blend keeps the source outside the mask."""
 
-    def __init__(self, pipe, g, rp, plans, blend, source: str, callback=None):
-        super().__init__(pipe, g, rp, plans, source, callback)
+    def __init__(self, pipe, g, rp, plans, blend, source: str, callback=None, uncond_steps=None):
+        super().__init__(pipe, g, rp, plans, source, callback, uncond_steps)
         self.blend, self.mask = blend, None
 
     def after_update(self, i):
@@ -240,7 +240,8 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
         plans.append(cache[key])
 
     g = branch_guidance(pipe, inv, sources, targets, guidance_scale, source_guidance_scale, negative_prompt)
-    return P2PEdit(pipe, g, rp, plans, blend, source, callback)
+    nulls = inv.uncond_steps(rp.start, negative_prompt) if g.guided else None  # null-text: ∅_t per step
+    return P2PEdit(pipe, g, rp, plans, blend, source, callback, nulls)
 
 
 @torch.no_grad()

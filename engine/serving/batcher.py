@@ -177,7 +177,7 @@ class Batcher:
                 self._pop(job)
                 self._end(job, self._internal(e))
                 continue
-            rows = len(prog.cond())
+            rows = prog.model_rows()
             if self.programs and self.max_rows is not None and self.loop.rows + rows > self.max_rows:
                 return  # wait for room; the head keeps its place (its program is rebuilt then)
             self._pop(job)

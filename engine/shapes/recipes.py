@@ -19,6 +19,16 @@ for exactly the settings the demo uses. Settings follow the papers, scaled to th
             features for 80% of the steps, self-attention queries/keys for 50%.
   masactrl  MasaCtrl (Cao et al. 2023) on the DDIM inversion: the edit's self-attention
             reads the source's keys/values from step 4, in the decoder's last layers.
+  null-text null-text inversion (Mokady et al. 2023) for guidance 7.5, edited with
+            Prompt-to-Prompt as the paper (source branch denoising with the optimised
+            unconditional embeddings; P2P's windows and local blend).
+  pix2pix-zero  pix2pix-zero (Parmar et al. 2023): regularised DDIM inversion; the edit
+            direction is the target caption's embedding minus the source's (the word-swap
+            direction for attribute edits); cross-attention guidance 0.1, guidance 5.
+  imagic    Imagic (Kawar et al. 2023): embedding optimisation and full UNet fine-tuning for
+            the target caption, generation at alpha 1.5. The paper's 500 + 1000 iterations at
+            lr 1e-3 / 2e-6 are ~3 min per image on this CPU; 200 + 200 at lr 1e-3 / 2e-5 reach
+            the same regime on this small model (see EDIT).
 
 A :class:`Change` says what the edit touches in words (the prompts, P2P's local-blend
 words, LEDITS++'s concepts); ``engine.shapes.world`` edits convert with :func:`change_of`.
@@ -32,7 +42,7 @@ from pathlib import Path
 
 from engine.shapes import world
 
-METHODS = ("ddim", "ddpm", "p2p", "ledits++", "pnp", "masactrl")
+METHODS = ("ddim", "ddpm", "p2p", "ledits++", "pnp", "masactrl", "null-text", "pix2pix-zero", "imagic")
 STEPS = 30
 
 INVERT = {
@@ -46,7 +56,15 @@ INVERT = {
     # empty prompt; ours keeps the caption: the source row then replays what it inverted).
     "pnp": dict(method="ddim", steps=STEPS, guidance_scale=1.0),
     "masactrl": dict(method="ddim", steps=STEPS, guidance_scale=1.0),
+    "null-text": dict(method="null-text", steps=STEPS, guidance_scale=7.5),
+    "pix2pix-zero": dict(method="pix2pix-zero", steps=STEPS, seed=0),
+    # Imagic optimises for the edit's own text: its "inversion" is made per target caption.
+    "imagic": dict(method="imagic", prompt="{target}", embed_steps=200, tune_steps=200, tune_lr=2e-5, seed=0),
 }
+# The edit method of recipes that edit with another method than their name (null-text: P2P).
+EDIT_METHOD = {"null-text": "p2p"}
+# How a recipe regenerates the source when that is not its inversion's plain replay.
+RECONSTRUCT = {"imagic": dict(alpha=0.0, steps=STEPS, seed=0)}
 EDIT = {
     "ddim": dict(guidance_scale=1.0),
     "ddpm": dict(guidance_scale=15.0),
@@ -64,9 +82,15 @@ EDIT = {
     # self-attention layer at 10/16 of the UNet, here 6 of 10); guidance 7.5 as both papers.
     "pnp": dict(guidance_scale=7.5, pnp_attn_t=0.5, pnp_f_t=0.8),
     "masactrl": dict(guidance_scale=7.5, start_step=4),
+    "null-text": dict(guidance_scale=7.5, cross_replace_steps=0.8, self_replace_steps=0.4, blend_threshold=0.3),
+    "pix2pix-zero": dict(guidance_scale=5.0, cross_attention_guidance=0.1),
+    # alpha 1.5: the middle of the paper's 1-2 (on 2 colour swaps while tuning: alpha 1 kept the old
+    # colour once, 1.5 and 2 changed both with the same background).
+    "imagic": dict(alpha=1.5, guidance_scale=7.5, steps=STEPS, seed=0),
 }
 # The parameter each method's fidelity-editability sweep varies (benchmark plot).
 SWEEP = {"p2p": ("cross_replace_steps", (0.2, 0.4, 0.6, 0.8, 1.0)),
+         "pix2pix-zero": ("cross_attention_guidance", (0.0, 0.05, 0.1, 0.2, 0.4)),
          "pnp": ("pnp_f_t", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)),
          "ledits++": ("edit_guidance_scale", (1.5, 2.5, 5.0, 7.5, 10.0))}
 
@@ -85,7 +109,8 @@ def model_card() -> dict:
         kw = {k: v for k, v in INVERT[m].items() if k not in ("method", "prompt")}  # prompts are the user's
         if invert.setdefault(INVERT[m]["method"], kw) != kw:
             raise ValueError(f"two recipes invert with {INVERT[m]['method']!r} differently; a card holds one")
-    return {"format": FORMAT, "notes": CARD_NOTES, "invert": invert, "edit": EDIT,
+    edit = {m: EDIT[m] for m in METHODS if EDIT_METHOD.get(m, m) == m}  # keyed by the edit method
+    return {"format": FORMAT, "notes": CARD_NOTES, "invert": invert, "edit": edit,
             "inversion_for": {m: INVERT[m]["method"] for m in METHODS if INVERT[m]["method"] != m},
             "vocabulary": world.vocabulary()}
 
@@ -127,17 +152,28 @@ def change_of(scene: world.Scene, e: world.Edit) -> Change:
     return Change(src, tgt, blend, (towards, away))
 
 
-def invert(pipe, image, source_prompt: str, method: str, **overrides):
-    """Invert ``image`` for ``method`` (an :class:`engine.editing.Inversion`)."""
+def inversion_prompt(method: str, change: Change) -> str:
+    """The prompt ``method`` inverts with: the source caption, or what its recipe says
+    ("" for LEDITS++, the target caption for Imagic)."""
+    return INVERT[method].get("prompt", "{source}").format(source=change.source_prompt, target=change.target_prompt)
+
+
+def invert(pipe, image, change: Change | str, method: str, **overrides):
+    """Invert ``image`` for ``method`` (an :class:`engine.editing.Inversion`); ``change`` (or the
+    source caption) gives the prompt."""
+    if isinstance(change, str):
+        change = Change(change, change)
     kw = {**INVERT[method], **overrides}
-    return pipe.invert(image, kw.pop("prompt", source_prompt), progress=False, **kw)
+    kw.pop("prompt", None)
+    return pipe.invert(image, inversion_prompt(method, change), progress=False, **kw)
 
 
 def reconstruct(pipe, inv, method: str):
     """Regenerate the source (no edit): images [B, 3, H, W] in [0, 1]."""
     if method == "ledits++":  # no concepts: the unconditional replay of the stored noise
         return pipe.edit(inv, "ledits++", output_type="pt", progress=False)
-    return pipe.edit(inv, INVERT[method]["method"], None, output_type="pt", progress=False)
+    return pipe.edit(inv, INVERT[method]["method"], None, output_type="pt", progress=False,
+                     **RECONSTRUCT.get(method, {}))
 
 
 def edit_request(inv, method: str, change: Change, **overrides) -> dict:
@@ -150,9 +186,10 @@ def edit_request(inv, method: str, change: Change, **overrides) -> dict:
             raise ValueError("LEDITS++ needs at least one concept (Change.concepts: towards, away)")
         return dict(inv=inv, method="ledits++", editing_prompt=[*towards, *away],
                     reverse_editing_direction=[False] * len(towards) + [True] * len(away), **kw)
-    if method == "p2p" and change.blend is not None and "local_blend_words" not in kw:
+    edit_method = EDIT_METHOD.get(method, method)
+    if edit_method == "p2p" and change.blend is not None and "local_blend_words" not in kw:
         kw["local_blend_words"] = change.blend
-    return dict(inv=inv, method=method, target_prompt=change.target_prompt, **kw)
+    return dict(inv=inv, method=edit_method, target_prompt=change.target_prompt, **kw)
 
 
 def edit(pipe, inv, method: str, change: Change, **overrides):

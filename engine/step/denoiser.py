@@ -57,16 +57,24 @@ class UNetDenoiser:
     family = "unet"
 
     def __init__(self, unet: nn.Module, text_projection_dim: int | None = None, runner: GraphRunner | None = None,
-                 controlnet: nn.Module | None = None):
+                 controlnet: nn.Module | None = None, weights: dict[str, Tensor] | None = None):
         self.unet = unet
         self.text_projection_dim = text_projection_dim
         self.runner = runner
         self.controlnet = controlnet  # with one, every row carries a control image and scale (0: none)
+        # Parameter overrides {name: tensor}: a fine-tune (Imagic) runs the same modules with its
+        # own weights, the model's untouched (torch.func.functional_call, per call).
+        self.weights = weights
+
+    @property
+    def model_key(self) -> tuple:
+        """Programs with equal model keys may join one loop (same model)."""
+        return (self.family, id(self.unet), id(self.controlnet))
 
     @property
     def key(self) -> tuple:
-        """Rows of programs with equal keys may share a model call."""
-        return (self.family, id(self.unet), id(self.controlnet))
+        """Rows of programs with equal keys may share a model call (same model and weights)."""
+        return self.model_key + ((id(self.weights),) if self.weights is not None else ())
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +93,11 @@ class UNetDenoiser:
         return self.unet.config.addition_embed_type == "text_time"
 
     def with_runner(self, runner: GraphRunner | None) -> "UNetDenoiser":
-        return UNetDenoiser(self.unet, self.text_projection_dim, runner, self.controlnet)
+        return UNetDenoiser(self.unet, self.text_projection_dim, runner, self.controlnet, self.weights)
+
+    def with_weights(self, weights: dict[str, Tensor] | None) -> "UNetDenoiser":
+        """The same model call with the UNet's parameters ``weights`` (by name) in place of its own."""
+        return UNetDenoiser(self.unet, self.text_projection_dim, self.runner, self.controlnet, weights)
 
     # ---- conditioning -------------------------------------------------------------------
     def time_ids(self, n: int, height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
@@ -157,6 +169,9 @@ class UNetDenoiser:
             if rows.controlled:  # the ControlNet reads the same rows; no attention plan (its layers are its own)
                 down, mid = self.controlnet(x, t, f["context"], f["control"], f["control_scale"], added)
                 res = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            if self.weights is not None:
+                return torch.func.functional_call(self.unet, self.weights, (x, t, f["context"], added),
+                                                  dict(plan=plan, **res), strict=False)
             return self.unet(x, t, f["context"], added, plan=plan, **res)  # the UNet casts x to its dtype
 
     def __call__(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:

@@ -66,11 +66,11 @@ class Loop:
 
     def add(self, program: Program) -> Program:
         """Join before the next step."""
-        if program.denoiser.key != self.denoiser.key:
+        if program.denoiser.model_key != self.denoiser.model_key:
             raise ValueError("a program for another model cannot join this loop")
-        if self.max_rows is not None and len(program.cond()) > self.max_rows:
+        if self.max_rows is not None and program.model_rows() > self.max_rows:
             what = "bucket_rows" if self.batch_invariant else "max_rows"
-            raise ValueError(f"a program with {len(program.cond())} model rows does not fit {what}={self.max_rows}; "
+            raise ValueError(f"a program with {program.model_rows()} model rows does not fit {what}={self.max_rows}; "
                              f"raise {what}")
         if not program.done:
             self.live.append(program)
@@ -83,20 +83,27 @@ class Loop:
     @property
     def rows(self) -> int:
         """Model rows of the live programs (what one step runs, before padding)."""
-        return sum(len(p.cond()) for p in self.live)
+        return sum(p.model_rows() for p in self.live)
 
     def step(self, programs: list[Program] | None = None) -> None:
         """One step of every live program (or of ``programs``, a subset: a server retries the
         programs of a failed call on their own): one model call per group (or per bucket)."""
         tic = time.perf_counter()
         groups: dict = {}
+        idle = []  # programs with no model rows this step (an optimisation stage's iteration)
         for p in self.live if programs is None else programs:
-            x, t = p.model_input()
+            inp = p.model_input()
+            if inp is None:
+                idle.append(p)
+                continue
+            x, t = inp
             groups.setdefault(p.group_key(x), []).append((p, x, t))
         try:
             for members in groups.values():
                 for chunk in self._chunks(members):
                     self._call(chunk)
+            for p in idle:
+                p.advance(None)
         finally:  # a failed call leaves the programs of earlier calls advanced: drop the finished ones
             self.live = [p for p in self.live if not p.done]
             self.seconds += time.perf_counter() - tic
@@ -149,7 +156,7 @@ class Loop:
         segments = "blocks" if self.batch_invariant else (sizes if len(sizes) > 1 else None)
         if self.before_call is not None:
             self.before_call(progs)
-        out = self.denoiser(x, t, rows, plan, segments)  # [R, C, h, w]
+        out = self._denoiser(progs[0].denoiser)(x, t, rows, plan, segments)  # [R, C, h, w]
         if hasattr(plan, "copy_back"):
             plan.copy_back()
         if self.sync_timing and x.is_cuda:
@@ -159,6 +166,13 @@ class Loop:
         self.rows_run += total
         for p, o in zip(progs, offsets):
             p.advance(p.combine(out[o:o + len(p.cond())]))
+
+    def _denoiser(self, den):
+        """The loop's denoiser (its runner: CUDA graphs), with the weights of the group's programs
+        when they bring their own (a fine-tune kept apart from the model: Imagic)."""
+        if den.key == self.denoiser.key:
+            return self.denoiser
+        return self._memo(self._conds, ("weights", den.key), lambda: self.denoiser.with_weights(den.weights), keep=den)
 
     @staticmethod
     def _rows(parts: list[RowCond], pad: int) -> RowCond:
@@ -192,7 +206,7 @@ class CallableDenoiser:
 
     def __init__(self, fn):
         self.fn = fn
-        self.key = ("callable", id(fn))
+        self.key = self.model_key = ("callable", id(fn))
 
     def condition_rows(self, n: int, device) -> RowCond:
         return RowCond({"row": torch.arange(n, device=device)})

@@ -4,7 +4,7 @@ A method never writes a denoising loop. It builds a :class:`Program`, which answ
 its current step:
 
 * ``cond()``   -- its model rows' conditioning (a :class:`RowCond` from the Denoiser);
-* ``model_input()`` -- the rows' latents and per-row timesteps;
+* ``model_input()`` -- the rows' latents and per-row timesteps (or None: no rows this step);
 * ``plan()``   -- attention instructions over its own rows (indices from 0), or None;
 * ``combine(out)`` -- how the model outputs of its rows become one prediction per
   sample (classifier-free guidance, SEGA, ...);
@@ -20,6 +20,7 @@ Python branching on tensor values (branching on the host step index is fine).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -40,8 +41,14 @@ class Program:
     def cond(self) -> RowCond:
         raise NotImplementedError
 
-    def model_input(self) -> tuple[Tensor, Tensor]:
+    def model_input(self) -> tuple[Tensor, Tensor] | None:
+        """The rows' latents and timesteps, or None: no model rows this step (the loop then calls
+        ``advance(None)``: an optimisation stage's iteration runs in its hook)."""
         raise NotImplementedError
+
+    def model_rows(self) -> int:
+        """Model rows this program runs per step (what a loop or a server budgets)."""
+        return len(self.cond())
 
     def plan(self):
         return None
@@ -91,17 +98,36 @@ def stored_noise(maps: Tensor, first: int, copies: int = 1) -> Callable:
     return fn
 
 
+def per_step_rows(denoiser, g: Guidance, unconds: list, height, width, **size_kw) -> list[RowCond]:
+    """The model rows of ``g`` at each step, its unconditional rows replaced by ``unconds[k]``
+    ([B', ...], tiled over the guidance's B unconditional rows: both branches of an edit)."""
+    if g is None or not g.guided:
+        raise ValueError("per-step unconditional embeddings need classifier-free guidance (guidance_scale > 1)")
+    n = len(g.uncond)
+    out = []
+    for u in unconds:
+        if n % len(u):
+            raise ValueError(f"{len(u)} per-step unconditional embeddings for {n} unconditional rows")
+        u = u.to(g.uncond.context.device, g.uncond.context.dtype)
+        out.append(denoiser.condition_guidance(replace(g, uncond=u.tile(n // len(u))), height, width, **size_kw))
+    return out
+
+
 class SamplerProgram(Program):
     """A sampler run over B sample rows from step ``start`` to ``end``: generation, DDIM
     inversion, DDIM / DDPM regeneration, and the base of the editing programs.
 
     The model rows are ``copies`` copies of the sample rows (2 with guidance: [uncond,
     cond]); ``combine`` is the guidance's. ``callback`` gets dict(i, t, x, x0) after each step.
+    ``uncond_steps``: one unconditional :class:`~engine.prompts.Conditioning` [B, ...] per step
+    from ``start`` (null-text inversion's optimised embeddings): the unconditional rows then
+    change every step (their rows are built once, here).
     """
 
     def __init__(self, denoiser, guidance: Guidance | None, x: Tensor, sampler: Sampler, *, rows: RowCond | None = None,
                  height: int | None = None, width: int | None = None, start: int = 0, end: int | None = None,
-                 noise: Callable | None = None, state: SamplerState | None = None, callback=None, **size_kw):
+                 noise: Callable | None = None, state: SamplerState | None = None, callback=None,
+                 uncond_steps: list | None = None, **size_kw):
         self.denoiser, self.g, self.sampler = denoiser, guidance, sampler
         self.x = x  # [B, C, h, w] float32: the loop keeps latents in float32
         self.i, self.end = start, len(sampler) if end is None else end
@@ -112,6 +138,9 @@ class SamplerProgram(Program):
         self.rows = rows
         self.copies = len(rows) // x.shape[0]
         self.scale = None if guidance is None or not guidance.guided else self._scale(guidance)
+        self.step_rows, self._rows_from = None, start
+        if uncond_steps is not None:
+            self.step_rows = per_step_rows(denoiser, guidance, uncond_steps, height, width, **size_kw)
 
     @staticmethod
     def _scale(g: Guidance):
@@ -119,7 +148,7 @@ class SamplerProgram(Program):
 
     # ---- the protocol -------------------------------------------------------------------
     def cond(self) -> RowCond:
-        return self.rows
+        return self.rows if self.step_rows is None else self.step_rows[min(self.i - self._rows_from, len(self.step_rows) - 1)]
 
     def model_input(self):
         x_in = self.sampler.scale_model_input(self.x, self.i)  # [B, C, h, w]
