@@ -5,8 +5,40 @@ from __future__ import annotations
 
 # The inversion each edit method edits unless a model's recipes (ModelCard.inversion_for) say otherwise.
 DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm", "pnp": "ddim",
-                     "masactrl": "ddim", "null-text": "null-text",
-                     "pix2pix-zero": "pix2pix-zero", "imagic": "imagic"}
+                     "masactrl": "ddim", "null-text": "null-text", "pix2pix-zero": "pix2pix-zero", "imagic": "imagic"}
+
+# Inversions made under the edit's own text rather than the source caption (Imagic optimises
+# from the target's embedding and tunes the model for it).
+INVERTS_TARGET = frozenset({"imagic"})
+# Parameter names an edit request shares with inversions that belong to the edit for these
+# methods (Imagic's inversion has no denoising steps; its edit is a generation that has).
+EDIT_TAKES = {"imagic": ("steps",)}
+# ... and those both take (Imagic: the seed of its training draws and of its generation).
+EDIT_SHARES = {"imagic": ("seed",)}
+
+
+def split_params(method: str, inv: dict, edit: dict) -> tuple[dict, dict]:
+    """Hand the edit of ``method`` the shared names that are its own (see EDIT_TAKES, EDIT_SHARES)."""
+    inv, edit = dict(inv), dict(edit)
+    for k in EDIT_TAKES.get(method, ()):
+        if k in inv:
+            edit.setdefault(k, inv.pop(k))
+    for k in EDIT_SHARES.get(method, ()):
+        if k in inv:
+            edit.setdefault(k, inv[k])
+    return inv, edit
+# Edit parameters that stand in for a target prompt (pix2pix-zero's edit direction).
+TARGET_FREE = {"pix2pix-zero": ("direction",)}
+
+
+def inversion_prompt(method: str, source, target):
+    """The prompt the inversion for an edit with ``method`` is made under."""
+    return target if method in INVERTS_TARGET else source
+
+
+def needs_target(method: str, edit_params: dict) -> bool:
+    """Whether an edit with these parameters needs a target prompt."""
+    return method != "ledits++" and not any(k in edit_params for k in TARGET_FREE.get(method, ()))
 
 
 def inversion_for(method: str, card=None) -> str:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from .errors import UserError
-from engine.methods import inversion_for
+from engine.methods import TARGET_FREE, inversion_for, inversion_prompt, needs_target, split_params
 
 from .options import EDIT_OPTIONS
 from .outputs import check_output, check_output_folder, output_paths, writable_folder
@@ -91,7 +91,7 @@ def method_params(args, inv_method: str) -> tuple[dict, dict]:
         value = getattr(args, o.dest)
         if value is None or value == []:
             continue
-        applies = method in o.methods or (o.stage == "invert" and inv_method in o.methods and o.param == "skip")
+        applies = method in o.methods or (o.stage == "invert" and inv_method in o.methods)  # the inversion made takes it
         if not applies:
             users = ", ".join(o.methods)
             raise UserError(f"{o.flags[0]} applies to --method {users}, not {method}")
@@ -101,6 +101,8 @@ def method_params(args, inv_method: str) -> tuple[dict, dict]:
             value = dict(value)
         elif o.param in ("local_blend_words", "mask_words"):
             value = (value[0].split(), value[1].split())
+        elif o.param == "direction":
+            value = tuple(value)
         elif o.param == "user_mask":
             value = _mask(value)
         (inv if o.stage == "invert" else edit)[o.param] = value
@@ -110,9 +112,10 @@ def method_params(args, inv_method: str) -> tuple[dict, dict]:
             raise UserError("--method ledits++ needs --edit-prompt (a concept to add, or to remove with --reverse) "
                             "or --target-prompt")
         edit["editing_prompt"] = concepts
-    elif args.target_prompt is None:
-        raise UserError(f"--method {method} needs --target-prompt (the caption of the edited image)")
-    return inv, edit
+    elif args.target_prompt is None and needs_target(method, edit):
+        alt = " or --direction" if method in TARGET_FREE else ""
+        raise UserError(f"--method {method} needs --target-prompt (the caption of the edited image){alt}")
+    return split_params(method, inv, edit)
 
 
 def _mask(path: str):
@@ -184,14 +187,14 @@ def cmd_edit(args) -> None:
         size = _image_size(pipe, x, args)
         if size is not None:
             x = resize(x, *size)
-        inv = pipe.invert(x, args.source_prompt, method=inv_method, progress=progress, cuda_graphs=graphs,
-                          **inv_params)
+        prompt = inversion_prompt(args.method, args.source_prompt, args.target_prompt)
+        inv = pipe.invert(x, prompt, method=inv_method, progress=progress, cuda_graphs=graphs, **inv_params)
         if inv_file is not None:
             inv.save(inv_file)
             print(f"saved inversion to {inv_file}")
     if "user_mask" in edit_params:
         edit_params["user_mask"] = _latent_mask(edit_params["user_mask"], inv)
-    target = None if args.method == "ledits++" else args.target_prompt
+    target = args.target_prompt if needs_target(args.method, edit_params) else None
     edited = pipe.edit(inv, args.method, target, output_type="pt", progress=progress, cuda_graphs=graphs,
                        **edit_params)  # [1, 3, h, w]
     if args.output_size == "input":

@@ -15,8 +15,10 @@ from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> t
 
 MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
 SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
-LEDITS, P2P, GUIDED = ("ledits++",), ("p2p",), ("p2p", "ddim", "ddpm", "pnp", "masactrl")
-PNP, MASACTRL = ("pnp",), ("masactrl",)
+LEDITS, P2P = ("ledits++",), ("p2p",)
+INVERTED_GUIDED = ("p2p", "ddim", "ddpm", "pnp", "masactrl", "null-text")  # inversions that take a guidance
+GUIDED = INVERTED_GUIDED + ("pix2pix-zero", "imagic")  # guided edits
+PNP, MASACTRL, NULLTEXT, P2PZERO, IMAGIC = ("pnp",), ("masactrl",), ("null-text",), ("pix2pix-zero",), ("imagic",)
 
 
 def _number(kind, lo=None, positive=False):
@@ -99,7 +101,7 @@ class Opt:
 
 EDIT_OPTIONS = [
     # inversion
-    Opt(("--source-guidance",), "guidance_scale", GUIDED + LEDITS, "invert",
+    Opt(("--source-guidance",), "guidance_scale", INVERTED_GUIDED + LEDITS, "invert",
         kw=dict(type=finite, help="classifier-free guidance of the inversion (default: the recipe's or method's)")),
     Opt(("--skip",), "skip", ("ddpm", "ledits++", "p2p"), "invert",
         kw=dict(type=_fraction, help="noise-map inversions: fraction of the noisiest steps skipped")),
@@ -139,7 +141,8 @@ EDIT_OPTIONS = [
         kw=dict(type=_fraction, help="ledits++ (SDXL): stop after this fraction of the steps")),
     # Prompt-to-Prompt
     Opt(("--invert-with",), "method", P2P, "invert",
-        kw=dict(choices=("ddim", "ddpm"), help="p2p: the inversion it edits (default: the recipe's, else ddim)")),
+        kw=dict(choices=("ddim", "ddpm", "null-text"),
+                help="p2p: the inversion it edits (default: the recipe's, else ddim)")),
     Opt(("--cross-replace",), "cross_replace_steps", P2P,
         kw=dict(type=_fraction, help="p2p: fraction of steps whose cross-attention comes from the source "
                                      "(default 0.8)")),
@@ -194,6 +197,39 @@ EDIT_OPTIONS = [
                 help="masactrl: the mask-guided variant, masks from these words' attention maps")),
     Opt(("--mask-threshold",), "mask_threshold", MASACTRL,
         kw=dict(type=_fraction, help="masactrl: mask threshold after min-max normalisation (default 0.1)")),
+    # null-text inversion (also under --method p2p --invert-with null-text)
+    Opt(("--inner-steps",), "inner_steps", NULLTEXT, "invert",
+        kw=dict(type=positive_int, help="null-text: Adam steps per timestep on the unconditional embedding "
+                                        "(default 10)")),
+    Opt(("--early-stop",), "early_stop", NULLTEXT, "invert",
+        kw=dict(type=_number(float, lo=0), help="null-text: stop a step's optimisation under this loss "
+                                                 "(+ 2e-5 per step; default 1e-5)")),
+    # pix2pix-zero
+    Opt(("--direction",), "direction", P2PZERO,
+        kw=dict(nargs=2, metavar=("SOURCE_WORD", "TARGET_WORD"),
+                help="pix2pix-zero: edit along word -> word, e.g. --direction cat dog (instead of --target-prompt)")),
+    Opt(("--xa-guidance",), "cross_attention_guidance", P2PZERO,
+        kw=dict(type=_number(float, lo=0), help="pix2pix-zero: cross-attention guidance step (default 0.1)")),
+    Opt(("--lambda-ac",), "lambda_ac", P2PZERO, "invert",
+        kw=dict(type=_number(float, lo=0), help="pix2pix-zero: auto-correlation regularisation of the inversion "
+                                                 "(default 20)")),
+    Opt(("--lambda-kl",), "lambda_kl", P2PZERO, "invert",
+        kw=dict(type=_number(float, lo=0), help="pix2pix-zero: KL regularisation of the inversion (default 20)")),
+    # Imagic
+    Opt(("--alpha",), "alpha", IMAGIC,
+        kw=dict(type=finite, help="imagic: interpolation alpha·target + (1-alpha)·optimised embedding "
+                                  "(default 1; the paper uses 1 to 2)")),
+    Opt(("--embed-steps",), "embed_steps", IMAGIC, "invert",
+        kw=dict(type=_number(int, lo=0), help="imagic: text-embedding optimisation steps (default 500)")),
+    Opt(("--tune-steps",), "tune_steps", IMAGIC, "invert",
+        kw=dict(type=_number(int, lo=0), help="imagic: UNet fine-tuning steps (default 1000)")),
+    Opt(("--tune",), "tune", IMAGIC, "invert",
+        kw=dict(choices=("full", "lora"), help="imagic: fine-tune every UNet weight or a LoRA of the attention "
+                                                "projections (default full; never written to the model)")),
+    Opt(("--tune-lr",), "tune_lr", IMAGIC, "invert",
+        kw=dict(type=positive_float, help="imagic: fine-tuning learning rate (default 2e-6 full, 1e-4 lora)")),
+    Opt(("--lora-rank",), "lora_rank", IMAGIC, "invert",
+        kw=dict(type=positive_int, help="imagic: LoRA rank with --tune lora (default 4)")),
 ]
 
 
@@ -306,10 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="colour transparent pixels are composited over: white, black, gray or #rrggbb")
     groups = {"invert": e.add_argument_group("inversion"), "ledits++": e.add_argument_group("LEDITS++ options"),
               "p2p": e.add_argument_group("Prompt-to-Prompt options"), "pnp": e.add_argument_group("Plug-and-Play options"),
-              "masactrl": e.add_argument_group("MasaCtrl options"), "edit": e.add_argument_group("edit")}
+              "masactrl": e.add_argument_group("MasaCtrl options"),
+              "pix2pix-zero": e.add_argument_group("pix2pix-zero options"), "imagic": e.add_argument_group("Imagic options"),
+              "edit": e.add_argument_group("edit")}
     for o in EDIT_OPTIONS:
         grp = groups["invert" if o.stage == "invert" and o.methods != P2P else
-                     o.methods[0] if len(o.methods) == 1 else "edit"]
+                     o.methods[0] if len(o.methods) == 1 and o.methods[0] in groups else "edit"]
         grp.add_argument(*o.flags, dest=o.dest, default=None, **o.kw)
     _runtime(e)
 

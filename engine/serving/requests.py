@@ -7,13 +7,16 @@ import base64
 import binascii
 import json
 
-from ..methods import DEFAULT_INVERSION, inversion_for
+from ..methods import DEFAULT_INVERSION, inversion_for, inversion_prompt, needs_target, split_params
 from .cache import inversion_id
 from .jobs import PREVIOUS, ApiError, Job, Stage, bad_request
 
 # HTTP name -> the inversion's parameter
 INVERT_FIELDS = {"steps": "steps", "seed": "seed", "skip": "skip", "inversion_guidance_scale": "guidance_scale",
-                 "inversion_sampler": "sampler", "inversion_method": "method"}
+                 "inversion_sampler": "sampler", "inversion_method": "method", "inner_steps": "inner_steps",
+                 "early_stop": "early_stop", "lambda_ac": "lambda_ac", "lambda_kl": "lambda_kl",
+                 "embed_steps": "embed_steps", "embed_lr": "embed_lr", "tune_steps": "tune_steps", "tune": "tune",
+                 "tune_lr": "tune_lr", "lora_rank": "lora_rank"}
 EDIT_FIELDS = {
     "*": {"guidance_scale", "negative_prompt"},
     "ledits++": {"editing_prompt", "edit_guidance_scale", "edit_threshold", "edit_warmup_steps", "edit_cooldown_steps",
@@ -24,6 +27,8 @@ EDIT_FIELDS = {
     "pnp": {"pnp_attn_t", "pnp_f_t"},
     "masactrl": {"start_step", "start_layer", "end_step", "end_layer", "mask_words", "mask_threshold",
                  "source_guidance_scale", "source"},
+    "pix2pix-zero": {"direction", "cross_attention_guidance"},
+    "imagic": {"alpha", "sampler", "eta"},
 }
 GENERATE_FIELDS = {"steps", "seed", "guidance_scale", "negative_prompt", "sampler", "guidance_rescale", "eta",
                    "chroma_key", "chroma_shift", "chroma_std", "chroma_center"}
@@ -112,14 +117,15 @@ def method_params(fields: dict, method: str, extra_ok: set[str]) -> tuple[dict, 
         if k in INVERT_FIELDS:
             inv[INVERT_FIELDS[k]] = v
         elif k in allowed:
-            edit[k] = tuple(v) if k in ("local_blend_words", "mask_words") and isinstance(v, list) else v
+            edit[k] = tuple(v) if k in ("local_blend_words", "mask_words", "direction") and isinstance(v, list) else v
         else:
             known = sorted(set(INVERT_FIELDS) | allowed)
             raise bad_request(f"unknown parameter '{k}' for method '{method}'; known: {', '.join(known)}", k,
                               "unknown_parameter")
-    if "method" in inv and (method != "p2p" or inv["method"] not in ("ddim", "ddpm")):
-        raise bad_request("'inversion_method' applies to method 'p2p' and is 'ddim' or 'ddpm'", "inversion_method")
-    return inv, edit
+    if "method" in inv and (method != "p2p" or inv["method"] not in ("ddim", "ddpm", "null-text")):
+        raise bad_request("'inversion_method' applies to method 'p2p' and is 'ddim', 'ddpm' or 'null-text'",
+                          "inversion_method")
+    return split_params(method, inv, edit)
 
 
 def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
@@ -133,11 +139,12 @@ def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
                                                              "method", "inversion"})
     if method == "ledits++" and not edit_params.get("editing_prompt") and target is None:
         raise bad_request("ledits++ needs 'prompt' (or 'editing_prompt': concepts to add)", "prompt", "missing_field")
-    if method != "ledits++" and target is None:
+    if target is None and needs_target(method, edit_params):
         raise bad_request("'prompt' (the caption of the edited image) is required", "prompt", "missing_field")
     if method == "ledits++" and not edit_params.get("editing_prompt"):
         edit_params["editing_prompt"] = [target]
-    target = None if method == "ledits++" else target
+    source = inversion_prompt(method, source, target)  # Imagic inverts for the edit's own text
+    target = target if needs_target(method, edit_params) else None
     inv_method = inv_params.pop("method", None) or inversion_for(method, server.model.card)
     inv_id = text(fields, "inversion")
     stages = []

@@ -97,6 +97,12 @@ def test_bad_arguments_exit_through_argparse(tiny_sd15_dir, photo, capsys):
     ("pnp", ["--target-prompt", "a blue circle", "--pnp-attn-t", "0.3", "--pnp-f-t", "0.6"]),
     ("masactrl", ["--target-prompt", "a blue circle", "--guidance", "3", "--start-step", "1", "--start-layer", "2",
                   "--mask-words", "circle", "circle", "--mask-threshold", "0.2"]),
+    ("null-text", ["--target-prompt", "a blue circle", "--inner-steps", "2", "--early-stop", "1e-4"]),
+    ("p2p", ["--target-prompt", "a blue circle", "--invert-with", "null-text", "--inner-steps", "2"]),
+    ("pix2pix-zero", ["--direction", "red", "blue", "--xa-guidance", "0.05", "--lambda-kl", "10"]),
+    ("pix2pix-zero", ["--target-prompt", "a blue circle", "--guidance", "3"]),
+    ("imagic", ["--target-prompt", "a blue circle", "--alpha", "1.5", "--embed-steps", "2", "--tune-steps", "2",
+                "--tune", "lora", "--lora-rank", "2", "--tune-lr", "1e-3"]),
 ])
 def test_edit_methods(tiny_sd15_dir, photo, tmp_path, method, extra):
     out = tmp_path / "edited.png"
@@ -132,6 +138,12 @@ def test_edit_errors(tiny_sd15_dir, photo, tmp_path, capsys):
         ([str(photo), "--method", "p2p", "--source-prompt", "a red circle", "--target-prompt", "a big blue circle",
           "--edit-type", "replace", "-o", str(tmp_path / "o.png")], "token"),
         ([str(photo), "--target-prompt", "x", "--height", "63", "-o", str(tmp_path / "o.png")], "multiples of 2"),
+        ([str(photo), "--method", "pix2pix-zero", "-o", str(tmp_path / "o.png")], "needs --target-prompt (the caption "
+                                                                                   "of the edited image) or --direction"),
+        ([str(photo), "--method", "p2p", "--target-prompt", "x", "--alpha", "2", "-o", str(tmp_path / "o.png")],
+         "--alpha applies to --method imagic, not p2p"),
+        ([str(photo), "--method", "null-text", "--target-prompt", "x", "--source-guidance", "1",
+          "-o", str(tmp_path / "o.png")], "guidance_scale must exceed 1"),
     ]
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"definitely not a png")

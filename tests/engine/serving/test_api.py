@@ -83,6 +83,40 @@ def test_routes(server):
     assert 'overpaint_request_seconds_count{method="ddim",route="images/edits"}' in metrics
 
 
+def _finish(c, job):
+    assert job.status_code == 202, job.text
+    jid = job.json()["id"]
+    for _ in range(600):  # bounded wait
+        got = c.get(f"/v1/jobs/{jid}").json()
+        if got["status"] in ("succeeded", "failed"):
+            return got
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def test_optimisation_methods_over_http(server):
+    """null-text (and P2P on it), pix2pix-zero with a direction instead of a prompt, and Imagic
+    (its inversion for the prompt itself; its steps are its generation's)."""
+    c = server.client
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+               data=edit_form(method="null-text", inner_steps="1", guidance_scale="3"))
+    assert r.status_code == 200, r.text
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+               data=edit_form(method="p2p", inversion_method="null-text", inner_steps="1"))
+    assert r.status_code == 200, r.text
+    got = _finish(c, c.post("/v1/edits", json={"image": b64(png()), "source_prompt": "a red circle", "steps": 2,
+                                               "method": "pix2pix-zero", "direction": ["red", "blue"],
+                                               "cross_attention_guidance": 0.05}))
+    assert got["status"] == "succeeded", got
+    got = _finish(c, c.post("/v1/edits", json={"image": b64(png()), "target_prompt": "a blue circle", "steps": 2,
+                                               "method": "imagic", "embed_steps": 2, "tune_steps": 2, "tune": "lora",
+                                               "alpha": 1.5, "seed": 3}))
+    assert got["status"] == "succeeded", got
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+               data=edit_form(method="imagic", tune="half", embed_steps="1", tune_steps="1"))
+    assert error_of(r, 400)["message"].startswith("tune must be 'full' or 'lora'")
+
+
 def bomb(side: int) -> bytes:
     import struct
     import zlib
