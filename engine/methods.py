@@ -16,6 +16,9 @@ EDIT_TAKES = {"imagic": ("steps",)}
 # ... and those both take (Imagic: the seed of its training draws and of its generation).
 EDIT_SHARES = {"imagic": ("seed",)}
 
+# Edit parameters that stand in for a target prompt (pix2pix-zero's edit direction).
+TARGET_FREE = {"pix2pix-zero": ("direction",)}
+
 
 def split_params(method: str, inv: dict, edit: dict) -> tuple[dict, dict]:
     """Hand the edit of ``method`` the shared names that are its own (see EDIT_TAKES, EDIT_SHARES)."""
@@ -27,8 +30,6 @@ def split_params(method: str, inv: dict, edit: dict) -> tuple[dict, dict]:
         if k in inv:
             edit.setdefault(k, inv[k])
     return inv, edit
-# Edit parameters that stand in for a target prompt (pix2pix-zero's edit direction).
-TARGET_FREE = {"pix2pix-zero": ("direction",)}
 
 
 def inversion_prompt(method: str, source, target):

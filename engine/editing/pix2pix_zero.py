@@ -208,7 +208,7 @@ class Pix2PixZeroEdit(SamplerProgram):
         ref = None
         if src_out is not None:  # the reconstruction's step i+1, and its maps: the reference of step i+1
             self.x_src = self.sampler.step(self.i + 1, self.x_src, src_out.float())[0]
-            ref = {l: m[:self.b].clone() for l, m in self.store.items()}
+            ref = {l: m[:self.b] for l, m in self.store.items()}  # views: used below, before the next call writes
         super().advance(guided)
         if ref is not None:
             self._guide(self.i, ref)

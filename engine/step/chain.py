@@ -1,9 +1,8 @@
 """Programs in sequence: one program whose stages run one after another on the one loop.
 
 Some methods are two passes over the steps: null-text inversion (a DDIM inversion, then a
-pass that optimises the unconditional embedding along its trajectory), pix2pix-zero (a
-regularised inversion, then a reconstruction pass that stores the reference attention
-maps). Each pass is an ordinary program; :class:`Chain` runs the first, builds the next from
+pass that optimises the unconditional embedding along its trajectory). Each pass is an
+ordinary program; :class:`Chain` runs the first, builds the next from
 its result, and so on, so the whole method is one program that shares model calls with
 any others and reports one progress total.
 """
