@@ -234,7 +234,7 @@ def measure(fn, m: Models, impl: str, device: str, repeats: int, warmup: int, co
     instrumented (UNet calls and rows, VAE seconds; host-side counters, two syncs around
     each VAE call), then ``repeats`` timed runs: their median, and their peak memory."""
     cuda = device.startswith("cuda")
-    unet = m.ours.unet if impl.startswith("ours") else m.theirs.unet
+    unet = denoiser_module(m.ours if impl.startswith("ours") else m.theirs)
     first = None
     for _ in range(max(warmup - 1, 0)):
         first = wall(fn, device) if first is None else first
@@ -281,16 +281,23 @@ def measure(fn, m: Models, impl: str, device: str, repeats: int, warmup: int, co
                 vae_decode_rows=vae_rows["decode"])
 
 
+def denoiser_module(pipe):
+    """The module evaluated per step: a UNet, or a FLUX transformer."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 class RowCounter:
-    """Counts UNet calls and rows (model evaluations) through a forward pre-hook: host ints, no syncs."""
+    """Counts model calls and rows (model evaluations) through a forward pre-hook: host ints, no syncs."""
 
     def __init__(self, module):
         self.calls = self.rows = 0
-        self.handle = module.register_forward_pre_hook(self._hook)
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args):
+    def _hook(self, module, args, kwargs):
         self.calls += 1
-        self.rows += int(args[0].shape[0]) if args else 0
+        x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # diffusers passes keywords
+        self.rows += int(x.shape[0]) if x is not None else 0
 
     def close(self):
         self.handle.remove()

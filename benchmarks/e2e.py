@@ -12,6 +12,9 @@ Workloads (``--workloads``, comma separated):
   W3  SD1.5 512² Prompt-to-Prompt: 50-step DDIM inversion + 50-step edit; and a plain
       50-step generation with the same batch (the ratio is P2P's overhead)
   W4  SDXL 1024² LEDITS++, one concept, 50 steps, vs LEditsPPPipelineStableDiffusionXL
+  W5  FLUX.1-dev 1024², 28 steps (embedded guidance 3.5), vs FluxPipeline
+  W6  FLUX.1-dev 1024² RF-Inversion edit: 28 controlled inversion steps + 28 edit steps (vs the
+      same transformer calls as a plain diffusers loop; the target is W6 <= 2 x W5)
 Implementations (``--impls``): ours, ours-graphs (CUDA graphs), ours-compile (``--compile``),
 diffusers (eager, SDPA, same dtype), diffusers-compile (its UNet under torch.compile), and for
 the edits diffusers-loop: the same UNet evaluations as a plain diffusers loop (diffusers has no
@@ -33,7 +36,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, flux_bench  # noqa: E402
 from benchmarks.edit import ledits_variants  # noqa: E402
 
 SRC, TGT = "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa"
@@ -43,6 +46,8 @@ WORKLOADS = {
     "W2": ("sdxl-turbo", 512, 4),
     "W3": ("sd15", 512, 50),
     "W4": ("sdxl", 1024, 50),
+    "W5": ("flux-dev", 1024, 28),
+    "W6": ("flux-dev", 1024, 28),
 }
 GEN_IMPLS = ("ours", "ours-graphs", "ours-compile", "diffusers", "diffusers-compile")
 
@@ -147,6 +152,11 @@ def variants(name: str, m: common.Models, impls, size: int, steps: int, compiled
         both = dict(ledits_variants(m, size, steps))
         both["ours-compile"] = both["ours"]
         return [(f"W4-sdxl{size}-ledits{steps}", i, both[i]) for i in impls if i in both]
+    if name == "W5":
+        return [(f"W5-flux{size}-gen{steps}", i, f) for i, f in flux_bench.gen_variants(m, impls, SRC, size, steps)]
+    if name == "W6":
+        return [(f"W6-flux{size}-rf{steps}+{steps}", i, f)
+                for i, f in flux_bench.rf_variants(m, impls, SRC, TGT, size, steps)]
     raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
 
 
@@ -193,7 +203,7 @@ def parse(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=tuple(common.DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--tiny", action="store_true", help="tiny random models, 2 steps, 1 repeat (CI smoke test)")
-    ap.add_argument("--workloads", default="W1,W2,W3,W4")
+    ap.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6")
     ap.add_argument("--impls", default=None,
                     help="comma separated; default CUDA: ours,ours-graphs,diffusers,diffusers-compile; CPU: ours,diffusers")
     ap.add_argument("--compile", action="store_true", help="add ours-compile (torch.compile of our UNet)")
@@ -256,11 +266,13 @@ def main(argv=None) -> int:
             compiled.clear()
             if cuda:
                 torch.cuda.empty_cache()
-            models[arch] = common.build(arch, dev, dtype, tiny=args.tiny)
-            if args.channels_last:
+            flux = arch.startswith("flux")
+            models[arch] = (flux_bench.build if flux else common.build)(*(() if flux else (arch,)), dev, dtype,
+                                                                         tiny=args.tiny)
+            if args.channels_last and not flux:
                 fuse.channels_last(models[arch].ours)
         m = models[arch]
-        fl = flops_per_row(m, size)
+        fl = (flux_bench.flops_per_row if arch.startswith("flux") else flops_per_row)(m, size)
         for label, impl, fn in variants(name, m, impls, size, steps, compiled):
             if impl == "ours-compile":
                 fuse.compile_unet(m.ours)

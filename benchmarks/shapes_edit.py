@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes")
     p.add_argument("--cases", type=int, default=210, help="number of edit cases (kinds in turn)")
-    p.add_argument("--methods", default=",".join(recipes.METHODS))
+    p.add_argument("--methods", default=None, help="comma separated (default: every recipe of the model)")
     p.add_argument("--sweep-cases", type=int, default=28, help="colour/shape cases for the sweeps (0: none)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=0)
@@ -210,13 +210,14 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in recipes.METHODS]
-    if bad:
-        p.error(f"unknown methods {bad}; choose from {recipes.METHODS}")
     import engine
 
     pipe = engine.load(a.model)
+    known = recipes.methods_for(pipe)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else list(known)
+    bad = [m for m in methods if m not in known]
+    if bad:
+        p.error(f"unknown methods {bad} for this model; choose from {known}")
     cases = make_cases(a.cases, a.seed)
     t0 = time.time()
     results = {"vae": {"recon_psnr": vae_psnr(pipe, [world.render(s) for s, _ in cases])}}

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes")
     for name, value in E.DEFAULTS.items():
-        p.add_argument(f"--{name}", type=type(value), default=value)
+        p.add_argument(f"--{name}", type=str if value is None else type(value), default=value)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/shapes_generate-<device>.json)")

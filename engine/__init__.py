@@ -14,11 +14,18 @@ __all__ = ["load", "Pipeline", "AttentionPlan", "__version__"]
 
 def load(path_or_id, device="cpu", dtype="fp32", variant=None):
     """Load a diffusers-format pipeline (a local folder or a hub id already in the local
-    Hugging Face cache; never the network) and return a :class:`Pipeline`."""
+    Hugging Face cache; never the network) and return a :class:`Pipeline` (SD, SDXL) or a
+    :class:`~engine.flux.FluxPipeline` (FLUX.1, the bundled "shapes-dit")."""
     from .loader import load_components
+
+    c = load_components(path_or_id, device=device, dtype=dtype, variant=variant)
+    if c.arch == "flux":
+        from .flux import FluxPipeline
+
+        return FluxPipeline(c)
     from .pipeline import Pipeline
 
-    return Pipeline(load_components(path_or_id, device=device, dtype=dtype, variant=variant))
+    return Pipeline(c)
 
 
 def __getattr__(name):

@@ -19,16 +19,17 @@ from torch import nn
 from engine.loading import files
 from engine.loading.card import ModelCard, identity
 from engine.loading.files import LoadError, ModelNotFoundError, hub_cache_dir, read_json, read_state_dict
+from engine.loading.flux import FluxComponents, is_flux, load_flux_components
 from engine.loading.modules import load_module, load_text_encoder, load_tokenizer, load_unet, load_vae
 
 __all__ = [
-    "Components", "LoadError", "ModelCard", "ModelNotFoundError", "hub_cache_dir", "load_components", "load_module",
+    "Components", "FluxComponents", "LoadError", "ModelCard", "ModelNotFoundError", "hub_cache_dir", "load_components", "load_module",
     "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "parse_device", "parse_dtype",
     "read_state_dict", "resolve",
 ]
 
 # Names of the models that ship inside the package (an existing local folder of that name wins).
-BUNDLED = {"shapes": Path(__file__).parent / "shapes" / "model"}
+BUNDLED = {"shapes": Path(__file__).parent / "shapes" / "model", "shapes-dit": Path(__file__).parent / "shapes" / "dit_model"}
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -125,8 +126,9 @@ def _component(root: Path, model_index: dict, name: str, required: bool) -> Path
 
 
 def load_components(path_or_id: str | Path, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype = torch.float32, variant: str | None = None) -> Components:
-    """Load unet, vae, text encoder(s), tokenizer(s) and scheduler config of a pipeline.
+                    dtype: str | torch.dtype = torch.float32, variant: str | None = None) -> Components | FluxComponents:
+    """Load unet, vae, text encoder(s), tokenizer(s) and scheduler config of a pipeline (a FLUX
+    folder gives :class:`~engine.loading.flux.FluxComponents`: a transformer, CLIP and T5).
 
     The SDXL VAE overflows in fp16, so with ``dtype`` fp16 it stays in fp32 unless
     its config says ``force_upcast: false`` (e.g. the fp16-fix VAE); see ``vae_dtype``.
@@ -134,6 +136,10 @@ def load_components(path_or_id: str | Path, device: str | torch.device = "cpu",
     device, dtype = parse_device(device), parse_dtype(dtype)
     root = resolve(path_or_id)
     model_index = read_json(root / "model_index.json", "model_index")
+    if is_flux(model_index):
+        c = load_flux_components(root, model_index, device, dtype, variant)
+        c.card, c.name, c.identity = ModelCard.read(root), str(path_or_id), identity(root, model_index)
+        return c
     unet_dir = _component(root, model_index, "unet", True)
     sdxl = read_json(unet_dir / "config.json", "unet").get("addition_embed_type") == "text_time"
     folders = {name: _component(root, model_index, name, required=not (sdxl and name in ("text_encoder", "tokenizer")))

@@ -5,7 +5,24 @@ from __future__ import annotations
 
 # The inversion each edit method edits unless a model's recipes (ModelCard.inversion_for) say otherwise.
 DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm", "pnp": "ddim",
-                     "masactrl": "ddim", "null-text": "null-text", "pix2pix-zero": "pix2pix-zero", "imagic": "imagic"}
+                     "masactrl": "ddim", "null-text": "null-text", "pix2pix-zero": "pix2pix-zero", "imagic": "imagic",
+                     "flow": "flow", "rf-inversion": "rf-inversion"}
+
+# The model family each method runs on ("unet": SD / SDXL; "flux": FLUX.1 and the Shapes DiT).
+FLUX_METHODS = frozenset({"flow", "rf-inversion"})
+
+
+def family(method: str) -> str:
+    return "flux" if method in FLUX_METHODS else "unet"
+
+
+def check_family(method: str, model_family: str, what: str = "edit") -> None:
+    """A clear error for a method of another model family (before any work is done)."""
+    if method in DEFAULT_INVERSION and family(method) != model_family:
+        names = sorted(m for m in DEFAULT_INVERSION if family(m) == model_family)
+        kind = "FLUX" if model_family == "flux" else "UNet (SD, SDXL)"
+        raise ValueError(f"{what} method {method!r} runs on {'FLUX' if family(method) == 'flux' else 'UNet (SD, SDXL)'} "
+                         f"models; this is a {kind} model: use one of {', '.join(names)}")
 
 # Inversions made under the edit's own text rather than the source caption (Imagic optimises
 # from the target's embedding and tunes the model for it).

@@ -88,6 +88,8 @@ def _checks(max_steps: int) -> dict:
         "cross_replace_steps": _fraction_or_range, "self_replace_steps": _fraction_or_range,
         "blend_threshold": fraction, "blend_start": fraction, "blend_resolution": lambda n, v: integer(n, v, 1),
         "denoising_end": _optional(fraction), "num_zero_noise_steps": _optional(lambda n, v: integer(n, v, 0)),
+        "gamma": fraction, "start": fraction, "stop": fraction, "eta_decay_power": nonneg,
+        "embedded_guidance": _optional(finite),
     }
 
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import params as checks
 from .editing import edit_program, inversion_program
+from .methods import check_family
 from .images import fit_size, load_image, to_output
 from .matte import chroma_matte, key_rgb
 from .loading.card import ModelCard
@@ -65,16 +66,25 @@ class Pipeline:
                 f"dtype={str(self.dtype).removeprefix('torch.')}, size={self.default_size}, id={self.identity!r})")
 
     @property
+    def model(self):
+        """The network evaluated every step (the UNet; FLUX pipelines' transformer)."""
+        return self.unet
+
+    @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.model.dtype
 
     @property
     def default_size(self) -> int:
         return (self.unet.config.sample_size or 64) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
 
     @property
     def size_multiple(self) -> int:
@@ -151,10 +161,13 @@ class Pipeline:
         cfg = self.vae.config
         z = latents.to(self.vae_dtype)
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        shift = getattr(cfg, "shift_factor", None)
         if mean is not None and std is not None:
             mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
             std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
             z = z * std / cfg.scaling_factor + mean
+        elif shift is not None:  # FLUX's VAE: scaled and shifted
+            z = z / cfg.scaling_factor + shift
         else:
             z = z / cfg.scaling_factor
         images = self.vae.decode(z).sample  # [B, 3, H, W] in [-1, 1]
@@ -185,10 +198,13 @@ class Pipeline:
         cfg = self.vae.config
         z = self.vae.encode((x * 2 - 1).to(self.device, self.vae_dtype)).latent_dist.mode()  # [B, C, h, w]
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        shift = getattr(cfg, "shift_factor", None)
         if mean is not None and std is not None:
             mean = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
             std = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
             z = (z - mean) * cfg.scaling_factor / std
+        elif shift is not None:
+            z = (z - shift) * cfg.scaling_factor
         else:
             z = z * cfg.scaling_factor
         return z.to(self.dtype)
@@ -248,6 +264,7 @@ class Pipeline:
 
     # ---- requests as programs (what edit_many / invert_many and the server run) ----------
     KINDS = ("invert", "edit", "generate")
+    default_method = "ddim"  # the inversion method when a request names none
 
     def program(self, kind: str, request: dict):
         """The program of one request: ``kind`` "invert" (:meth:`invert`'s keyword arguments),
@@ -280,7 +297,8 @@ class Pipeline:
         r.pop("progress", None)
         if "image" not in r:
             raise ValueError("an invert request needs 'image'")
-        method = r.pop("method", "ddim")
+        method = r.pop("method", self.default_method)
+        check_family(method, self.denoiser.family, "inversion")
         build = inversion_program(method)
         r = self._request({**self._defaults(self.card.invert.get(method, {}), r), **r})
         return build(self, r.pop("image"), r.pop("prompt", ""), **r)
@@ -289,11 +307,12 @@ class Pipeline:
         r.pop("progress", None)
         inv = r.pop("inv")
         method = r.pop("method", None) or inv.method
+        check_family(method, self.denoiser.family, "edit")
         build = edit_program(method)
         inv.check_model(self.identity, self.name)
-        if inv.x0.shape[1] != self.unet.config.in_channels:
+        if inv.x0.shape[1] != self.latent_channels:
             raise ValueError(f"this inversion has {inv.x0.shape[1]}-channel latents and this model takes "
-                             f"{self.unet.config.in_channels}: invert the image again with this model")
+                             f"{self.latent_channels}: invert the image again with this model")
         # Recipes are for edits: a reconstruction (no target, no concepts) replays the inversion as
         # it was made, with the method's own defaults.
         editing = r.get("target_prompt") is not None or bool(r.get("editing_prompt"))
@@ -382,6 +401,7 @@ class Pipeline:
         r.pop("progress", None)
         if "prompt" not in r:
             raise ValueError(f"a request needs 'inv' (an edit) or 'prompt' (a generation); got keys {sorted(r)}")
+        r = {**self._defaults(self.card.generate, r), **r}  # the model's generation defaults, if it has any
         alpha = r.pop("alpha", False)
         if alpha and r.get("chroma_key") is None:
             raise ValueError("alpha=True keys out a chroma background: also give chroma_key='green' (or 'blue', (r, g, b))")

@@ -1,11 +1,12 @@
 """Tiny random-weight pipelines in diffusers format.
 
 No checkpoint can be downloaded in CI, so tests (and the README's first command)
-build miniature SD1.5- and SDXL-shaped pipelines from configs with seeded random
+build miniature SD1.5-, SDXL- and FLUX.1-shaped (dev and schnell) pipelines from configs with seeded random
 weights, save them exactly as diffusers would (``save_pretrained``, safetensors),
 and load them back through :func:`engine.load`. The tokenizer is a byte-level CLIP
 BPE vocabulary written here (256 byte symbols, their end-of-word forms, no merges,
-and the two CLIP special tokens), so no vocabulary file has to be fetched.
+and the two CLIP special tokens), so no vocabulary file has to be fetched; FLUX's T5 tokenizer is a Unigram one over
+letters (:func:`t5_tokenizer`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("sd15", "sdxl")
+ARCHS = ("sd15", "sdxl", "flux-dev", "flux-schnell")
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's order: pad 0, end 1, unknown 2
 
 
 def _byte_symbols() -> list[str]:
@@ -52,6 +54,60 @@ def write_tokenizer(folder: Path, max_length: int = 77) -> None:
     (folder / "special_tokens_map.json").write_text(
         json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
     )
+
+
+def t5_tokenizer(pieces: list[tuple[str, float]] = (), max_length: int = 16):
+    """A ``T5TokenizerFast`` (Unigram, SentencePiece-style "▁" word starts) over the specials,
+    ``pieces`` ((piece, log-probability) pairs, e.g. whole words) and single letters, so any
+    text tokenizes. ``max_length``: its window (FLUX pads prompts to it)."""
+    from transformers import T5TokenizerFast
+
+    letters = [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'-"] + [("▁", -3.0)]
+    vocab = [(s, 0.0) for s in T5_SPECIALS] + list(dict.fromkeys(list(pieces) + letters))
+    pad, eos, unk = T5_SPECIALS
+    return T5TokenizerFast(vocab=vocab, eos_token=eos, unk_token=unk, pad_token=pad, extra_ids=0,
+                           model_max_length=max_length)
+
+
+def flux_transformer_config(dev: bool) -> dict:
+    """FLUX-shaped: 2 heads of 16, RoPE axes 4/6/6, one double and two single blocks."""
+    return dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=dev,
+                axes_dims_rope=(4, 6, 6))
+
+
+def _flux_vae():
+    """16 latent channels without quant convs, a shift and a scale, as FLUX's VAE."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611,
+    )
+
+
+def _flux_scheduler(dev: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dev:  # resolution-dependent shift, as FLUX.1-dev ships
+        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+
+
+def _flux_pipeline(dev: bool, tokenizer):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tok2 = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                                 is_encoder_decoder=False, use_cache=False, dropout_rate=0.0))
+    return FluxPipeline(scheduler=_flux_scheduler(dev), vae=_flux_vae(), text_encoder=CLIPTextModel(_text_config(32, 32)),
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tok2,
+                        transformer=FluxTransformer2DModel(**flux_transformer_config(dev)))
 
 
 def _text_config(hidden: int, projection_dim: int):
@@ -119,7 +175,9 @@ def build_diffusers_pipeline(arch: str = "sd15", seed: int = 0):
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp))
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    if arch == "sd15":
+    if arch.startswith("flux"):
+        pipe = _flux_pipeline(arch == "flux-dev", tokenizer)
+    elif arch == "sd15":
         unet = UNet2DConditionModel(**sd15_unet_config())
         text_encoder = CLIPTextModel(_text_config(32, 32))
         pipe = StableDiffusionPipeline(
@@ -135,10 +193,10 @@ def build_diffusers_pipeline(arch: str = "sd15", seed: int = 0):
             vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
         )
-    # Random init leaves some weights at exactly zero (e.g. conv_out); perturb them so
-    # that every parameter matters in parity tests.
+    # Random init leaves some weights at exactly zero (e.g. conv_out, FLUX's adaLN-Zero
+    # gates); perturb them so that every parameter matters in parity tests.
     with torch.no_grad():
-        for p in pipe.unet.parameters():
+        for p in (pipe.transformer if arch.startswith("flux") else pipe.unet).parameters():
             if p.abs().max() == 0:
                 p.normal_(0, 0.05)
     return pipe

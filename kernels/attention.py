@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import attention_torch, check_inputs, needs_grad
+from .reference import attention_torch, check_inputs, needs_grad, store_span
 
 
 @triton.jit
@@ -227,7 +227,7 @@ AUTOTUNE = os.environ.get("OVERPAINT_AUTOTUNE", "1") != "0"  # off for CUDA-grap
 
 
 def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                     store=None, ip=None, out=None, config=None, store_rows=None):
+                     store=None, ip=None, out=None, config=None, store_rows=None, store_queries=None, store_keys=None):
     """Launch the Triton kernels.  Inputs must already be validated (see ``attention``).
     ``store_rows`` is accepted and ignored: the map kernel writes every row, and no row's
     output depends on whether its maps are stored."""
@@ -270,10 +270,17 @@ def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=No
         grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
         _attn_fwd[grid](*args, **flags, **cfg)
     if store is not None:
-        cfg = map_config(n_k, block_d, interpret)
-        grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(n_k, cfg["BLOCK_N"]), B)
-        _attn_map[grid](q, k, args[4], args[5], w, lse, store,
-                        *q.stride(), *k.stride(), *s_w, *store.stride(), scale, H, n_q, n_k,
+        # A block of the probabilities (FLUX: image queries x text keys): views of q, k and the
+        # weights at the block's offsets, the log-sum-exp (over all keys) of its query rows.
+        q0, q1, k0, k1 = store_span(n_q, n_k, store_queries, store_keys)
+        qs, ks = q[:, :, q0:q1], k[:, :, k0:k1]  # [B, H, nq, D], [B, H, nk, D]
+        ws = token_weights[:, k0:k1] if token_weights is not None else dummy
+        lse_s = lse if (q0, q1) == (0, n_q) else lse[:, :, q0:q1].contiguous()  # [B, H, nq]
+        m_q, m_k = q1 - q0, k1 - k0
+        cfg = map_config(m_k, block_d, interpret)
+        grid = (triton.cdiv(m_q, cfg["BLOCK_M"]), triton.cdiv(m_k, cfg["BLOCK_N"]), B)
+        _attn_map[grid](qs, ks, args[4], args[5], ws, lse_s, store,
+                        *qs.stride(), *ks.stride(), *s_w, *store.stride(), scale, H, m_q, m_k,
                         HEAD_DIM=D, BLOCK_D=block_d, HAS_QF=q_from is not None, HAS_KF=k_from is not None,
                         HAS_W=token_weights is not None, DOT_PREC=dot_prec, **cfg)
     return out
@@ -303,28 +310,30 @@ LAST_PATH = None  # "triton", "torch" or "torch-autograd": which implementation 
 
 
 def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-              store=None, ip=None, out=None, store_rows=None):
+              store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None):
     """Attention over [B, H, N, D] tensors with injection, reweighting, map store and IP-Adapter.
 
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; returns [B, H, Nq, D] in q's dtype.
     q_from/k_from/v_from: int [B], row b uses q[q_from[b]] etc.  token_weights: [B, Nk]
     multiplies probabilities.  store: [B, Nq, Nk] fp16/fp32 buffer, receives the head-mean
-    probabilities (Nk <= 256); ``store_rows`` ((start, stop), ...) says which rows' maps are
+    probabilities (Nk <= 512); ``store_queries`` / ``store_keys`` (start, stop) store only that
+    block of them (FLUX's image queries x text keys; store is then [B, nq, nk]); ``store_rows`` ((start, stop), ...) says which rows' maps are
     wanted (None: all; the others may skip the explicit path).  ip: (k_img, v_img, scale)
     adds scale·softmax(q k_imgᵀ)v_img.
     ``out`` (internal): preallocated [B, H, Nq, D] output, any strides.
     """
     global LAST_PATH
+    span = dict(store_queries=store_queries, store_keys=store_keys)
     check_inputs(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
-                 token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
+                 token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)
     if needs_grad(q, k, v, token_weights, ip):  # the Triton kernel has no backward: the differentiable torch path
         LAST_PATH = "torch-autograd"
         return attention_torch(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
-                               token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
+                               token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)
     if q.is_cuda or _interpreting():
         LAST_PATH = "triton"
         return attention_triton(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
-                                token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
+                                token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)
     LAST_PATH = "torch"
     return attention_torch(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
-                           token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows)
+                           token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)

@@ -12,16 +12,32 @@ import torch.nn.functional as F
 
 SUPPORTED_HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128, 160, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_STORE_NK = 256
+MAX_STORE_NK = 512  # keys whose maps can be stored (SD's 77 prompt tokens; FLUX's up to 512 text tokens)
 
 
 def _fail(msg):
     raise ValueError(f"kernels.attention: {msg}")
 
 
+def store_span(n_q: int, n_k: int, store_queries=None, store_keys=None) -> tuple[int, int, int, int]:
+    """(q0, q1, k0, k1): the block of the probability matrix a store receives (all by default)."""
+    q0, q1 = store_queries if store_queries is not None else (0, n_q)
+    k0, k1 = store_keys if store_keys is not None else (0, n_k)
+    return q0, q1, k0, k1
+
+
 def check_inputs(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                 store=None, ip=None, out=None, store_rows=None):
+                 store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None):
     """Validate shapes/dtypes/devices; every message says what to change."""
+    for name, span, n in (("store_queries", store_queries, q.shape[2] if q.dim() == 4 else 0),
+                          ("store_keys", store_keys, k.shape[2] if k.dim() == 4 else 0)):
+        if span is None:
+            continue
+        if store is None:
+            _fail(f"{name} needs store")
+        if not (isinstance(span, tuple) and len(span) == 2 and all(isinstance(i, int) for i in span)
+                and 0 <= span[0] < span[1] <= n):
+            _fail(f"{name} must be a (start, stop) pair of ints with 0 <= start < stop <= {n}, got {span!r}")
     if store_rows is not None:
         if store is None:
             _fail("store_rows needs store")
@@ -74,13 +90,15 @@ def check_inputs(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, 
     if store is not None:
         if not isinstance(store, torch.Tensor) or store.dtype not in (torch.float16, torch.float32):
             _fail(f"store must be a float16 or float32 tensor, got {getattr(store, 'dtype', type(store).__name__)}")
-        if store.shape != (B, n_q, n_k):
-            _fail(f"store must have shape [B, Nq, Nk] = [{B}, {n_q}, {n_k}], got {tuple(store.shape)}")
+        q0, q1, k0, k1 = store_span(n_q, n_k, store_queries, store_keys)
+        if store.shape != (B, q1 - q0, k1 - k0):
+            _fail(f"store must have shape [B, Nq, Nk] = [{B}, {q1 - q0}, {k1 - k0}] (the stored queries and keys), "
+                  f"got {tuple(store.shape)}")
         if store.device != q.device:
             _fail(f"store is on {store.device} but q is on {q.device}")
-        if n_k > MAX_STORE_NK:
-            _fail(f"store is only supported for Nk <= {MAX_STORE_NK} (cross-attention), got Nk={n_k}; "
-                  f"do not request maps for self-attention layers")
+        if k1 - k0 > MAX_STORE_NK:
+            _fail(f"store is only supported for up to {MAX_STORE_NK} keys (cross-attention, or a key range with "
+                  f"store_keys), got {k1 - k0}; do not request maps for self-attention layers")
     if ip is not None:
         if not isinstance(ip, (tuple, list)) or len(ip) != 3:
             _fail("ip must be a tuple (k_img, v_img, scale)")
@@ -121,14 +139,16 @@ def _rows(t, idx):
     return t if idx is None else t.index_select(0, idx.long())
 
 
-def _explicit(q, k, v, scale, token_weights, store, ip, dtype):
-    """softmax(q kᵀ·scale)·w then @ v, in `dtype`; fills `store` with the head mean."""
+def _explicit(q, k, v, scale, token_weights, store, ip, dtype, span=None):
+    """softmax(q kᵀ·scale)·w then @ v, in `dtype`; fills `store` with the head mean (of the block
+    ``span`` = (q0, q1, k0, k1) of the probabilities, all of them when None)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     p = torch.softmax((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale, dim=-1)  # [B, H, Nq, Nk]
     if token_weights is not None:
         p = p * token_weights.to(dtype)[:, None, None, :]
     if store is not None:
-        store.copy_(p.mean(dim=1))
+        q0, q1, k0, k1 = span or store_span(p.shape[2], p.shape[3])
+        store.copy_(p[:, :, q0:q1, k0:k1].mean(dim=1))
     o = p @ v.to(dtype)  # [B, H, Nq, D]
     if ip is not None:
         ki, vi, s = ip
@@ -139,7 +159,7 @@ def _explicit(q, k, v, scale, token_weights, store, ip, dtype):
 
 
 def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                    store=None, ip=None, out=None, store_rows=None):
+                    store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None):
     """Torch execution path (CPU); SDPA when no probabilities are needed explicitly.
 
     ``store_rows``: ((start, stop), ...), the only rows whose maps are wanted: the others take
@@ -150,7 +170,8 @@ def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=Non
         for s, e in store_rows:
             o[s:e] = attention_torch(q, k, v, scale=scale, q_from=_span(q_from, s, e, q.device),
                                      k_from=_span(k_from, s, e, q.device), v_from=_span(v_from, s, e, q.device), store=store[s:e],
-                                     ip=None if ip is None else _ip_rows(ip, s, e))
+                                     ip=None if ip is None else _ip_rows(ip, s, e), store_queries=store_queries,
+                                     store_keys=store_keys)
         if out is not None:
             out.copy_(o)
             return out
@@ -164,7 +185,8 @@ def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=Non
             s = s.to(oi.dtype)[:, None, None, None] if isinstance(s, torch.Tensor) else s
             o = o + s * oi
     else:
-        o = _explicit(q, k, v, scale, token_weights, store, ip, torch.float32).to(q.dtype)
+        span = store_span(q.shape[2], k.shape[2], store_queries, store_keys)
+        o = _explicit(q, k, v, scale, token_weights, store, ip, torch.float32, span).to(q.dtype)
     if out is not None:
         out.copy_(o)
         return out
@@ -183,10 +205,11 @@ def _ip_rows(ip, s: int, e: int):
 
 
 def attention_reference(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                        store=None, ip=None, compute_dtype=torch.float64):
+                        store=None, ip=None, compute_dtype=torch.float64, store_queries=None, store_keys=None):
     """Ground truth: explicit math in `compute_dtype` (float64 by default), output in that dtype.
 
     ``store`` may be any floating dtype (the tests pass float64); it is filled by copy.
     """
     q, k, v = _rows(q, q_from), _rows(k, k_from), _rows(v, v_from)
-    return _explicit(q, k, v, scale, token_weights, store, ip, compute_dtype)
+    span = store_span(q.shape[2], k.shape[2], store_queries, store_keys)
+    return _explicit(q, k, v, scale, token_weights, store, ip, compute_dtype, span)

@@ -62,3 +62,19 @@ def png_header():
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
     return make
+
+
+@pytest.fixture(scope="session", params=["flux-dev", "flux-schnell"])
+def tiny_flux_dir(request, tmp_path_factory) -> Path:
+    """Tiny random FLUX.1-dev- and -schnell-shaped pipeline folders (the fixture runs once for each)."""
+    from engine.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / request.param, arch=request.param)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(tiny_flux_dir):
+    """The tiny FLUX pipeline loaded through ``engine.load``; shared, so tests must not change it."""
+    import engine
+
+    return engine.load(tiny_flux_dir)

@@ -60,11 +60,12 @@ def cmd_generate(args) -> None:
         pipe.load_controlnet(args.controlnet)
     chroma = {} if args.chroma_key is None else dict(chroma_key=args.chroma_key, chroma_shift=args.chroma_shift,
                                                      chroma_std=args.chroma_std, alpha=args.alpha)
+    given = {k: v for k, v in (("guidance_scale", args.guidance), ("guidance_rescale", args.guidance_rescale),
+                               ("embedded_guidance", args.embedded_guidance), ("sampler", args.sampler)) if v is not None}
     images = pipe.generate(
-        args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
-        guidance_rescale=args.guidance_rescale, height=args.height, width=args.width, seed=args.seed,
-        num_images=args.num_images, sampler=args.sampler, progress=not args.no_progress,
-        cuda_graphs=args.cuda_graphs or None, **chroma, **control,
+        args.prompt, args.negative_prompt, steps=args.steps, height=args.height, width=args.width, seed=args.seed,
+        num_images=args.num_images, progress=not args.no_progress, cuda_graphs=args.cuda_graphs or None,
+        **given, **chroma, **control,
     )
     for img, path in zip(images, outputs):
         save_image(img, path)

@@ -16,9 +16,11 @@ from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> t
 MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
 SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
 LEDITS, P2P = ("ledits++",), ("p2p",)
-INVERTED_GUIDED = ("p2p", "ddim", "ddpm", "pnp", "masactrl", "null-text")  # inversions that take a guidance
+FLOW = ("flow", "rf-inversion")  # FLUX models
+INVERTED_GUIDED = ("p2p", "ddim", "ddpm", "pnp", "masactrl", "null-text") + FLOW  # inversions that take a guidance
 GUIDED = INVERTED_GUIDED + ("pix2pix-zero", "imagic")  # guided edits
 PNP, MASACTRL, NULLTEXT, P2PZERO, IMAGIC = ("pnp",), ("masactrl",), ("null-text",), ("pix2pix-zero",), ("imagic",)
+RF = ("rf-inversion",)
 
 
 def _number(kind, lo=None, positive=False):
@@ -230,6 +232,22 @@ EDIT_OPTIONS = [
         kw=dict(type=positive_float, help="imagic: fine-tuning learning rate (default 2e-6 full, 1e-4 lora)")),
     Opt(("--lora-rank",), "lora_rank", IMAGIC, "invert",
         kw=dict(type=positive_int, help="imagic: LoRA rank with --tune lora (default 4)")),
+    # FLUX: flow inversion and RF-Inversion
+    Opt(("--embedded-guidance",), "embedded_guidance", FLOW,
+        kw=dict(type=finite, help="FLUX.1-dev: the edit's embedded guidance (default 3.5)")),
+    Opt(("--source-embedded-guidance",), "embedded_guidance", FLOW, "invert",
+        kw=dict(type=finite, help="FLUX.1-dev: the inversion's embedded guidance (default 0)")),
+    Opt(("--gamma",), "gamma", RF, "invert",
+        kw=dict(type=_fraction, help="rf-inversion: the inversion's pull toward a random noise (default 0.5; "
+                                     "0: plain flow inversion)")),
+    Opt(("--eta",), "eta", RF,
+        kw=dict(type=_number(float, lo=0), help="rf-inversion: the edit's pull toward the image (default 0.9)")),
+    Opt(("--start",), "start", RF,
+        kw=dict(type=_fraction, help="rf-inversion: fraction of the steps before eta applies (default 0)")),
+    Opt(("--stop",), "stop", RF,
+        kw=dict(type=_fraction, help="rf-inversion: fraction of the steps after which eta stops (default 0.25)")),
+    Opt(("--decay-eta",), "decay_eta", RF,
+        kw=dict(action="store_const", const=True, help="rf-inversion: decay eta as (1 - i/steps)^power")),
 ]
 
 
@@ -280,10 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("tiny", parents=[sub_common], help="write a tiny random-weight pipeline (for tests)",
-                       description="Write a tiny random-weight SD1.5- or SDXL-shaped pipeline in diffusers format.",
+                       description="Write a tiny random-weight SD1.5-, SDXL- or FLUX.1-shaped pipeline in diffusers format.",
                        **fmt)
     t.add_argument("folder", help="a new (or empty) folder")
-    t.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="architecture")
+    t.add_argument("--arch", choices=("sd15", "sdxl", "flux-dev", "flux-schnell"), default="sd15", help="architecture")
     t.add_argument("--seed", type=seed_type, default=0, help="seed of the random weights")
 
     g = sub.add_parser("generate", parents=[sub_common], help="text to image", **fmt,
@@ -294,8 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp, .bmp); with "
                                                          "--num-images N, NAME_0.png ... NAME_{N-1}.png")
     g.add_argument("--steps", type=positive_int, default=30, help="denoising steps")
-    g.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale (<= 1 disables it)")
-    g.add_argument("--guidance-rescale", type=_fraction, default=0.0, help="guidance rescale (Lin et al. 2024)")
+    g.add_argument("--guidance", type=finite, default=None, help="classifier-free guidance scale (<= 1 disables it; "
+                                                                 "default: the model's, 7.5 for SD)")
+    g.add_argument("--embedded-guidance", type=finite, default=None,
+                   help="FLUX.1-dev: the distilled guidance value (default 3.5)")
+    g.add_argument("--guidance-rescale", type=_fraction, default=None, help="guidance rescale (Lin et al. 2024)")
     g.add_argument("--seed", type=seed_type, default=0, help="random seed (any integer)")
     g.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's size)")
     g.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's size)")
@@ -344,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
               "p2p": e.add_argument_group("Prompt-to-Prompt options"), "pnp": e.add_argument_group("Plug-and-Play options"),
               "masactrl": e.add_argument_group("MasaCtrl options"),
               "pix2pix-zero": e.add_argument_group("pix2pix-zero options"), "imagic": e.add_argument_group("Imagic options"),
+              "rf-inversion": e.add_argument_group("RF-Inversion options (FLUX)"),
               "edit": e.add_argument_group("edit")}
     for o in EDIT_OPTIONS:
         grp = groups["invert" if o.stage == "invert" and o.methods != P2P else

@@ -15,7 +15,7 @@ import importlib
 from ..methods import DEFAULT_INVERSION, inversion_for
 from .inversion import Inversion
 
-# name -> (module, function); modules are imported on first use.
+# name -> (module, function); the program builder is ``function + "_program"``; modules are imported on first use.
 INVERTERS = {
     "ddim": ("engine.editing.ddim", "invert"),
     "ddpm": ("engine.editing.ddpm", "invert"),
@@ -23,6 +23,8 @@ INVERTERS = {
     "null-text": ("engine.editing.nulltext", "invert"),
     "pix2pix-zero": ("engine.editing.pix2pix_zero", "invert"),
     "imagic": ("engine.editing.imagic", "invert"),
+    "flow": ("engine.editing.flow", "flow_invert"),
+    "rf-inversion": ("engine.editing.flow", "invert"),
 }
 EDITORS = {
     "ddim": ("engine.editing.ddim", "edit"),
@@ -34,6 +36,8 @@ EDITORS = {
     "null-text": ("engine.editing.nulltext", "edit"),
     "pix2pix-zero": ("engine.editing.pix2pix_zero", "edit"),
     "imagic": ("engine.editing.imagic", "edit"),
+    "flow": ("engine.editing.flow", "flow_edit"),
+    "rf-inversion": ("engine.editing.flow", "edit"),
 }
 
 
@@ -56,12 +60,12 @@ def editor(method: str):
 
 def inversion_program(method: str):
     """invert_program(pipe, image, prompt, **params) -> Program whose result is an Inversion."""
-    return _lookup({k: (m, "invert_program") for k, (m, _) in INVERTERS.items()}, method, "inversion")
+    return _lookup({k: (m, f + "_program") for k, (m, f) in INVERTERS.items()}, method, "inversion")
 
 
 def edit_program(method: str):
     """edit_program(pipe, inv, target_prompt, **params) -> Program whose result is latents."""
-    return _lookup({k: (m, "edit_program") for k, (m, _) in EDITORS.items()}, method, "edit")
+    return _lookup({k: (m, f + "_program") for k, (m, f) in EDITORS.items()}, method, "edit")
 
 
 __all__ = ["Inversion", "INVERTERS", "EDITORS", "DEFAULT_INVERSION", "inversion_for", "inverter", "editor", "inversion_program", "edit_program"]

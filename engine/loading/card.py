@@ -7,6 +7,7 @@ recipes and vocabulary::
      "invert": {"ddpm": {"steps": 30, "guidance_scale": 3.5, ...}, ...},  # per inversion method
      "edit": {"p2p": {"guidance_scale": 7.5, ...}, ...},                   # per edit method
      "inversion_for": {"p2p": "ddpm"},      # the inversion an edit method's recipe starts from
+     "generate": {"steps": 28, "guidance_scale": 3.0},  # generation defaults
      "vocabulary": ["a", "red", ...]}       # words the model was trained on (None: any text)
 
 ``pipe.invert`` / ``pipe.edit`` and the CLI start from these defaults; what the user passes
@@ -36,6 +37,7 @@ class ModelCard:
     edit: dict[str, dict] = field(default_factory=dict)
     inversion_for: dict[str, str] = field(default_factory=dict)
     vocabulary: list[str] | None = None
+    generate: dict = field(default_factory=dict)
 
     @classmethod
     def read(cls, root: Path) -> "ModelCard":
@@ -53,10 +55,12 @@ class ModelCard:
     def from_dict(cls, data: dict, where: str = CARD_FILE) -> "ModelCard":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise LoadError(f"{where}: expected a JSON object with \"format\": \"{FORMAT}\"")
-        unknown = set(data) - {"format", "invert", "edit", "inversion_for", "vocabulary", "notes"}
+        unknown = set(data) - {"format", "invert", "edit", "inversion_for", "vocabulary", "notes", "generate"}
         if unknown:
             raise LoadError(f"{where}: unknown field(s) {sorted(unknown)}; this overpaint reads "
-                            f"invert, edit, inversion_for, vocabulary, notes")
+                            f"invert, edit, inversion_for, generate, vocabulary, notes")
+        if not isinstance(data.get("generate", {}), dict):
+            raise LoadError(f"{where}: 'generate' must be an object of parameters")
         for key in ("invert", "edit"):
             table = data.get(key, {})
             if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
@@ -65,10 +69,12 @@ class ModelCard:
         if vocab is not None and not (isinstance(vocab, list) and all(isinstance(w, str) for w in vocab)):
             raise LoadError(f"{where}: 'vocabulary' must be a list of words")
         return cls(dict(data.get("invert", {})), dict(data.get("edit", {})), dict(data.get("inversion_for", {})),
-                   vocab)
+                   vocab, dict(data.get("generate", {})))
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "invert": self.invert, "edit": self.edit, "inversion_for": self.inversion_for}
+        if self.generate:
+            out["generate"] = self.generate
         if self.vocabulary is not None:
             out["vocabulary"] = self.vocabulary
         return out

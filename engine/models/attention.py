@@ -136,10 +136,15 @@ class AttentionPlan:
         return out
 
 
-def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | None = None):
-    """The seam. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D]."""
+def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | None = None, text: int | None = None):
+    """The seam. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D].
+
+    ``text``: joint attention (FLUX), whose first ``text`` tokens are the prompt's and the rest
+    the image's; see :func:`joint_attention`."""
     if plan is None or layer is None:
         return kernels.attention(q, k, v)
+    if text is not None:
+        return joint_attention(q, k, v, text, plan.args(layer))
     mix = plan.mix(layer)
     if mix is not None:
         return mixed_attention(q, k, v, mix, **plan.args(layer))
@@ -147,6 +152,28 @@ def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | Non
     if masks is not None:
         return masked_attention(q, k, v, masks, **plan.args(layer))
     return kernels.attention(q, k, v, **plan.args(layer))
+
+
+def joint_attention(q, k, v, text: int, args: dict):
+    """Joint text + image attention with a plan's instructions (FLUX; Esser et al. 2024's MM-DiT).
+
+    A stored map is image queries x text keys ([B, N, L], head-averaged, the softmax over all
+    keys): what a prompt token draws where. Injected keys / values (``k_from`` / ``v_from``)
+    replace only the image tokens': the row reads the source row's image (as KV-Edit, Zhu et al.
+    2025, and MasaCtrl's mutual self-attention) while keeping its own prompt. The gather costs
+    one copy of the keys / values (O(N D), against the attention's O(N^2 D)), inside the call:
+    nothing is kept across steps. ``q_from`` reads every query of the source row."""
+    args = dict(args)
+    k_from, v_from = args.pop("k_from", None), args.pop("v_from", None)
+    if k_from is not None:
+        k = torch.cat([k[:, :, :text], k[:, :, text:].index_select(0, k_from)], dim=2)  # [B, H, L+N, D]
+    if v_from is not None:
+        v = torch.cat([v[:, :, :text], v[:, :, text:].index_select(0, v_from)], dim=2)
+    if "store" in args:
+        args.update(store_queries=(text, q.shape[2]), store_keys=(0, text))
+    if "token_weights" in args:
+        raise ValueError("token weights are not supported in joint (FLUX) attention")
+    return kernels.attention(q, k, v, **args)
 
 
 def masked_attention(q, k, v, masks, *, scale=None, q_from=None, k_from=None, v_from=None, **rest):

@@ -10,11 +10,12 @@ Usage (what a pipeline does)::
 Schedule (`schedule`):
     SchedulerConfig.from_dict(d) / .from_file(path)  -- diffusers scheduler_config.json
     NoiseSchedule(config)  -- betas, alphas_cumprod, final_alpha_cumprod, timestep grids, sigmas
-    flow_sigmas(config, num_steps, mu=None), flow_shift_mu(image_seq_len, config)
+    flow_sigmas(config, num_steps, mu=None, base=None), flow_shift_mu(image_seq_len, config),
+    flux_base_sigmas(num_steps)
 
 Front (`front`):
     make_sampler(name, schedule, num_steps, *, eta=0.0, use_clipped_model_output=False,
-                 mu=None, device=None, **config_overrides) -> Sampler
+                 mu=None, sigmas=None, device=None, **config_overrides) -> Sampler
         names: ddim, ddim_inverse, ddpm, dpmpp_2m, dpmpp_2m_sde, dpmsolver, euler, flow_euler
         (or the diffusers class name, e.g. "DDIMScheduler")
     Sampler: .timesteps [S], .init_noise_sigma, .scale_model_input(x, i),
@@ -45,10 +46,10 @@ from .samplers import (
     euler_step,
     flow_euler_step,
 )
-from .schedule import NoiseSchedule, SchedulerConfig, UnsupportedConfigError, flow_shift_mu, flow_sigmas
+from .schedule import NoiseSchedule, SchedulerConfig, UnsupportedConfigError, flow_shift_mu, flow_sigmas, flux_base_sigmas
 
 __all__ = [
-    "SchedulerConfig", "NoiseSchedule", "UnsupportedConfigError", "flow_sigmas", "flow_shift_mu",
+    "SchedulerConfig", "NoiseSchedule", "UnsupportedConfigError", "flow_sigmas", "flow_shift_mu", "flux_base_sigmas",
     "make_sampler", "randn", "sampler_name_for", "SAMPLERS",
     "Sampler", "SamplerState", "DDIMSampler", "DDPMSampler", "EulerSampler", "FlowEulerSampler",
     "DPMSolverSampler", "DPMState", "init_dpm_state",

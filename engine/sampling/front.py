@@ -50,12 +50,14 @@ def make_sampler(
     eta: float = 0.0,
     use_clipped_model_output: bool = False,
     mu: float | None = None,
+    sigmas=None,
     device: torch.device | str | None = None,
     **config_overrides: Any,
 ) -> Sampler:
     """Build sampler ``name`` (see `SAMPLERS`) for ``num_steps`` inference steps.
 
-    eta, use_clipped_model_output: DDIM only. mu: flow matching with dynamic shifting.
+    eta, use_clipped_model_output: DDIM only. mu: flow matching with dynamic shifting; sigmas: its
+    unshifted grid given (as ``set_timesteps(sigmas=...)``; FLUX pipelines do).
     config_overrides: SchedulerConfig fields to change for this sampler (e.g.
     ``timestep_spacing="trailing"``, ``solver_order=1``), like diffusers'
     ``X.from_config(config, **overrides)``.
@@ -66,6 +68,8 @@ def make_sampler(
         raise ValueError(f"unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}")
     if name != "ddim" and (eta != 0.0 or use_clipped_model_output):
         raise ValueError("eta / use_clipped_model_output apply to the 'ddim' sampler only")
+    if sigmas is not None and name != "flow_euler":
+        raise ValueError("sigmas apply to the 'flow_euler' sampler only")
     kind = name
     if name in ("dpmpp_2m", "dpmpp_2m_sde"):
         config_overrides.setdefault("algorithm_type", "dpmsolver++" if name == "dpmpp_2m" else "sde-dpmsolver++")
@@ -115,7 +119,7 @@ def make_sampler(
         s = EulerSampler(name, ts, pred, float(init), sigmas=sigmas)
     else:
         assert kind == "flow_euler"
-        sigmas = flow_sigmas(cfg, num_steps, mu)  # [S+1]
+        sigmas = flow_sigmas(cfg, num_steps, mu, sigmas)  # [S+1]
         s = FlowEulerSampler(name, sigmas[:-1] * T, "flow", 1.0, sigmas=sigmas)
     return s.to(device) if device is not None else s
 

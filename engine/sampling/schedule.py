@@ -324,23 +324,30 @@ def flow_shift_mu(image_seq_len: int, config: SchedulerConfig) -> float:
     return image_seq_len * m + b
 
 
-def flow_sigmas(config: SchedulerConfig, num_steps: int, mu: float | None = None) -> torch.Tensor:
+def flow_sigmas(config: SchedulerConfig, num_steps: int, mu: float | None = None, base=None) -> torch.Tensor:
     """Descending sigmas of FlowMatchEulerDiscreteScheduler.set_timesteps plus a final 0. [S+1]
 
     Rectified flow (Liu et al. 2022; Esser et al. 2024): x_sigma = (1 - sigma) x_0 + sigma * noise.
     As in diffusers, the grid is spaced between the *shifted* training sigma extremes and then
     shifted again (static ``shift``) or time-shifted by ``mu`` (``use_dynamic_shifting``).
+    ``base``: the unshifted grid given instead (``set_timesteps(sigmas=...)``; FluxPipeline passes
+    ``linspace(1, 1/S, S)``, see :func:`flux_base_sigmas`).
     """
     c, T = config, config.num_train_timesteps
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1")
     if c.use_dynamic_shifting and mu is None:
         raise ValueError("this flow-matching config uses dynamic shifting: pass mu (see flow_shift_mu)")
-    train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T  # [T] float32
-    if not c.use_dynamic_shifting:
-        train = c.shift * train / (1 + (c.shift - 1) * train)
-    sigma_max, sigma_min = train[0].item(), train[-1].item()
-    sig = np.linspace(sigma_max * T, sigma_min * T, num_steps) / T  # [S] float64
+    if base is not None:
+        sig = np.asarray(base, dtype=np.float32)  # [S] float32, as diffusers casts given sigmas
+        if sig.shape != (num_steps,):
+            raise ValueError(f"{len(sig)} base sigmas for {num_steps} steps")
+    else:
+        train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T  # [T] float32
+        if not c.use_dynamic_shifting:
+            train = c.shift * train / (1 + (c.shift - 1) * train)
+        sigma_max, sigma_min = train[0].item(), train[-1].item()
+        sig = np.linspace(sigma_max * T, sigma_min * T, num_steps) / T  # [S] float64
     if c.use_dynamic_shifting:
         if c.time_shift_type == "exponential":
             sig = math.exp(mu) / (math.exp(mu) + (1 / sig - 1) ** 1.0)
@@ -353,3 +360,8 @@ def flow_sigmas(config: SchedulerConfig, num_steps: int, mu: float | None = None
         sig = 1 - one_minus / (one_minus[-1] / (1 - c.shift_terminal))
     sig = torch.from_numpy(sig).to(torch.float32)  # [S]
     return torch.cat([sig, torch.zeros(1)])  # [S+1]
+
+
+def flux_base_sigmas(num_steps: int) -> np.ndarray:
+    """The unshifted grid FluxPipeline hands its scheduler: linspace(1, 1/S, S)."""
+    return np.linspace(1.0, 1 / num_steps, num_steps)

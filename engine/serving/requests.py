@@ -16,7 +16,8 @@ INVERT_FIELDS = {"steps": "steps", "seed": "seed", "skip": "skip", "inversion_gu
                  "inversion_sampler": "sampler", "inversion_method": "method", "inner_steps": "inner_steps",
                  "early_stop": "early_stop", "lambda_ac": "lambda_ac", "lambda_kl": "lambda_kl",
                  "embed_steps": "embed_steps", "embed_lr": "embed_lr", "tune_steps": "tune_steps", "tune": "tune",
-                 "tune_lr": "tune_lr", "lora_rank": "lora_rank"}
+                 "tune_lr": "tune_lr", "lora_rank": "lora_rank", "gamma": "gamma",
+                 "inversion_embedded_guidance": "embedded_guidance"}
 EDIT_FIELDS = {
     "*": {"guidance_scale", "negative_prompt"},
     "ledits++": {"editing_prompt", "edit_guidance_scale", "edit_threshold", "edit_warmup_steps", "edit_cooldown_steps",
@@ -29,9 +30,11 @@ EDIT_FIELDS = {
                  "source_guidance_scale", "source"},
     "pix2pix-zero": {"direction", "cross_attention_guidance"},
     "imagic": {"alpha", "sampler", "eta"},
+    "flow": {"embedded_guidance"},
+    "rf-inversion": {"eta", "start", "stop", "decay_eta", "eta_decay_power", "embedded_guidance"},
 }
 GENERATE_FIELDS = {"steps", "seed", "guidance_scale", "negative_prompt", "sampler", "guidance_rescale", "eta",
-                   "chroma_key", "chroma_shift", "chroma_std", "chroma_center"}
+                   "chroma_key", "chroma_shift", "chroma_std", "chroma_center", "embedded_guidance"}
 OPENAI_IGNORED = {"model", "user", "response_format", "n", "size", "quality", "style", "background", "moderation",
                   "output_format", "output_compression", "input_fidelity", "partial_images", "stream"}
 MAX_N = 8

@@ -21,7 +21,7 @@ import torch
 
 from engine.shapes import analyser, world
 
-DEFAULTS = dict(n=100, seed=1234, steps=20, guidance=5.0, sampler="ddim", batch=25)
+DEFAULTS = dict(n=100, seed=1234, steps=20, guidance=5.0, sampler=None, batch=25)  # sampler None: the model's
 
 
 def prompts(n: int, seed: int) -> list[world.Scene]:
@@ -54,7 +54,7 @@ def attribute_rates(images, scenes: list[world.Scene]) -> dict[str, float]:
 def start_latents(pipe, seeds: list[int]) -> torch.Tensor:
     """One starting latent per prompt from its own CPU generator: [B, C, h, w]."""
     side = pipe.default_size // pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, side, side)
+    shape = (1, pipe.latent_channels, side, side)
     return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
@@ -77,6 +77,7 @@ def evaluate(pipe, n: int = DEFAULTS["n"], seed: int = DEFAULTS["seed"], steps: 
              batch: int = DEFAULTS["batch"]) -> dict:
     """Generate ``n`` seeded prompts and score them; returns a JSON-ready dict."""
     scenes = prompts(n, seed)
+    sampler = sampler or pipe.default_sampler
     t0 = time.time()
     images = generate(pipe, scenes, seed, steps, guidance, sampler, batch)
     wall = time.time() - t0

@@ -30,6 +30,13 @@ for exactly the settings the demo uses. Settings follow the papers, scaled to th
             lr 1e-3 / 2e-6 are ~3 min per image on this CPU; 200 + 200 at lr 1e-3 / 2e-5 reach
             the same regime on this small model (see EDIT).
 
+The bundled Shapes DiT (``engine.load("shapes-dit")``, FLUX architecture) has its own recipes
+(:data:`DIT_METHODS`), 28 steps as FLUX, classifier-free guidance ``DIT_GUIDANCE``:
+
+  flow      plain flow inversion (the reverse Euler flow), edit = generation from its noise.
+  rf-inversion  RF-Inversion (Rout et al. 2024): controlled inversion gamma 0.5, controlled
+            edit eta 0.9 for the first 25% of the steps, as the reference code.
+
 A :class:`Change` says what the edit touches in words (the prompts, P2P's local-blend
 words, LEDITS++'s concepts); ``engine.shapes.world`` edits convert with :func:`change_of`.
 """
@@ -44,6 +51,9 @@ from engine.shapes import world
 
 METHODS = ("ddim", "ddpm", "p2p", "ledits++", "pnp", "masactrl", "null-text", "pix2pix-zero", "imagic")
 STEPS = 30
+DIT_METHODS = ("flow", "rf-inversion")
+DIT_STEPS = 28
+DIT_GUIDANCE = 4.0  # classifier-free guidance of the Shapes DiT's generations and edits
 
 INVERT = {
     "ddim": dict(method="ddim", steps=STEPS, guidance_scale=1.0),
@@ -64,6 +74,8 @@ INVERT = {
     "pix2pix-zero": dict(method="pix2pix-zero", steps=STEPS, seed=0),
     # Imagic optimises for the edit's own text: its "inversion" is made per target caption.
     "imagic": dict(method="imagic", prompt="{target}", embed_steps=200, tune_steps=200, tune_lr=2e-5, seed=0),
+    "flow": dict(method="flow", steps=DIT_STEPS, guidance_scale=1.0),
+    "rf-inversion": dict(method="rf-inversion", steps=DIT_STEPS, gamma=0.5, seed=0),
 }
 # The edit method of recipes that edit with another method than their name (null-text: P2P).
 EDIT_METHOD = {"null-text": "p2p"}
@@ -94,37 +106,52 @@ EDIT = {
     # alpha 1.5: the middle of the paper's 1-2 (on 2 colour swaps while tuning: alpha 1 kept the old
     # colour once, 1.5 and 2 changed both with the same background).
     "imagic": dict(alpha=1.5, guidance_scale=7.5, steps=STEPS, seed=0),
+    "flow": dict(guidance_scale=DIT_GUIDANCE),
+    "rf-inversion": dict(guidance_scale=DIT_GUIDANCE, eta=0.9, start=0.0, stop=0.25),
 }
 # The parameter each method's fidelity-editability sweep varies (benchmark plot).
 SWEEP = {"p2p": ("cross_replace_steps", (0.2, 0.4, 0.6, 0.8, 1.0)),
          "pix2pix-zero": ("cross_attention_guidance", (0.0, 0.05, 0.1, 0.2, 0.4)),
          "pnp": ("pnp_f_t", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)),
-         "ledits++": ("edit_guidance_scale", (1.5, 2.5, 5.0, 7.5, 10.0))}
+         "ledits++": ("edit_guidance_scale", (1.5, 2.5, 5.0, 7.5, 10.0)),
+         "rf-inversion": ("stop", (0.0, 0.1, 0.25, 0.4, 0.6))}
 
 
 CARD_NOTES = ("Editing defaults of the bundled Shapes model, written from engine/shapes/recipes.py "
               "(where each choice is explained); pipe.invert / pipe.edit and the CLI start from them.")
 
 
-def model_card() -> dict:
+def methods_for(pipe) -> tuple[str, ...]:
+    """The recipes that apply to a Shapes model: the DiT's for FLUX-architecture models."""
+    return DIT_METHODS if getattr(pipe, "arch", None) == "flux" else METHODS
+
+
+def model_card(methods: tuple[str, ...] = METHODS, generate: dict | None = None) -> dict:
     """The model folder's ``overpaint.json`` (:class:`engine.loading.card.ModelCard`): the
-    recipes above as per-method defaults, and the world's vocabulary."""
+    recipes of ``methods`` as per-method defaults, generation defaults, and the world's vocabulary."""
     from engine.loading.card import FORMAT
 
     invert: dict[str, dict] = {}
-    for m in METHODS:
+    for m in methods:
         kw = {k: v for k, v in INVERT[m].items() if k not in ("method", "prompt")}  # prompts are the user's
         if invert.setdefault(INVERT[m]["method"], kw) != kw:
             raise ValueError(f"two recipes invert with {INVERT[m]['method']!r} differently; a card holds one")
-    edit = {m: EDIT[m] for m in METHODS if EDIT_METHOD.get(m, m) == m}  # keyed by the edit method
-    return {"format": FORMAT, "notes": CARD_NOTES, "invert": invert, "edit": edit,
-            "inversion_for": {m: INVERT[m]["method"] for m in METHODS if INVERT[m]["method"] != m},
+    edit = {m: EDIT[m] for m in methods if EDIT_METHOD.get(m, m) == m}  # keyed by the edit method
+    card = {"format": FORMAT, "notes": CARD_NOTES, "invert": invert, "edit": edit,
+            "inversion_for": {m: INVERT[m]["method"] for m in methods if INVERT[m]["method"] != m},
             "vocabulary": world.vocabulary()}
+    if generate:
+        card["generate"] = generate
+    return card
 
 
-def write_card(folder: str | Path) -> Path:
+def dit_card() -> dict:
+    return model_card(DIT_METHODS, generate=dict(steps=DIT_STEPS, guidance_scale=DIT_GUIDANCE))
+
+
+def write_card(folder: str | Path, card: dict | None = None) -> Path:
     path = Path(folder) / "overpaint.json"
-    path.write_text(json.dumps(model_card(), indent=2) + "\n")
+    path.write_text(json.dumps(card or model_card(), indent=2) + "\n")
     return path
 
 

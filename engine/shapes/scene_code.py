@@ -45,7 +45,7 @@ def labels(scene: world.Scene) -> list[int]:
 
 
 def token_labels(scene: world.Scene, length: int, objects: Sequence[int] | None = None,
-                 background: bool = True) -> torch.Tensor:
+                 background: bool = True, first: int = 1) -> torch.Tensor:
     """Per-token targets [length, G]: what the caption has said so far, -100 where not yet said.
 
     Token i is the start token (0), caption word i - 1, then the end token and its pads (every
@@ -55,22 +55,23 @@ def token_labels(scene: world.Scene, length: int, objects: Sequence[int] | None 
     token a query at that place most needs, carries its object, and the pads carry everything.
     A partial caption (``objects`` and ``background`` as in :func:`world.fragment`) says nothing
     about the objects and background it leaves out: their labels stay -100 on every token.
+    ``first``: the token index of the first word (1 after CLIP's start token; 0 for T5, which has none).
     """
     objects = range(len(scene.objects)) if objects is None else sorted(objects)
     whole = background and len(objects) == len(scene.objects)  # only a whole caption says a slot is empty
     ws = world.words(world.fragment(scene, objects, background))
-    end = len(ws) + 1  # index of the end token
+    end = len(ws) + first  # index of the end token
     if end >= length:
         raise ValueError(f"caption of {len(ws)} words does not fit {length} tokens")
     full = labels(scene)
     never = length  # a token index no token reaches
     known = torch.full((len(GROUPS),), end if whole else never)  # [G]: first token index at which each group is known
-    pos_words = [i + 1 for i, w in enumerate(ws) if w in world.POSITIONS]  # objects are listed left to right
+    pos_words = [i + first for i, w in enumerate(ws) if w in world.POSITIONS]  # objects are listed left to right
     k = len(SLOT_ATTRS)
     for i, at in zip(objects, pos_words):
         s = world.POSITIONS.index(scene.objects[i].position)
         known[k * s:k * (s + 1)] = at
-    known[-1] = ws.index("background") + 1 if background else never
+    known[-1] = ws.index("background") + first if background else never
     idx = torch.arange(length).view(-1, 1)  # [L, 1]
     return torch.where(idx >= known.view(1, -1), torch.tensor(full).view(1, -1), torch.tensor(-100))  # [L, G]
 
@@ -102,8 +103,8 @@ def accuracy(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, head: torch.n
     return torch.stack(right).float().mean().item()
 
 
-def caption_batch(seed: int, step: int, n: int, length: int,
-                  partial: float = 0.0) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def caption_batch(seed: int, step: int, n: int, length: int, partial: float = 0.0,
+                  first: int = 1) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """``n`` captions, their scenes' labels [n, G] and per-token targets [n, length, G], fixed by
     (seed, step); a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`)."""
     rng = np.random.default_rng([seed, 4, step])
@@ -111,23 +112,25 @@ def caption_batch(seed: int, step: int, n: int, length: int,
     parts = [world.sample_fragment(s, rng, partial) for s in scenes]
     caps = [world.fragment(s, o, b) for s, (o, b) in zip(scenes, parts)]
     return (caps, torch.tensor([labels(s) for s in scenes]),
-            torch.stack([token_labels(s, length, o, b) for s, (o, b) in zip(scenes, parts)]))
+            torch.stack([token_labels(s, length, o, b, first) for s, (o, b) in zip(scenes, parts)]))
 
 
 def pretrain(text_encoder, tokens, eos_id: int, seed: int, steps: int, batch: int = 64, lr: float = 1e-3,
-             device: str = "cpu", bar=None, log=None, partial: float = 0.0) -> float:
+             device: str = "cpu", bar=None, log=None, partial: float = 0.0, length: int | None = None,
+             first: int = 1) -> float:
     """Train ``text_encoder`` (in place) to decode the scene from its tokens, a ``partial`` share of
     them fragments; returns the held-out accuracy of the labels decoded from whole captions' end
-    tokens. ``tokens`` maps captions to padded ids [B, L]."""
+    tokens. ``tokens`` maps captions to padded ids [B, L] (``length``: L, default the encoder's
+    positions); ``first`` as in :func:`token_labels`."""
     with torch.random.fork_rng(devices=[]):  # seed the head's init without touching the caller's RNG
         torch.manual_seed(seed)
         head = torch.nn.Linear(text_encoder.config.hidden_size, N_LOGITS).to(device)
     params = [*text_encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    length = text_encoder.config.max_position_embeddings
+    length = length or text_encoder.config.max_position_embeddings
     text_encoder.train()
     for step in range(steps):
-        caps, _, target = caption_batch(seed, step, batch, length, partial)
+        caps, _, target = caption_batch(seed, step, batch, length, partial, first)
         loss = code_loss(text_encoder(tokens(caps).to(device)).last_hidden_state, head, target.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,7 +141,7 @@ def pretrain(text_encoder, tokens, eos_id: int, seed: int, steps: int, batch: in
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if log is not None and ((step + 1) % 10 == 0 or step + 1 == steps):
             log(step + 1, loss.item())
-    caps, target, _ = caption_batch(seed, HELD_OUT, 256, length)
+    caps, target, _ = caption_batch(seed, HELD_OUT, 256, length, first=first)
     with torch.no_grad():
         ids = tokens(caps).to(device)
         return accuracy(text_encoder(ids).last_hidden_state, ids, eos_id, head, target.to(device))

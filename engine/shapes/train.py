@@ -39,13 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.shapes import world
 from engine.shapes import recipes
 from engine.shapes.model import ModelSizes, build, folder_megabytes, save_pipeline
 
-STAGES = ("vae", "text", "unet", "done")
+STAGES = ("vae", "text", "unet", "t5", "dit", "done")  # the UNet run's, then the DiT run's (train_dit)
 LOG_FIELDS = ("stage", "step", "loss", "lr", "elapsed_s")
 
 
@@ -231,6 +230,25 @@ def _bar(cfg: TrainConfig, start: int, total: int, desc: str):
     return tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
 
 
+def _update(opt, loss, params) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _after_step(cfg, stage: str, step: int, total: int, loss: float, lr: float, bar, logger, t0: float,
+                checkpoint) -> None:
+    """Progress bar, the loss log and the checkpoint after ``step`` (counted from 1) of ``stage``."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    if step % cfg.log_every == 0 or step in (1, total):
+        logger.log(stage=stage, step=step, loss=f"{loss:.5f}", lr=f"{lr:.2e}", elapsed_s=f"{time.time() - t0:.1f}")
+    if step % cfg.ckpt_every == 0:
+        checkpoint(stage, step)
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -251,18 +269,9 @@ def train_vae(cfg, m, opt, start: int, deadline: float, t0: float, logger, check
         kl = post.kl().mean() / post.mean[0].numel()  # per latent element
         err = rec - x
         loss = ((err.abs() + err.square()) * w).mean() / w.mean() + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        _update(opt, loss, vae.parameters())
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.log_every == 0 or step in (1, cfg.vae_steps):
-            logger.log(stage="vae", step=step, loss=f"{loss.item():.5f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
-                       elapsed_s=f"{time.time() - t0:.1f}")
-        if step % cfg.ckpt_every == 0:
-            checkpoint("vae", step)
+        _after_step(cfg, "vae", step, cfg.vae_steps, loss.item(), opt.param_groups[0]["lr"], bar, logger, t0, checkpoint)
     bar.close()
     return step
 
@@ -357,20 +366,11 @@ def train_unet(cfg, m, opt, ema, start: int, deadline: float, t0: float, logger,
             pred = m.unet(zt, t, ctx).sample  # [B, 4, 16, 16]
         loss = (snr_weight(a.view(-1), cfg.prediction, cfg.min_snr)
                 * (pred.float() - target).pow(2).mean((1, 2, 3))).mean()  # [B] -> ()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, loss, params)
         if ema is not None:
             ema.update(trained_modules(cfg, m), step)
         step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.log_every == 0 or step in (1, cfg.steps):
-            logger.log(stage="unet", step=step, loss=f"{loss.item():.5f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
-                       elapsed_s=f"{time.time() - t0:.1f}")
-        if step % cfg.ckpt_every == 0:
-            checkpoint("unet", step)
+        _after_step(cfg, "unet", step, cfg.steps, loss.item(), opt.param_groups[0]["lr"], bar, logger, t0, checkpoint)
     bar.close()
     return step
 
@@ -378,16 +378,20 @@ def train_unet(cfg, m, opt, ema, start: int, deadline: float, t0: float, logger,
 # ----------------------------------------------------------------------------- driver
 
 
-def run(cfg: TrainConfig) -> Path:
-    """Train (or resume) and write the pipeline to ``cfg.out``; returns that folder."""
+def _start(cfg) -> tuple[Path, Path, float, float]:
+    """Threads, the output folder, the checkpoint's path, the start time, the budget in seconds; seeds torch."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    t0 = time.time()
-    budget = cfg.time_budget_min * 60.0
+    t0, budget = time.time(), cfg.time_budget_min * 60.0
     torch.manual_seed(cfg.seed)
+    return out, out / "checkpoint.pt", t0, budget
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Train (or resume) and write the pipeline to ``cfg.out``; returns that folder."""
+    out, ckpt_path, t0, budget = _start(cfg)
     m = build(cfg.sizes(), out / "tokenizer")
     m.vae.to(cfg.device), m.unet.to(cfg.device), m.text_encoder.to(cfg.device)
     vae_opt = torch.optim.AdamW(m.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)

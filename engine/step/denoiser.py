@@ -12,6 +12,7 @@ mode on CPU runs the same static-buffer plumbing).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,87 @@ class RowCond:
                        self.controlled)
 
 
-class UNetDenoiser:
+class Denoiser:
+    """What every model family's Denoiser shares: the model key, the runner (eager or CUDA
+    graphs), parameter overrides, and the call. A family implements ``model``, ``condition``,
+    ``condition_guidance`` and ``forward``."""
+
+    family = ""
+    runner: GraphRunner | None = None
+    # Parameter overrides {name: tensor}: a fine-tune (Imagic) runs the same modules with its
+    # own weights, the model's untouched (torch.func.functional_call, per call).
+    weights: dict[str, Tensor] | None = None
+    controlnet = None
+
+    @property
+    def model(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def model_key(self) -> tuple:
+        """Programs with equal model keys may join one loop (same model)."""
+        return (self.family, id(self.model), id(self.controlnet))
+
+    @property
+    def key(self) -> tuple:
+        """Rows of programs with equal keys may share a model call (same model and weights)."""
+        return self.model_key + ((id(self.weights),) if self.weights is not None else ())
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def attn_layers(self) -> list:
+        return self.model.attn_layers
+
+    def _with(self, **changes) -> "Denoiser":
+        new = copy.copy(self)
+        new.__dict__.update(changes)
+        return new
+
+    def with_runner(self, runner: GraphRunner | None) -> "Denoiser":
+        return self._with(runner=runner)
+
+    def with_weights(self, weights: dict[str, Tensor] | None) -> "Denoiser":
+        """The same model call with the model's parameters ``weights`` (by name) in place of its own."""
+        return self._with(weights=weights)
+
+    def _model(self, *args, **kwargs):
+        if self.weights is not None:
+            return torch.func.functional_call(self.model, self.weights, args, kwargs, strict=False)
+        return self.model(*args, **kwargs)
+
+    def forward(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:
+        if self.runner is None:
+            return self.forward(x, t, rows, plan, segments)
+        body = lambda inp, c: self.forward(inp["x"], inp["t"], c["rows"], c["plan"], c["segments"])  # noqa: E731
+        out = self.runner.run(("model", self.key), body, dict(x=x, t=t),
+                              dict(rows=rows, plan=plan, segments=segments))  # segments: part of the graph key
+        return out.clone() if self.runner.resolve([x]) == "cuda" else out  # static outputs are reused by the next replay
+
+    def guided(self, g, height: int, width: int, plan=None):
+        """(x [B, ...], t [B]) -> the guided prediction of ``g``'s B sample rows: one call of
+        the model rows ([uncond, cond] with guidance). For code that drives a model step by
+        hand (tests, extraction); methods are programs and never need it."""
+        rows = self.condition_guidance(g, height, width)
+
+        def fn(x, t):
+            if g.guided:
+                x, t = torch.cat([x, x]), torch.cat([t, t])
+            return g.combine(self(x, t, rows, plan))
+
+        return fn
+
+
+class UNetDenoiser(Denoiser):
     """SD / SDXL UNet rows -> model output, eager or through a GraphRunner."""
 
     family = "unet"
@@ -62,42 +143,15 @@ class UNetDenoiser:
         self.text_projection_dim = text_projection_dim
         self.runner = runner
         self.controlnet = controlnet  # with one, every row carries a control image and scale (0: none)
-        # Parameter overrides {name: tensor}: a fine-tune (Imagic) runs the same modules with its
-        # own weights, the model's untouched (torch.func.functional_call, per call).
         self.weights = weights
 
     @property
-    def model_key(self) -> tuple:
-        """Programs with equal model keys may join one loop (same model)."""
-        return (self.family, id(self.unet), id(self.controlnet))
-
-    @property
-    def key(self) -> tuple:
-        """Rows of programs with equal keys may share a model call (same model and weights)."""
-        return self.model_key + ((id(self.weights),) if self.weights is not None else ())
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def attn_layers(self) -> list:
-        return self.unet.attn_layers
+    def model(self) -> nn.Module:
+        return self.unet
 
     @property
     def sdxl(self) -> bool:
         return self.unet.config.addition_embed_type == "text_time"
-
-    def with_runner(self, runner: GraphRunner | None) -> "UNetDenoiser":
-        return UNetDenoiser(self.unet, self.text_projection_dim, runner, self.controlnet, self.weights)
-
-    def with_weights(self, weights: dict[str, Tensor] | None) -> "UNetDenoiser":
-        """The same model call with the UNet's parameters ``weights`` (by name) in place of its own."""
-        return UNetDenoiser(self.unet, self.text_projection_dim, self.runner, self.controlnet, weights)
 
     # ---- conditioning -------------------------------------------------------------------
     def time_ids(self, n: int, height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
@@ -145,19 +199,6 @@ class UNetDenoiser:
         ids = g.time_ids if g.time_ids is None or not g.guided else torch.cat([g.time_ids, g.time_ids])  # [R, 6]
         return self.condition(g.model_conditioning(), height, width, time_ids=ids, control=control, **size_kw)
 
-    def guided(self, g, height: int, width: int, plan=None):
-        """(x [B, ...], t [B]) -> the guided prediction of ``g``'s B sample rows: one call of
-        the model rows ([uncond, cond] with guidance). For code that drives a model step by
-        hand (tests, extraction); methods are programs and never need it."""
-        rows = self.condition_guidance(g, height, width)
-
-        def fn(x, t):
-            if g.guided:
-                x, t = torch.cat([x, x]), torch.cat([t, t])
-            return g.combine(self(x, t, rows, plan))
-
-        return fn
-
     # ---- the call -----------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:
         """x [R, C, h, w] (any float dtype), t [R] -> model output [R, C, h, w] (model dtype).
@@ -169,15 +210,4 @@ class UNetDenoiser:
             if rows.controlled:  # the ControlNet reads the same rows; no attention plan (its layers are its own)
                 down, mid = self.controlnet(x, t, f["context"], f["control"], f["control_scale"], added)
                 res = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-            if self.weights is not None:
-                return torch.func.functional_call(self.unet, self.weights, (x, t, f["context"], added),
-                                                  dict(plan=plan, **res), strict=False)
-            return self.unet(x, t, f["context"], added, plan=plan, **res)  # the UNet casts x to its dtype
-
-    def __call__(self, x: Tensor, t: Tensor, rows: RowCond, plan=None, segments=None) -> Tensor:
-        if self.runner is None:
-            return self.forward(x, t, rows, plan, segments)
-        body = lambda inp, c: self.forward(inp["x"], inp["t"], c["rows"], c["plan"], c["segments"])  # noqa: E731
-        out = self.runner.run(("model", self.key), body, dict(x=x, t=t),
-                              dict(rows=rows, plan=plan, segments=segments))  # segments: part of the graph key
-        return out.clone() if self.runner.resolve([x]) == "cuda" else out  # static outputs are reused by the next replay
+            return self._model(x, t, f["context"], added, plan=plan, **res)  # the UNet casts x to its dtype

@@ -25,11 +25,11 @@ def test_e2e_all_workloads(tmp_path, capsys):
 
     out = tmp_path / "e2e-cpu.json"
     assert e2e.main(TINY + ["--out", str(out), "--profile", str(tmp_path / "trace.json"),
-                            "--workloads", "W1,W2,W3,W4"]) == 0
+                            "--workloads", "W1,W2,W3,W4,W5,W6"]) == 0
     data = _load(out)
     rows = {(r["workload"].split("-")[0], r["impl"]): r for r in data["results"]}
     assert not [r for r in data["results"] if r.get("error")]
-    for w in ("W1", "W2", "W3", "W4"):
+    for w in ("W1", "W2", "W3", "W4", "W5", "W6"):
         assert (w, "ours") in rows and any(k[0] == w and k[1].startswith("diffusers") for k in rows)
     for r in data["results"]:
         assert r["median_s"] > 0 and len(r["times_s"]) == 1 and r["unet_rows"] > 0 and 0 < r["vae_share"] <= 1
@@ -39,7 +39,10 @@ def test_e2e_all_workloads(tmp_path, capsys):
     p2p = next(r for r in data["results"] if r["workload"].startswith("W3") and "p2p" in r["workload"] and r["impl"] == "ours")
     assert p2p["ratio_vs_generation_same_batch"] > 0
     assert out.with_suffix(".svg").read_text().startswith("<svg")
-    assert sorted(p.name for p in tmp_path.glob("trace-*.json")) == [f"trace-W{i}.json" for i in range(1, 5)]
+    w5, w6 = rows[("W5", "ours")], rows[("W6", "ours")]
+    assert w5["unet_calls"] == 2 and w5["unet_rows"] == 2  # FLUX.1-dev: embedded guidance, one row per step
+    assert w6["unet_calls"] == 4 and rows[("W6", "diffusers-loop")]["unet_calls"] == 4  # 2 inversion + 2 edit steps
+    assert sorted(p.name for p in tmp_path.glob("trace-*.json")) == [f"trace-W{i}.json" for i in range(1, 7)]
     assert "Self CPU" in capsys.readouterr().out  # the top-kernel table
 
 

@@ -154,6 +154,21 @@ def test_interp_scale(interp):
                                **TOL[torch.float32])
 
 
+def _store_block(dtype=torch.float32):
+    """FLUX-shaped joint attention: 12 text tokens then 40 image tokens; store image queries x text keys."""
+    q, k, v, kw = make(B=3, H=2, Nq=52, Nk=52, D=64, dtype=dtype, inject="k", weights=True)
+    kw.update(store=torch.full((3, 40, 12), float("nan")), store_queries=(12, 52), store_keys=(0, 12))
+    return q, k, v, kw
+
+
+def test_interp_store_block(interp):
+    q, k, v, kw = _store_block()
+    check(q, k, v, kw, path="triton")
+    full = torch.zeros(3, 52, 52, dtype=torch.float64)  # the block is a slice of the whole map
+    kernels.attention_reference(q, k, v, **{**kw, "store": full, "store_queries": None, "store_keys": None})
+    torch.testing.assert_close(kw["store"].double(), full[:, 12:, :12], **STORE_TOL[torch.float32])
+
+
 def test_late_triton_interpret_flag_is_an_error(monkeypatch):
     if _interpreter_ready():
         pytest.skip("triton was imported with TRITON_INTERPRET=1 in this process")
@@ -190,6 +205,17 @@ def test_torch_shapes(torch_path, D, Nk):
     check(q, k, v, kw, path="torch")
 
 
+def test_torch_store_block(torch_path):
+    q, k, v, kw = _store_block()
+    check(q, k, v, kw, path="torch")
+    with pytest.raises(ValueError, match=r"store must have shape \[B, Nq, Nk\] = \[3, 40, 12\]"):
+        kernels.attention(q, k, v, **{**kw, "store": torch.zeros(3, 52, 12)})
+    with pytest.raises(ValueError, match="store_keys must be a"):
+        kernels.attention(q, k, v, **{**kw, "store_keys": (5, 2)})
+    with pytest.raises(ValueError, match="store_queries needs store"):
+        kernels.attention(q, k, v, store_queries=(0, 4))
+
+
 def test_torch_plain_is_sdpa(torch_path):
     # The executor must match diffusers (SDPA) to 1e-5: plain calls are SDPA on the injected rows,
     # and the explicit path (forced here by unit weights) stays within 1e-5 of it.
@@ -209,7 +235,7 @@ def _err(match, q=None, k=None, v=None, **kw):
 
 
 def test_errors(torch_path):
-    q, k, v, _ = make(B=2, Nq=8, Nk=300, D=64)
+    q, k, v, _ = make(B=2, Nq=8, Nk=600, D=64)
     _err("must be 4-D", q=torch.randn(2, 8, 64))
     _err("dtype torch.float64", q=torch.randn(2, 2, 8, 64, dtype=torch.float64))
     _err("share a dtype", k=torch.randn(2, 2, 8, 64).half(), v=torch.randn(2, 2, 8, 64).half())
@@ -222,8 +248,8 @@ def test_errors(torch_path):
     _err("token_weights must have shape", token_weights=torch.ones(2, 9))
     _err("store must be a float16 or float32", store=torch.zeros(2, 8, 8, dtype=torch.bfloat16))
     _err("store must have shape", store=torch.zeros(2, 8, 9))
-    with pytest.raises(ValueError, match="Nk <= 256"):
-        kernels.attention(q, k, v, store=torch.zeros(2, 8, 300))
+    with pytest.raises(ValueError, match="up to 512 keys"):
+        kernels.attention(q, k, v, store=torch.zeros(2, 8, 600))
     _err("ip must be a tuple", ip=(torch.zeros(1),))
     _err("ip k_img has shape", ip=(torch.zeros(2, 2, 4, 32), torch.zeros(2, 2, 4, 32), 1.0))
     _err("ip scale tensor", ip=(torch.zeros(2, 2, 4, 64), torch.zeros(2, 2, 4, 64), torch.ones(3)))
