@@ -92,7 +92,7 @@ def gen_variants(m: common.Models, impls, prompt: str, size: int, steps: int, gu
     seq = m.ours.max_sequence_length
     out = []
     for impl in impls:
-        if impl == "ours":
+        if impl in ("ours", "ours-compile"):  # e2e compiles our transformer before the compile variant
             out.append((impl, lambda: m.ours.generate(prompt, **kw)))
         elif impl == "ours-graphs":
             out.append((impl, lambda: m.ours.generate(prompt, cuda_graphs=True, **kw)))
@@ -108,12 +108,11 @@ def rf_variants(m: common.Models, impls, src: str, tgt: str, size: int, steps: i
     RF-Inversion pipeline in its library (only a community script): ``diffusers-loop`` is the same
     number of transformer calls as plain diffusers, the floor any implementation pays."""
     image = common.source_image(size)
-    out = []
-    if "ours" in impls:
-        def ours():
-            inv = m.ours.invert(image, src, method="rf-inversion", steps=steps, progress=False)
-            return m.ours.edit(inv, "rf-inversion", tgt, embedded_guidance=3.5, output_type="pt", progress=False)
-        out.append(("ours", ours))
+    def ours():
+        inv = m.ours.invert(image, src, method="rf-inversion", steps=steps, progress=False)
+        return m.ours.edit(inv, "rf-inversion", tgt, embedded_guidance=3.5, output_type="pt", progress=False)
+
+    out = [(i, ours) for i in impls if i in ("ours", "ours-compile")]
     if "diffusers" in impls:
         out.append(("diffusers-loop", lambda: diffusers_rf_loop(m.theirs, image, src, tgt, steps)))
     return out

@@ -56,9 +56,9 @@ class FluxPipeline(Pipeline):
         self._encoders_device = self.device
 
     def __repr__(self) -> str:
-        return (f"FluxPipeline({self.name!r}, device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
-                f"size={self.default_size}, guidance_embeds={self.transformer.config.guidance_embeds}, "
-                f"id={self.identity!r})")
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"FluxPipeline({self.name!r}, device={str(self.device)!r}, dtype={dtype}, size={self.default_size}, "
+                f"guidance_embeds={self.transformer.config.guidance_embeds}, id={self.identity!r})")
 
     @property
     def model(self):

@@ -23,13 +23,15 @@ from engine.loading.flux import FluxComponents, is_flux, load_flux_components
 from engine.loading.modules import load_module, load_text_encoder, load_tokenizer, load_unet, load_vae
 
 __all__ = [
-    "Components", "FluxComponents", "LoadError", "ModelCard", "ModelNotFoundError", "hub_cache_dir", "load_components", "load_module",
+    "Components", "FluxComponents", "LoadError", "ModelCard", "ModelNotFoundError", "hub_cache_dir", "load_components",
+    "load_module",
     "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "parse_device", "parse_dtype",
     "read_state_dict", "resolve",
 ]
 
 # Names of the models that ship inside the package (an existing local folder of that name wins).
-BUNDLED = {"shapes": Path(__file__).parent / "shapes" / "model", "shapes-dit": Path(__file__).parent / "shapes" / "dit_model"}
+BUNDLED = {"shapes": Path(__file__).parent / "shapes" / "model",
+           "shapes-dit": Path(__file__).parent / "shapes" / "dit_model"}
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -126,7 +128,8 @@ def _component(root: Path, model_index: dict, name: str, required: bool) -> Path
 
 
 def load_components(path_or_id: str | Path, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype = torch.float32, variant: str | None = None) -> Components | FluxComponents:
+                    dtype: str | torch.dtype = torch.float32,
+                    variant: str | None = None) -> Components | FluxComponents:
     """Load unet, vae, text encoder(s), tokenizer(s) and scheduler config of a pipeline (a FLUX
     folder gives :class:`~engine.loading.flux.FluxComponents`: a transformer, CLIP and T5).
 

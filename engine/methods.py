@@ -20,9 +20,9 @@ def check_family(method: str, model_family: str, what: str = "edit") -> None:
     """A clear error for a method of another model family (before any work is done)."""
     if method in DEFAULT_INVERSION and family(method) != model_family:
         names = sorted(m for m in DEFAULT_INVERSION if family(m) == model_family)
-        kind = "FLUX" if model_family == "flux" else "UNet (SD, SDXL)"
-        raise ValueError(f"{what} method {method!r} runs on {'FLUX' if family(method) == 'flux' else 'UNet (SD, SDXL)'} "
-                         f"models; this is a {kind} model: use one of {', '.join(names)}")
+        kinds = {"flux": "FLUX", "unet": "UNet (SD, SDXL)"}
+        raise ValueError(f"{what} method {method!r} runs on {kinds[family(method)]} models; this is a "
+                         f"{kinds[model_family]} model: use one of {', '.join(names)}")
 
 # Inversions made under the edit's own text rather than the source caption (Imagic optimises
 # from the target's embedding and tunes the model for it).

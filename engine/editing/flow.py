@@ -65,9 +65,9 @@ class FlowInversion(ControlledFlow):
     """sigma 0 -> 1 from the image latents; records the trajectory and returns an :class:`Inversion`."""
 
     def __init__(self, pipe, g, x0, forward, settings: dict, y1=None, gamma: float = 0.0, callback=None, **kw):
-        steps = len(forward)
-        super().__init__(pipe.denoiser, g, x0, flipped(forward, pipe.schedule.num_train_timesteps), height=settings["height"], width=settings["width"],
-                         callback=callback, anchor=y1, tau=1.0, weights=[gamma] * steps, **kw)
+        inverse = flipped(forward, pipe.schedule.num_train_timesteps)
+        super().__init__(pipe.denoiser, g, x0, inverse, height=settings["height"], width=settings["width"],
+                         callback=callback, anchor=y1, tau=1.0, weights=[gamma] * len(forward), **kw)
         self.pipe, self.x0, self.forward, self.settings, self.traj = pipe, x0, forward, settings, [x0]
 
     def after_update(self, i):

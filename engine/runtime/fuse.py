@@ -42,22 +42,25 @@ def set_inductor_cache() -> Path:
 
 
 def compile_unet(pipe, mode: str | None = None, fullgraph: bool = False, dynamic: bool = False) -> None:
-    """Compile ``pipe.unet`` in place with torch.compile (the first call pays the compile
-    time; see benchmarks/e2e.py, which reports it separately as ``compile_s``)."""
+    """Compile ``pipe.model`` (the UNet, or a FLUX transformer) in place with torch.compile (the
+    first call pays the compile time; see benchmarks/e2e.py, which reports it separately as
+    ``compile_s``)."""
     set_inductor_cache()
-    pipe.unet.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic)
-    log.info("compiled the UNet (mode=%s); inductor cache %s", mode, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    pipe.model.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+    log.info("compiled the %s (mode=%s); inductor cache %s", type(pipe.model).__name__, mode,
+             os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def uncompile(pipe) -> None:
     """Undo `compile_unet`: the module runs eagerly again."""
-    pipe.unet._compiled_call_impl = None
+    pipe.model._compiled_call_impl = None
 
 
 def is_compiled(pipe) -> bool:
-    return getattr(pipe.unet, "_compiled_call_impl", None) is not None
+    return getattr(pipe.model, "_compiled_call_impl", None) is not None
 
 
 def channels_last(pipe) -> None:
-    """Convert the UNet's 4-D parameters to channels-last (NHWC) memory format in place."""
-    pipe.unet.to(memory_format=torch.channels_last)
+    """Convert the UNet's 4-D parameters to channels-last (NHWC) memory format in place (a FLUX
+    transformer has none: a no-op there)."""
+    pipe.model.to(memory_format=torch.channels_last)

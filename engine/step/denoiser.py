@@ -2,10 +2,11 @@
 
 A program never touches the model. It hands the loop its rows: latents, a per-row
 timestep, its conditioning in the family-neutral form of :class:`~engine.prompts.Conditioning`
-(turned into the model's own inputs once, by :meth:`UNetDenoiser.condition`) and an
+(turned into the model's own inputs once, by the Denoiser's ``condition``) and an
 attention plan. The Denoiser owns everything model-family specific -- SD's context,
-SDXL's pooled embeddings and micro-conditioning time ids; later FLUX's text ids and
-guidance embedding -- and how the call runs: eagerly, or through a
+SDXL's pooled embeddings and micro-conditioning time ids (:class:`UNetDenoiser`); FLUX's
+T5 sequence, pooled CLIP and embedded guidance (:mod:`engine.step.flux_denoiser`) -- and
+how the call runs (:class:`Denoiser`): eagerly, or through a
 :class:`~engine.runtime.graphs.GraphRunner` (CUDA graphs with an eager fallback; "fake"
 mode on CPU runs the same static-buffer plumbing).
 """

@@ -152,3 +152,26 @@ def test_injected_keys_and_values_are_the_sources_image_tokens(pair):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0], plain[0], rtol=1e-5, atol=1e-6)  # the source row reads itself
     assert (got[1] - plain[1]).abs().max() > 1e-3  # the target changed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled Triton kernel)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_half_precision_matches_fp32(pair, dtype):
+    """On a GPU, in half precision, through the Triton kernel (with a stored map block): close to
+    the CPU fp32 output, and the stored image x text maps close to the fp32 ones."""
+    import copy
+
+    arch, _, ours = pair
+    kw = _inputs(ours.config, 2)
+    kw["timestep"] = torch.tensor([0.8, 0.2])
+    if ours.config.guidance_embeds:
+        kw["guidance"] = torch.tensor([3.5, 3.5])
+    n, text = kw["hidden_states"].shape[1], kw["encoder_hidden_states"].shape[1]
+    want_maps = torch.zeros(2, n, text)
+    with torch.no_grad():
+        want = ours(**kw, plan=AttentionPlan(store={1: want_maps}))
+        gpu = copy.deepcopy(ours).to("cuda", dtype)
+        maps = torch.zeros(2, n, text, device="cuda")
+        got = gpu(**{k: v.cuda() for k, v in kw.items()}, plan=AttentionPlan(store={1: maps}))
+    assert _rel(want, got.float().cpu()) <= 3e-2
+    torch.testing.assert_close(maps.cpu(), want_maps, rtol=0, atol=2e-2)

@@ -296,3 +296,20 @@ def test_serve_refuses_an_open_host_without_a_key(capsys, monkeypatch):
     assert "set an API key" in capsys.readouterr().err
     check_host("0.0.0.0", "key", False)
     check_host("0.0.0.0", None, True)
+
+
+def test_flux_model_over_http(live, flux_pipe):
+    """A FLUX model served the same way: RF-Inversion and flow edits, a generation, their errors."""
+    s = live(ServeSettings(max_body_bytes=2 << 20, max_pixels=512 * 512), flux_pipe)
+    c = s.client
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png((16, 16)), "image/png")},
+               data=edit_form(method="rf-inversion", gamma="0.3", eta="0.8", stop="0.5"))
+    assert r.status_code == 200, r.text
+    got = _finish(c, c.post("/v1/edits", json={"image": b64(png((16, 16))), "source_prompt": "a red circle",
+                                               "target_prompt": "a blue circle", "steps": 2, "method": "flow"}))
+    assert got["status"] == "succeeded", got
+    r = c.post("/v1/images/generations", json={"prompt": "a red circle", "steps": 2, "size": "16x16"})
+    assert r.status_code == 200, r.text
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png((16, 16)), "image/png")},
+               data=edit_form(method="p2p"))
+    assert "runs on UNet" in error_of(r, 400)["message"]
