@@ -6,7 +6,7 @@ from __future__ import annotations
 # The inversion each edit method edits unless a model's recipes (ModelCard.inversion_for) say otherwise.
 DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddpm": "ddpm", "pnp": "ddim",
                      "masactrl": "ddim", "null-text": "null-text", "pix2pix-zero": "pix2pix-zero", "imagic": "imagic",
-                     "flow": "flow", "rf-inversion": "rf-inversion"}
+                     "flow": "flow", "rf-inversion": "rf-inversion", "renoise": "renoise"}
 
 # The model family each method runs on ("unet": SD / SDXL; "flux": FLUX.1 and the Shapes DiT).
 FLUX_METHODS = frozenset({"flow", "rf-inversion"})

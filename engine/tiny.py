@@ -63,7 +63,10 @@ def t5_tokenizer(pieces: list[tuple[str, float]] = (), max_length: int = 16):
     from transformers import T5TokenizerFast
 
     letters = [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'-"] + [("▁", -3.0)]
-    vocab = [(s, 0.0) for s in T5_SPECIALS] + list(dict.fromkeys(list(pieces) + letters))
+    scores = {s: 0.0 for s in T5_SPECIALS}
+    for piece, score in [*pieces, *letters]:
+        scores.setdefault(piece, score)  # one entry per piece: the first score given wins
+    vocab = list(scores.items())
     pad, eos, unk = T5_SPECIALS
     return T5TokenizerFast(vocab=vocab, eos_token=eos, unk_token=unk, pad_token=pad, extra_ids=0,
                            model_max_length=max_length)

@@ -18,9 +18,10 @@ SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
 LEDITS, P2P = ("ledits++",), ("p2p",)
 FLOW = ("flow", "rf-inversion")  # FLUX models
 INVERTED_GUIDED = ("p2p", "ddim", "ddpm", "pnp", "masactrl", "null-text") + FLOW  # inversions that take a guidance
-GUIDED = INVERTED_GUIDED + ("pix2pix-zero", "imagic")  # guided edits
+GUIDED = INVERTED_GUIDED + ("pix2pix-zero", "imagic", "renoise")  # guided edits
 PNP, MASACTRL, NULLTEXT, P2PZERO, IMAGIC = ("pnp",), ("masactrl",), ("null-text",), ("pix2pix-zero",), ("imagic",)
 RF = ("rf-inversion",)
+RENOISE = ("renoise",)
 
 
 def _number(kind, lo=None, positive=False):
@@ -212,11 +213,14 @@ EDIT_OPTIONS = [
                 help="pix2pix-zero: edit along word -> word, e.g. --direction cat dog (instead of --target-prompt)")),
     Opt(("--xa-guidance",), "cross_attention_guidance", P2PZERO,
         kw=dict(type=_number(float, lo=0), help="pix2pix-zero: cross-attention guidance step (default 0.1)")),
-    Opt(("--lambda-ac",), "lambda_ac", P2PZERO, "invert",
-        kw=dict(type=_number(float, lo=0), help="pix2pix-zero: auto-correlation regularisation of the inversion "
-                                                 "(default 20)")),
-    Opt(("--lambda-kl",), "lambda_kl", P2PZERO, "invert",
-        kw=dict(type=_number(float, lo=0), help="pix2pix-zero: KL regularisation of the inversion (default 20)")),
+    Opt(("--lambda-ac",), "lambda_ac", P2PZERO + RENOISE, "invert",
+        kw=dict(type=_number(float, lo=0), help="pix2pix-zero, renoise: auto-correlation regularisation of the "
+                                                 "inversion (default 20)")),
+    Opt(("--lambda-kl",), "lambda_kl", P2PZERO + RENOISE, "invert",
+        kw=dict(type=_number(float, lo=0), help="pix2pix-zero: KL regularisation of the inversion (default 20); "
+                                                 "renoise: patch KL to the forward-noised image's noise (0.065)")),
+    Opt(("--renoise-steps",), "renoise_steps", RENOISE, "invert",
+        kw=dict(type=_number(int, lo=0), help="renoise: renoising iterations per step (default 1)")),
     # Imagic
     Opt(("--alpha",), "alpha", IMAGIC,
         kw=dict(type=finite, help="imagic: interpolation alpha·target + (1-alpha)·optimised embedding "

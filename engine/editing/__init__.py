@@ -25,6 +25,7 @@ INVERTERS = {
     "imagic": ("engine.editing.imagic", "invert"),
     "flow": ("engine.editing.flow", "flow_invert"),
     "rf-inversion": ("engine.editing.flow", "invert"),
+    "renoise": ("engine.editing.renoise", "invert"),
 }
 EDITORS = {
     "ddim": ("engine.editing.ddim", "edit"),
@@ -38,6 +39,7 @@ EDITORS = {
     "imagic": ("engine.editing.imagic", "edit"),
     "flow": ("engine.editing.flow", "flow_edit"),
     "rf-inversion": ("engine.editing.flow", "edit"),
+    "renoise": ("engine.editing.ddim", "edit"),  # a ReNoise inversion replays with DDIM
 }
 
 

@@ -67,6 +67,23 @@ def write_t5_tokenizer(folder: str | Path):
     return tok
 
 
+def fit_vocab(t5, tokenizer) -> None:
+    """Give the T5 encoder a row for every id the tokenizer can produce (new rows: the unknown
+    token's embedding). A tokenizer whose ids have a gap has more ids than pieces."""
+    n, have = len(tokenizer), t5.get_input_embeddings().weight.shape[0]
+    if n > have:
+        t5.resize_token_embeddings(n)
+        with torch.no_grad():
+            emb = t5.get_input_embeddings().weight  # [n, D]
+            emb[have:] = emb[tokenizer.unk_token_id]
+
+
+def load_t5_tokenizer(folder: str | Path):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+
+
 def transformer_config(s: DiTSizes, latent_channels: int = 4) -> dict:
     return dict(patch_size=1, in_channels=4 * latent_channels, num_layers=s.double_layers,
                 num_single_layers=s.single_layers, attention_head_dim=s.head_dim, num_attention_heads=s.heads,
@@ -110,7 +127,8 @@ def build(sizes: DiTSizes, tokenizer_dir: str | Path, shapes: str | Path = SHAPE
     vae.register_to_config(shift_factor=0.0)  # FluxPipeline adds it when decoding; the latents are standardised
     clip = CLIPTextModel.from_pretrained(shapes / "text_encoder")
     tok = CLIPTokenizer.from_pretrained(str(shapes / "tokenizer"))
-    tok2 = write_t5_tokenizer(tokenizer_dir)
+    tok2 = load_t5_tokenizer(tokenizer_dir) if (Path(tokenizer_dir) / "tokenizer.json").is_file() \
+        else write_t5_tokenizer(tokenizer_dir)  # a resumed run keeps the vocabulary it trained with
     pooled = clip.config.hidden_size
     cfg = transformer_config(sizes, vae.config.latent_channels)
     cfg["pooled_projection_dim"] = pooled

@@ -27,7 +27,7 @@ import torch
 
 from engine.shapes import recipes, scene_code
 from engine.models.flux import image_ids, pack
-from engine.shapes.dit import DiTSizes, build, save_pipeline
+from engine.shapes.dit import DiTSizes, build, fit_vocab, save_pipeline
 from engine.shapes.model import folder_megabytes
 from engine.shapes.train import (EMA, Logger, TokenCache, _after_step, _bar, _generator, _lr, _save_checkpoint,
                                  _start, _update, scene_batch)
@@ -144,6 +144,9 @@ def run(cfg: DiTTrainConfig) -> Path:
     stage, step = "t5", 0
     if cfg.resume and ckpt_path.exists():
         st = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        rows = st["text_encoder_2"]["shared.weight"].shape[0]  # the vocabulary the checkpoint's T5 has
+        if rows != m.text_encoder_2.get_input_embeddings().weight.shape[0]:
+            m.text_encoder_2.resize_token_embeddings(rows)
         m.transformer.load_state_dict(st["transformer"]), m.text_encoder_2.load_state_dict(st["text_encoder_2"])
         opt.load_state_dict(st["opt"])
         if ema is not None and st.get("ema") is not None:
@@ -172,6 +175,7 @@ def run(cfg: DiTTrainConfig) -> Path:
     if ema is not None:
         ema.copy_to([m.transformer])
     m.transformer.eval()
+    fit_vocab(m.text_encoder_2, m.tokenizer_2)
     save_pipeline(m, out)
     summary = {"dit_steps": step, "wall_s": round(time.time() - t0, 1),
                "safetensors_mb": round(folder_megabytes(out), 2),

@@ -59,3 +59,15 @@ def test_log_checkpoint_and_resume(trained, tmp_path):
     a = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(half / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_vocab_adds_rows_for_ids_past_the_embedding(tmp_path):
+    from transformers import T5EncoderModel
+
+    tok = dit.write_t5_tokenizer(tmp_path)
+    t5 = T5EncoderModel(dit.t5_config(dit.DiTSizes.smoke(), len(tok) - 2))
+    dit.fit_vocab(t5, tok)
+    emb = t5.get_input_embeddings().weight
+    assert emb.shape[0] == len(tok)
+    torch.testing.assert_close(emb[-1], emb[tok.unk_token_id], rtol=0, atol=0)
+

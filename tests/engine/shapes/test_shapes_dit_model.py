@@ -36,6 +36,13 @@ def test_engine_matches_diffusers(pipe):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_every_token_id_has_an_embedding(pipe):
+    """Words outside the world's vocabulary tokenize letter by letter; the T5 has a row for each id."""
+    ids = pipe.tokenizers[1]("a purple hexagon", padding="max_length", max_length=32).input_ids
+    assert max(ids) < pipe.text_encoders[1].get_input_embeddings().weight.shape[0]
+    pipe.encode_prompt("a purple hexagon", guidance=False)
+
+
 def test_card(pipe):
     from engine.shapes import recipes
 
