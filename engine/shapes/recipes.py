@@ -53,7 +53,7 @@ METHODS = ("ddim", "ddpm", "p2p", "ledits++", "pnp", "masactrl", "null-text", "p
 STEPS = 30
 DIT_METHODS = ("flow", "rf-inversion")
 DIT_STEPS = 28
-DIT_GUIDANCE = 4.0  # classifier-free guidance of the Shapes DiT's generations and edits
+DIT_GUIDANCE = 2.0  # classifier-free guidance of the Shapes DiT's generations and edits (40 prompts: 95% at 2, 90% at 4 and 6)
 
 INVERT = {
     "ddim": dict(method="ddim", steps=STEPS, guidance_scale=1.0),

@@ -131,3 +131,23 @@ def test_chroma_benchmark_keys_a_background_the_world_has(tmp_path):
     r = json.loads(out.read_text())["results"][0]
     assert r["black"]["key_bg"] >= 0.75 and r["black"]["alpha_ok"] >= 0.95, r
     assert json.loads(out.read_text())["meta"]["device"]
+
+
+DIT = BUNDLED["shapes-dit"]
+
+
+@pytest.mark.skipif(not (DIT / "model_index.json").is_file(), reason="bundled shapes-dit not present")
+def test_dit_colour_swaps_with_rf_inversion():
+    """The Shapes DiT's recipes (RF-Inversion and flow inversion) on the first three colour swaps:
+    the source replays, the colour changes and the background is kept."""
+    import engine
+    from benchmarks import shapes_edit as se
+
+    pipe = engine.load("shapes-dit")
+    for scene, edit in _colour_cases(3):
+        by_method = se.run_case(pipe, ["flow", "rf-inversion"], scene, edit)
+        for m, r in by_method.items():
+            assert r["recon_psnr"] >= 27.0, (m, edit, r)
+        r = by_method["rf-inversion"]
+        assert r["success"] and r["bg_psnr"] >= MIN_BG_PSNR, (edit, r)
+
