@@ -19,10 +19,9 @@ import logging
 import torch
 
 from .images import fit_size
-from .loading.card import ModelCard
 from .pipeline import Pipeline
 from .prompts import Conditioning, as_list
-from .sampling import NoiseSchedule, SchedulerConfig, flow_shift_mu, flux_base_sigmas, make_sampler
+from .sampling import flow_shift_mu, flux_base_sigmas, make_sampler
 from .step import FluxDenoiser, Guidance, SamplerProgram, drawn_noise
 
 __all__ = ["FluxPipeline"]
@@ -36,22 +35,10 @@ class FluxPipeline(Pipeline):
 
     default_method = "flow"
 
-    def __init__(self, components):  # noqa: super().__init__ is the UNet pipeline's
-        c = components
-        self.components = c
+    def __init__(self, components):  # not super().__init__: that one is the UNet pipeline's
+        self._setup(components)
         self.arch = "flux"
-        self.transformer = c.transformer
-        self.vae = c.vae
-        self.text_encoders = [c.text_encoder, c.text_encoder_2]
-        self.tokenizers = [c.tokenizer, c.tokenizer_2]
-        self.scheduler_config = SchedulerConfig.from_dict(c.scheduler_config)
-        self.schedule = NoiseSchedule(self.scheduler_config)
-        self.model_index = c.model_index
-        self.vae_dtype = c.vae_dtype
-        self.card = getattr(c, "card", None) or ModelCard()
-        self.name, self.identity = getattr(c, "name", "") or str(c.root), getattr(c, "identity", "")
-        self._warned: set = set()
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.transformer = components.transformer
         self.default_sampler = "flow_euler"
         self._encoders_device = self.device
 

@@ -38,9 +38,20 @@ class Pipeline:
 
     def __init__(self, components):
         c = components
-        self.components = c
+        self._setup(c)
         self.arch = c.arch  # "sd" or "sdxl"
         self.unet = c.unet
+        try:
+            self.default_sampler = sampler_name_for(self.scheduler_config)
+        except UnsupportedConfigError:
+            # e.g. SD1.5 ships PNDM, which we do not implement: DDIM is the usual stand-in.
+            self.default_sampler = "ddim"
+            log.info("no sampler for scheduler %s; using ddim", self.scheduler_config.class_name)
+
+    def _setup(self, c) -> None:
+        """What every model family's pipeline keeps of its components: VAE, text encoders and
+        tokenizers, the schedule, the model card and the model's name and identity."""
+        self.components = c
         self.vae = c.vae
         self.text_encoders = [e for e in (c.text_encoder, c.text_encoder_2) if e is not None]
         self.tokenizers = [t for t in (c.tokenizer, c.tokenizer_2) if t is not None]
@@ -54,12 +65,6 @@ class Pipeline:
         self.name, self.identity = getattr(c, "name", "") or str(c.root), getattr(c, "identity", "")
         self._warned: set = set()
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        try:
-            self.default_sampler = sampler_name_for(self.scheduler_config)
-        except UnsupportedConfigError:
-            # e.g. SD1.5 ships PNDM, which we do not implement: DDIM is the usual stand-in.
-            self.default_sampler = "ddim"
-            log.info("no sampler for scheduler %s; using ddim", self.scheduler_config.class_name)
 
     def __repr__(self) -> str:
         return (f"Pipeline({self.name!r}, arch={self.arch!r}, device={str(self.device)!r}, "

@@ -154,6 +154,23 @@ def test_injected_keys_and_values_are_the_sources_image_tokens(pair):
     assert (got[1] - plain[1]).abs().max() > 1e-3  # the target changed
 
 
+def test_rows_injecting_their_own_keys_and_values_are_bit_identical(pair):
+    """Identity injection computes exactly the plain attention; rows that read themselves in a call
+    where another row injects are unchanged too."""
+    arch, _, ours = pair
+    kw = _inputs(ours.config, 3, seed=4)
+    kw["timestep"] = torch.tensor([0.6, 0.3, 0.9])
+    if ours.config.guidance_embeds:
+        kw["guidance"] = torch.tensor([3.5, 3.5, 2.0])
+    ident, mixed = torch.arange(3), torch.tensor([0, 0, 2])
+    with torch.no_grad():
+        plain = ours(**kw)
+        same = ours(**kw, plan=AttentionPlan(self_inject={"k_from": ident, "v_from": ident}))
+        other = ours(**kw, plan=AttentionPlan(self_inject={"k_from": mixed, "v_from": mixed}))
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+    torch.testing.assert_close(other[[0, 2]], plain[[0, 2]], rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled Triton kernel)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_half_precision_matches_fp32(pair, dtype):

@@ -48,4 +48,4 @@ def test_card(pipe):
 
     assert pipe.card.to_dict()["generate"] == recipes.dit_card()["generate"]
     assert set(pipe.card.invert) == set(recipes.DIT_METHODS)
-    assert pipe.card.unknown_words("a purple hexagon") == ["purple", "hexagon"]
+    assert pipe.card.unknown_words("a golden hexagon") == ["golden", "hexagon"]
