@@ -18,7 +18,6 @@ import logging
 
 import torch
 
-from .images import fit_size
 from .pipeline import Pipeline
 from .prompts import Conditioning, as_list
 from .sampling import flow_shift_mu, flux_base_sigmas, make_sampler
@@ -62,9 +61,6 @@ class FluxPipeline(Pipeline):
     @property
     def size_multiple(self) -> int:
         return self.vae_scale_factor * 2  # latents are packed in 2 x 2 patches
-
-    def fit_size(self, height: int, width: int):
-        return fit_size(height, width, self.default_size, self.size_multiple)
 
     @property
     def max_sequence_length(self) -> int:
