@@ -47,8 +47,8 @@ VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_c
 ARCHS = {  # arch -> (unet config, text encoders, vae scaling factor, scheduler class, scheduler options)
     "sd15": (SD15_UNET, (CLIP_L,), 0.18215, "DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False)),
     "sdxl": (SDXL_UNET, (CLIP_L, CLIP_BIGG), 0.13025, "EulerDiscreteScheduler", dict(timestep_spacing="leading")),
-    # Turbo ships EulerAncestral (trailing); plain Euler with trailing spacing has the same cost.
-    "sdxl-turbo": ({**SDXL_UNET, "sample_size": 64}, (CLIP_L, CLIP_BIGG), 0.13025, "EulerDiscreteScheduler",
+    # Turbo ships Euler ancestral with trailing spacing (ReNoise's Turbo path inverts it).
+    "sdxl-turbo": ({**SDXL_UNET, "sample_size": 64}, (CLIP_L, CLIP_BIGG), 0.13025, "EulerAncestralDiscreteScheduler",
                    dict(timestep_spacing="trailing")),
 }
 
@@ -67,8 +67,8 @@ class Models:
 
 def build(arch: str, device: str, dtype: torch.dtype, tiny: bool = False, seed: int = 0) -> Models:
     """Random-weight models of ``arch`` ("sd15", "sdxl", "sdxl-turbo") on ``device``."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from engine import tiny as tiny_mod
@@ -101,7 +101,8 @@ def build(arch: str, device: str, dtype: torch.dtype, tiny: bool = False, seed: 
     unet, vae = torch.nn.Module.to(unet, dtype).eval(), torch.nn.Module.to(vae, vae_dtype).eval()
     tes = [t.to(dtype).eval() for t in tes]
     tok = _tokenizer()
-    sched_cls = {"DDIMScheduler": DDIMScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler}[sched_name]
+    sched_cls = {"DDIMScheduler": DDIMScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler,
+                 "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler}[sched_name]
     sched = sched_cls(**SCHED, **sched_kw)
     if xl:
         theirs = StableDiffusionXLPipeline(vae=vae, text_encoder=tes[0], text_encoder_2=tes[1], tokenizer=tok,

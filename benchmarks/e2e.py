@@ -8,7 +8,9 @@
 Workloads (``--workloads``, comma separated):
   W1  SDXL 1024², 50-step generation with classifier-free guidance
   W2  SDXL-Turbo 512²: 1-step generation; a 4-step edit (4 DDIM inversion steps + 4
-      Prompt-to-Prompt steps, source and edit rows in one batch)
+      Prompt-to-Prompt steps, source and edit rows in one batch); the ReNoise Turbo edit (its
+      official inversion: 4 Euler ancestral steps, 9 renoising iterations, noise correction;
+      then a reconstruction and the edit as one 4-step batch; with --graphs also captured)
   W3  SD1.5 512² Prompt-to-Prompt: 50-step DDIM inversion + 50-step edit; and a plain
       50-step generation with the same batch (the ratio is P2P's overhead)
   W4  SDXL 1024² LEDITS++, one concept, 50 steps, vs LEditsPPPipelineStableDiffusionXL
@@ -135,6 +137,20 @@ def diffusers_invert_edit(pipe, image, steps: int, scale: float):
     return vae.decode((x[1:] / vae.config.scaling_factor).to(vae.dtype)).sample
 
 
+def renoise_variants(m: common.Models, impls, size: int, steps: int):
+    """ReNoise's Turbo path (Euler ancestral inversion with noise correction), then the
+    reconstruction and the edit as one batch of rows per step (diffusers has no ReNoise)."""
+    image = common.source_image(size)
+
+    def ours(graphs=None):
+        inv = m.ours.invert(image, SRC, method="renoise", steps=steps, progress=False, cuda_graphs=graphs)
+        reqs = [dict(inv=inv, method="renoise"), dict(inv=inv, method="renoise", target_prompt=TGT)]
+        return m.ours.edit_many(reqs, output_type="pt", cuda_graphs=graphs)[1]
+
+    out = [(i, ours) for i in impls if i in ("ours", "ours-compile")]
+    return out + [("ours-graphs", lambda: ours(True))] if "ours-graphs" in impls else out
+
+
 def variants(name: str, m: common.Models, impls, size: int, steps: int, compiled: dict):
     """[(workload label, impl, run-once function)] of workload ``name``."""
     if name == "W1":
@@ -142,7 +158,8 @@ def variants(name: str, m: common.Models, impls, size: int, steps: int, compiled
     if name == "W2":
         gen = [(f"W2-turbo{size}-gen1", i, f) for i, f in gen_variants(m, impls, SRC, size, 1, 0.0, compiled)]
         edit = [(f"W2-turbo{size}-edit{steps}+{steps}", i, f) for i, f in p2p_variants(m, impls, size, steps, 1.0)]
-        return gen + edit
+        renoise = [(f"W2-turbo{size}-renoise{steps}+{steps}", i, f) for i, f in renoise_variants(m, impls, size, steps)]
+        return gen + edit + renoise
     if name == "W3":
         gen_impls = [i for i in impls if i in ("ours", "ours-graphs", "diffusers")]
         gen = [(f"W3-sd15{size}-gen{steps}-batch2", i, f)

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from .images import load_image
 from .pipeline import Pipeline
 from .prompts import Conditioning, as_list
 from .sampling import flow_shift_mu, flux_base_sigmas, make_sampler
@@ -69,11 +70,62 @@ class FluxPipeline(Pipeline):
     @property
     def denoiser(self) -> FluxDenoiser:
         if getattr(self, "_denoiser", None) is None:
-            self._denoiser = FluxDenoiser(self.transformer)
+            self._denoiser = FluxDenoiser(self.transformer, pulid=getattr(self, "pulid", None))
         return self._denoiser
 
     def load_controlnet(self, path, dtype=None):
         raise ValueError("ControlNets for FLUX are not supported yet; load one into an SD / SDXL pipeline")
+
+    # ---- identity prompts (PuLID) -------------------------------------------------------
+    ADAPTER_HINT = "PuLID: pipe.load_pulid(path, face_embedder=...)"
+
+    def load_ip_adapter(self, *args, **kwargs):
+        raise ValueError("IP-Adapters attach to SD / SDXL UNets; FLUX takes identity prompts through PuLID: "
+                         "pipe.load_pulid(path, face_embedder=...)")
+
+    def load_pulid(self, path, face_embedder=None):
+        """Attach PuLID-Flux (``pulid_flux_v0.9.1.safetensors``: ``pulid_encoder.*``, ``pulid_ca.*``;
+        :mod:`engine.models.pulid`). ``face_embedder(images [B, 3, H, W] in [0, 1]) -> (id_cond
+        [B, 1280], hidden: 5 x [B, N, 1024])`` is the face front end the official code builds from
+        InsightFace's antelopev2 (ArcFace embedding of the largest face) and EVA02-CLIP-L-14-336 (its
+        L2-normalised class embedding; the hidden states entering blocks 4, 8, 12, 16, 20): pass your
+        own; without one, give ``id_embedding=`` to the calls. Then ``generate(id_image=, id_weight=)``
+        and ``invert(..., method="rf-inversion", image_condition=True)`` (Tight Inversion). Returns it."""
+        from .loading.ip_adapter import adapter_file, read_adapter
+        from .models.pulid import from_state_dict
+
+        self.pulid = from_state_dict(self.transformer, read_adapter(adapter_file(path)))
+        self.face_embedder = face_embedder
+        self._denoiser = None  # rows now carry id tokens: a new Denoiser (and batching key)
+        return self.pulid
+
+    def unload_pulid(self) -> None:
+        self.pulid = self.face_embedder = self._denoiser = None
+
+    @torch.no_grad()
+    def id_prompt(self, image=None, weight: float = 1.0, id_embedding=None):
+        """The :class:`~engine.image_prompt.ImagePrompt` of a face: PuLID's id tokens and those of the
+        null face (the official negative branch's), at id ``weight``. ``id_embedding``: (id_cond,
+        hidden) computed elsewhere, instead of ``image`` through the face embedder."""
+        from .image_prompt import ImagePrompt
+
+        if getattr(self, "pulid", None) is None:
+            raise ValueError("identity prompts need PuLID: pipe.load_pulid(path, face_embedder=...) first")
+        if id_embedding is None:
+            if self.face_embedder is None:
+                raise ValueError("PuLID needs a face embedder to read a face from an image: load_pulid(path, "
+                                 "face_embedder=fn), fn(images) -> (ArcFace ++ normalised EVA-CLIP embedding [B, 1280], "
+                                 "5 EVA-CLIP hidden states) from InsightFace antelopev2 (onnxruntime) and "
+                                 "EVA02-CLIP-L-14-336; or pass id_embedding=(id_cond, hidden)")
+            id_embedding = self.face_embedder(load_image(image))
+        id_cond, hidden = id_embedding
+        dev, dt = self.device, self.dtype
+        tokens, null = self.pulid.encode(id_cond.to(dev, dt), [h.to(dev, dt) for h in hidden])
+        return ImagePrompt(tokens, null, float(weight))
+
+    def image_prompt(self, image, scale: float = 1.0, tight: bool = False):
+        ip = self.id_prompt(image, scale)
+        return ip.tight() if tight else ip
 
     # ---- text ---------------------------------------------------------------------------
     def offload_text_encoders(self, device="cpu") -> None:
@@ -157,12 +209,13 @@ class FluxPipeline(Pipeline):
                            width: int | None = None, seed: int | None = None, num_images: int = 1,
                            sampler: str | None = None, latents: torch.Tensor | None = None,
                            generator: torch.Generator | None = None, max_sequence_length: int | None = None,
-                           guidance_rescale: float = 0.0, callback=None, **unsupported) -> SamplerProgram:
+                           guidance_rescale: float = 0.0, callback=None, id_image=None, id_embedding=None,
+                           id_weight: float = 1.0, **unsupported) -> SamplerProgram:
         """Text to image with flow-matching Euler (as FluxPipeline); its result is latents."""
         if unsupported:
             raise ValueError(f"FLUX generation does not take {', '.join(sorted(unsupported))}; it takes steps, "
                              f"guidance_scale, embedded_guidance, guidance_rescale, height, width, seed, num_images, "
-                             f"latents, generator, max_sequence_length, callback")
+                             f"latents, generator, max_sequence_length, callback, id_image, id_embedding, id_weight")
         if sampler not in (None, "flow_euler"):
             raise ValueError(f"FLUX models sample with 'flow_euler', got sampler={sampler!r}")
         if steps < 1 or num_images < 1:
@@ -172,6 +225,11 @@ class FluxPipeline(Pipeline):
         kw = self.embedded(embedded_guidance)
         g = self.guidance(prompt, negative_prompt, guidance_scale, num_images=num_images,
                           guidance_rescale=guidance_rescale, max_sequence_length=max_sequence_length)
+        if id_image is not None or id_embedding is not None:  # PuLID: the face's id tokens on every row
+            ip = self.id_prompt(id_image, id_weight, id_embedding)
+            if len(g) % len(ip):
+                raise ValueError(f"{len(ip)} identity prompts for {len(g)} outputs; give one, or one per output")
+            g = g.with_image(ip.repeat(len(g) // len(ip)))
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed() % 2**63)
         shape = (len(g), self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)

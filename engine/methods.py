@@ -24,6 +24,12 @@ def check_family(method: str, model_family: str, what: str = "edit") -> None:
         raise ValueError(f"{what} method {method!r} runs on {kinds[family(method)]} models; this is a "
                          f"{kinds[model_family]} model: use one of {', '.join(names)}")
 
+# Tight Inversion: inversion methods that take ``image_condition`` / ``image_scale`` (the image's own
+# IP-Adapter tokens on UNets, its PuLID id tokens on FLUX, on the inversion's rows), and edit methods
+# that read them again.
+IMAGE_INVERSIONS = frozenset({"ddim", "ddpm", "ledits++", "renoise", "flow", "rf-inversion"})
+IMAGE_EDITS = frozenset({"ddim", "ddpm", "ledits++", "p2p", "renoise", "flow", "rf-inversion"})
+
 # Inversions made under the edit's own text rather than the source caption (Imagic optimises
 # from the target's embedding and tunes the model for it).
 INVERTS_TARGET = frozenset({"imagic"})

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import params as checks
 from .editing import edit_program, inversion_program
-from .methods import check_family
+from .methods import IMAGE_EDITS, IMAGE_INVERSIONS, check_family
 from .images import fit_size, load_image, to_output
 from .matte import chroma_matte, key_rgb
 from .loading.card import ModelCard
@@ -131,8 +131,66 @@ class Pipeline:
         """The model call on rows (eager); ``denoiser.with_runner(self.graphs)`` for CUDA graphs."""
         if getattr(self, "_denoiser", None) is None:
             proj = self.text_encoders[-1].config.projection_dim if self.arch == "sdxl" else None
-            self._denoiser = UNetDenoiser(self.unet, proj, controlnet=getattr(self, "controlnet", None))
+            self._denoiser = UNetDenoiser(self.unet, proj, controlnet=getattr(self, "controlnet", None),
+                                          ip_adapter=getattr(self, "ip_adapter", None))
         return self._denoiser
+
+    # ---- image prompts (IP-Adapter) ------------------------------------------------------
+    def load_ip_adapter(self, path=None, image_encoder=None, *, weight_name: str | None = None,
+                        subfolder: str | None = None, scale=1.0):
+        """Attach an IP-Adapter (Ye et al. 2023): ``path`` its .safetensors file in the published
+        layout (or a folder / cached hub id with ``weight_name`` [and ``subfolder``]; None: the one
+        the model ships with, its card's ``ip_adapter``, as the bundled Shapes model has);
+        ``image_encoder`` the CLIPVisionModelWithProjection folder (default: an ``image_encoder``
+        folder beside the file, as h94/IP-Adapter lays them out). ``scale``: per-layer scales
+        (see :meth:`set_ip_adapter_scale`). Afterwards ``generate`` takes ``ip_adapter_image``
+        and inversions ``image_condition=True`` (Tight Inversion). Returns the adapter."""
+        from .image_prompt import ImageEncoder
+        from .loading.ip_adapter import adapter_file, encoder_folder, load_image_encoder, read_adapter
+        from .models.ip_adapter import from_state_dict
+
+        if self.denoiser.family != "unet":
+            raise ValueError("IP-Adapters attach to SD / SDXL UNets; this is a FLUX pipeline")
+        if path is None:
+            if not self.card.ip_adapter:
+                raise ValueError("this model ships no IP-Adapter: pass the adapter's .safetensors file")
+            path = self.components.root / self.card.ip_adapter
+        file = adapter_file(path, weight_name, subfolder)
+        adapter = from_state_dict(self.unet, read_adapter(file))
+        model, pre = load_image_encoder(encoder_folder(file, image_encoder), self.device, self.dtype)
+        cfg = model.config
+        want = cfg.hidden_size if adapter.kind == "plus" else cfg.projection_dim
+        got = adapter.image_proj.proj_in.in_features if adapter.kind == "plus" else adapter.image_proj.proj.in_features
+        if want != got:
+            raise ValueError(f"the image encoder gives {want}-wide features but this {adapter.kind} IP-Adapter takes "
+                             f"{got}: pass the encoder it was trained with (ViT-H for *_vit-h files, else ViT-bigG)")
+        adapter.set_scale(scale)
+        self.ip_adapter, self.image_encoder = adapter, ImageEncoder(model, pre)
+        self._denoiser = None  # rows now carry image tokens: a new Denoiser (and batching key)
+        return adapter
+
+    def set_ip_adapter_scale(self, scale) -> None:
+        """Per-layer IP-Adapter scales: a float, {layer-name prefix: scale} (others 0), or diffusers'
+        ``{"down": {"block_2": [0.0, 1.0]}, "up": ...}``."""
+        self._adapter().set_scale(scale)
+
+    def unload_ip_adapter(self) -> None:
+        self.ip_adapter = self.image_encoder = self._denoiser = None
+
+    def _adapter(self):
+        if getattr(self, "ip_adapter", None) is None:
+            raise ValueError("no IP-Adapter loaded: pipe.load_ip_adapter(path, image_encoder=...) first")
+        return self.ip_adapter
+
+    def image_prompt(self, image, scale: float = 1.0, tight: bool = False):
+        """An :class:`~engine.image_prompt.ImagePrompt` of ``image`` (path, PIL, array or tensor).
+        ``tight``: the unconditional rows read the image too (Tight Inversion conditions the model
+        on the image, and guidance then acts on the text alone); else they read the null image,
+        as diffusers' IP-Adapter pipelines do."""
+        from .image_prompt import image_prompt
+
+        ip = image_prompt(self._adapter(), self.image_encoder, load_image(image), scale)
+        return ip.tight() if tight else ip
 
     def load_controlnet(self, path, dtype: torch.dtype | None = None):
         """Attach a diffusers-format ControlNet (a local folder or a cached hub id with
@@ -243,7 +301,7 @@ class Pipeline:
         call per step. Returns the :class:`Inversion` s in order."""
         progs = [self.program("invert", r) for r in _requests(requests)]
         results = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows, "invert")
-        return [self.finish("invert", inv) for inv in results]
+        return [self.finish("invert", inv, image_prompt=p.image_prompt) for p, inv in zip(progs, results)]
 
     @torch.no_grad()
     def edit_many(self, requests: list[dict], *, output_type: str = "pil", progress: bool = False,
@@ -288,12 +346,15 @@ class Pipeline:
         raise ValueError(f"unknown request kind {kind!r}; use one of {self.KINDS}")
 
     @torch.no_grad()
-    def finish(self, kind: str, result, output_type: str = "pil", matte=None):
+    def finish(self, kind: str, result, output_type: str = "pil", matte=None, image_prompt=None):
         """A finished program's result as the user gets it: an :class:`Inversion` stamped with
-        the model that made it (an edit with another one is refused), or decoded images --
-        RGBA with ``matte`` (a chroma key, the program's ``matte``) keyed out."""
+        the model that made it (an edit with another one is refused) and the image prompt it was
+        conditioned on (the program's ``image_prompt``), or decoded images -- RGBA with ``matte``
+        (a chroma key, the program's ``matte``) keyed out."""
         if kind == "invert":
             result.settings["model"] = {"name": self.name, "id": self.identity}
+            if image_prompt is not None:
+                result.record_image_prompt(image_prompt)
             return result
         images = self.decode(result)  # [B, 3, H, W]
         return to_output(images if matte is None else chroma_matte(images, matte), output_type)
@@ -306,7 +367,31 @@ class Pipeline:
         check_family(method, self.denoiser.family, "inversion")
         build = inversion_program(method)
         r = self._request({**self._defaults(self.card.invert.get(method, {}), r), **r})
-        return build(self, r.pop("image"), r.pop("prompt", ""), **r)
+        ip = self._tight(method, r.pop("image_condition", None), r.pop("image_scale", None), r["image"])
+        if ip is not None:
+            r["image_prompt"] = ip
+        prog = build(self, r.pop("image"), r.pop("prompt", ""), **r)
+        prog.image_prompt = ip  # what ``finish`` records in the Inversion
+        return prog
+
+    TIGHT_SCALE = 1.0  # Tight Inversion's default image scale
+    ADAPTER_HINT = "an IP-Adapter: pipe.load_ip_adapter(path, image_encoder=...)"
+
+    def _tight(self, method: str, condition, scale, image):
+        """The image prompt of a Tight Inversion request, or None."""
+        if condition is False and scale is not None:
+            raise ValueError("image_scale conditions the inversion on the image: drop it, or set image_condition=True")
+        if not condition and scale is None:
+            return None
+        if method not in IMAGE_INVERSIONS:
+            raise ValueError(f"image_condition applies to the inversions {', '.join(sorted(IMAGE_INVERSIONS))}; "
+                             f"{method!r} takes no image condition")
+        if self.denoiser.image_adapter is None:
+            raise ValueError(f"image_condition needs {self.ADAPTER_HINT} first")
+        scale = self.TIGHT_SCALE if scale is None else float(scale)
+        if scale < 0:
+            raise ValueError(f"image_scale must be 0 or more, got {scale}")
+        return self.image_prompt(image, scale, tight=True)
 
     def _edit(self, r: dict):
         r.pop("progress", None)
@@ -323,6 +408,18 @@ class Pipeline:
         editing = r.get("target_prompt") is not None or bool(r.get("editing_prompt"))
         defaults = self._defaults(self.card.edit.get(method, {}), r) if editing else {}
         r = self._request({**defaults, **r})
+        scale = r.pop("image_scale", None)
+        ip = inv.image_prompt(scale)
+        if scale is not None and ip is None:
+            raise ValueError("image_scale applies to inversions made with image_condition=True; this one was not")
+        if ip is not None:
+            if method in IMAGE_EDITS:
+                r["image_prompt"] = ip
+            elif scale is not None:
+                raise ValueError(f"the {method!r} edit takes no image condition; use one of {', '.join(sorted(IMAGE_EDITS))}")
+            else:
+                log.info("the %s edit does not read this inversion's image condition (methods that do: %s)",
+                         method, ", ".join(sorted(IMAGE_EDITS)))
         return build(self, inv, r.pop("target_prompt", None), **r)
 
     # Other names some methods accept for the same thing (diffusers' names; a generator instead
@@ -381,6 +478,8 @@ class Pipeline:
 
         ControlNet (after :meth:`load_controlnet`): ``control_image`` (path, PIL, array or
         tensor; resized to the output) and ``controlnet_conditioning_scale`` (1.0).
+        IP-Adapter (after :meth:`load_ip_adapter`): ``ip_adapter_image`` (an image prompt) and
+        ``ip_adapter_scale`` (1.0, times the adapter's per-layer scales).
 
         Chroma-key generation (TKG-DM, :mod:`engine.sampling.chroma`): ``chroma_key`` "green",
         "blue" or (r, g, b) shifts the initial noise so the objects come out on that colour;
@@ -422,7 +521,8 @@ class Pipeline:
                            crops_coords_top_left=(0, 0), target_size=None, callback=None, chroma_key=None,
                            chroma_shift: float = TARGET_SHIFT, chroma_std=0.5, chroma_center=(0.0, 0.0),
                            chroma_direction=None, control_image=None,
-                           controlnet_conditioning_scale: float = 1.0) -> SamplerProgram:
+                           controlnet_conditioning_scale: float = 1.0, ip_adapter_image=None,
+                           ip_adapter_scale: float = 1.0) -> SamplerProgram:
         """Plain generation as a program (see :meth:`generate`); its result is latents."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -433,6 +533,12 @@ class Pipeline:
         g = self.guidance(prompt, negative_prompt, guidance_scale, height, width, num_images, guidance_rescale,
                           original_size=original_size, crops_coords_top_left=crops_coords_top_left,
                           target_size=target_size)
+        if ip_adapter_image is not None:
+            ip = self.image_prompt(ip_adapter_image, ip_adapter_scale)  # [1 or B images]
+            n = len(g) // len(ip) if len(g) % len(ip) == 0 else None
+            if n is None:
+                raise ValueError(f"{len(ip)} ip_adapter_image images for {len(g)} outputs; give one, or one per output")
+            g = g.with_image(ip.repeat(n))
         b = len(g)
         if generator is None:
             generator = torch.Generator("cpu").manual_seed(seed if seed is not None else torch.seed() % 2**63)

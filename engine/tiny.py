@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("sd15", "sdxl", "flux-dev", "flux-schnell")
+ARCHS = ("sd15", "sdxl", "sdxl-turbo", "flux-dev", "flux-schnell")
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's order: pad 0, end 1, unknown 2
 
 
@@ -133,9 +133,12 @@ def _vae():
     )
 
 
-def _scheduler():
-    from diffusers import DDIMScheduler
+def _scheduler(turbo: bool = False):
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 
+    if turbo:  # SDXL-Turbo's scheduler: Euler ancestral, trailing spacing
+        return EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               timestep_spacing="trailing", steps_offset=1)
     return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
@@ -194,7 +197,7 @@ def build_diffusers_pipeline(arch: str = "sd15", seed: int = 0):
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(32, 32))
         pipe = StableDiffusionXLPipeline(
             vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(),
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(arch == "sdxl-turbo"),
         )
     # Random init leaves some weights at exactly zero (e.g. conv_out, FLUX's adaLN-Zero
     # gates); perturb them so that every parameter matters in parity tests.
@@ -211,3 +214,58 @@ def make_tiny(folder: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
     pipe = build_diffusers_pipeline(arch, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def make_tiny_ip_adapter(folder: str | Path, unet, kind: str = "plain", seed: int = 0, tokens: int = 4) -> Path:
+    """A tiny random IP-Adapter for our ``unet`` in h94/IP-Adapter's layout: ``folder/models/
+    ip-adapter-tiny[-plus].safetensors`` (published tensor names) beside ``folder/models/image_encoder``
+    (a CLIPVisionModelWithProjection, 32x32 input). Returns the adapter file."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from .models.ip_adapter import IPAdapter, ImageProjection, Resampler, context_dim, cross_layers, to_state_dict
+
+    folder = Path(folder) / "models"
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=24)
+    encoder = CLIPVisionModelWithProjection(cfg).eval()
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    (folder / "image_encoder" / "preprocessor_config.json").write_text(json.dumps(dict(
+        do_resize=True, size={"shortest_edge": 32}, do_center_crop=True, crop_size={"height": 32, "width": 32},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])))
+    cross = context_dim(unet)
+    proj = ImageProjection(cfg.projection_dim, cross, tokens) if kind == "plain" else \
+        Resampler(cfg.hidden_size, 64, cross, tokens, 4, 1)  # depth 4: what diffusers builds
+    adapter = IPAdapter(proj, cross_layers(unet), cross, kind)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.ndim > 1:
+                p.normal_(0, 0.3)
+    file = folder / f"ip-adapter-tiny{'-plus' if kind == 'plus' else ''}.safetensors"
+    save_file(to_state_dict(adapter, unet), str(file))
+    return file
+
+
+def make_tiny_pulid(path: str | Path, transformer, seed: int = 0) -> Path:
+    """A tiny random PuLID-Flux for our FLUX ``transformer`` in the published layout
+    (``pulid_encoder.*``, ``pulid_ca.{n}.*``): 5 hidden-state scales of width 32, a 48-wide id condition,
+    4 id tokens of width 32. Returns the .safetensors file."""
+    from safetensors.torch import save_file
+
+    from .models.pulid import IDFormer, PerceiverAttentionCA, PuLID
+
+    torch.manual_seed(seed)
+    c = transformer.config
+    encoder = IDFormer(dim=64, depth=10, heads=1, id_tokens=5, queries=4, out_dim=32, id_dim=48, vit_dim=32)
+    n = len(range(0, c.num_layers, 2)) + len(range(0, c.num_single_layers, 4))
+    ca = torch.nn.ModuleList([PerceiverAttentionCA(c.num_attention_heads * c.attention_head_dim, 32, 1)
+                              for _ in range(n)])
+    pulid = PuLID(encoder, ca, c.num_layers, c.num_single_layers)
+    with torch.no_grad():
+        for p in pulid.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # LayerNorms away from identity too: every tensor matters
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in pulid.state_dict().items()}, str(path))
+    return path

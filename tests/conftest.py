@@ -22,6 +22,14 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_turbo_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL-Turbo-shaped pipeline folder (SDXL with Euler ancestral, trailing spacing)."""
+    from engine.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "turbo", arch="sdxl-turbo")
+
+
+@pytest.fixture(scope="session")
 def sd15_pipe(tiny_sd15_dir):
     """The tiny SD1.5 pipeline loaded through ``engine.load``; shared, so tests must not change it."""
     import engine

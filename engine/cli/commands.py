@@ -48,16 +48,23 @@ def cmd_generate(args) -> None:
                         f"hold: write a .png or .webp")
     if (args.controlnet is None) != (args.control_image is None):
         raise UserError("--controlnet and --control-image go together: give both, or neither")
+    from engine.images import load_image
+
+    if args.ip_image is not None:
+        load_image(args.ip_image)  # a bad image prompt fails before a model loads
+    elif args.ip_adapter is not None:
+        raise UserError("--ip-adapter needs --ip-image (the image prompt)")
     control = {}
     if args.control_image is not None:
-        from engine.images import load_image
-
         control = dict(control_image=load_image(args.control_image), controlnet_conditioning_scale=args.control_scale)
     outputs = output_paths(args.output, args.num_images, [] if args.control_image is None else [Path(args.control_image)])
     _check_device(args.device)
     pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
     if args.controlnet is not None:
         pipe.load_controlnet(args.controlnet)
+    if args.ip_image is not None:
+        _load_adapter(pipe, args)
+        control.update(ip_adapter_image=load_image(args.ip_image), ip_adapter_scale=args.ip_scale)
     chroma = {} if args.chroma_key is None else dict(chroma_key=args.chroma_key, chroma_shift=args.chroma_shift,
                                                      chroma_std=args.chroma_std, alpha=args.alpha)
     given = {k: v for k, v in (("guidance_scale", args.guidance), ("guidance_rescale", args.guidance_rescale),
@@ -70,6 +77,17 @@ def cmd_generate(args) -> None:
     for img, path in zip(images, outputs):
         save_image(img, path)
         print(f"wrote {path}")
+
+
+def _load_adapter(pipe, args) -> None:
+    """The IP-Adapter the command needs: --ip-adapter, else the model's own."""
+    if args.ip_adapter is None and not pipe.card.ip_adapter:
+        raise UserError("an image condition needs an IP-Adapter: give --ip-adapter FILE (and --image-encoder FOLDER "
+                        "unless image_encoder/ sits beside it); this model ships none")
+    try:
+        pipe.load_ip_adapter(args.ip_adapter, image_encoder=args.image_encoder)
+    except ValueError as e:
+        raise UserError(f"--ip-adapter: {e}") from None
 
 
 def _per_concept(values, n: int, flag: str):
@@ -181,6 +199,8 @@ def cmd_edit(args) -> None:
     pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
     progress = not args.no_progress
     graphs = args.cuda_graphs or None
+    if args.ip_adapter is not None or "image_scale" in inv_params or (inv is not None and inv.image_prompt() is not None):
+        _load_adapter(pipe, args)
     if inv is not None:
         inv.check_model(pipe.identity, pipe.name)
         print(f"loaded inversion {inv_file}")
@@ -244,7 +264,7 @@ def cmd_serve(args) -> None:
                              max_batch_rows=args.max_batch_rows, max_queue=args.max_queue,
                              max_body_bytes=args.max_body_bytes, timeout=args.timeout, cache_bytes=args.cache_bytes,
                              cache_dir=args.cache_dir, api_key=key, batch_invariant=args.batch_invariant,
-                             grace_s=args.grace)
+                             grace_s=args.grace, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder)
     if args.ray:
         from engine.serving.ray_app import serve_ray
 

@@ -12,6 +12,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> the inversion it edits
+from engine.methods import IMAGE_EDITS, IMAGE_INVERSIONS
 
 MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
 SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
@@ -22,6 +23,7 @@ GUIDED = INVERTED_GUIDED + ("pix2pix-zero", "imagic", "renoise")  # guided edits
 PNP, MASACTRL, NULLTEXT, P2PZERO, IMAGIC = ("pnp",), ("masactrl",), ("null-text",), ("pix2pix-zero",), ("imagic",)
 RF = ("rf-inversion",)
 RENOISE = ("renoise",)
+TIGHT_INV, TIGHT_EDIT = tuple(sorted(IMAGE_INVERSIONS)), tuple(sorted(IMAGE_EDITS))
 
 
 def _number(kind, lo=None, positive=False):
@@ -103,6 +105,12 @@ class Opt:
 
 
 EDIT_OPTIONS = [
+    # Tight Inversion: the image itself conditions the inversion and the edit (IP-Adapter)
+    Opt(("--image-scale",), "image_scale", TIGHT_INV, "invert",
+        kw=dict(type=_number(float, lo=0), help="condition the inversion on the image through the IP-Adapter at this "
+                                                "scale (Tight Inversion; --ip-adapter, or the model's own)")),
+    Opt(("--edit-image-scale",), "image_scale", TIGHT_EDIT,
+        kw=dict(type=_number(float, lo=0), help="the edit's image scale (default: the inversion's)")),
     # inversion
     Opt(("--source-guidance",), "guidance_scale", INVERTED_GUIDED + LEDITS, "invert",
         kw=dict(type=finite, help="classifier-free guidance of the inversion (default: the recipe's or method's)")),
@@ -220,7 +228,12 @@ EDIT_OPTIONS = [
         kw=dict(type=_number(float, lo=0), help="pix2pix-zero: KL regularisation of the inversion (default 20); "
                                                  "renoise: patch KL to the forward-noised image's noise (0.065)")),
     Opt(("--renoise-steps",), "renoise_steps", RENOISE, "invert",
-        kw=dict(type=_number(int, lo=0), help="renoise: renoising iterations per step (default 1)")),
+        kw=dict(type=_number(int, lo=0), help="renoise: renoising iterations per step (default 1; SDXL-Turbo 9)")),
+    Opt(("--renoise-sampler",), "sampler", RENOISE, "invert",
+        kw=dict(choices=("ddim", "euler_ancestral"), help="renoise: the sampler inverted (default: euler_ancestral "
+                                                           "for models that sample with it, as SDXL-Turbo; else ddim)")),
+    Opt(("--noise-correction",), "noise_correction", RENOISE, "invert",
+        kw=dict(type=_bool, help="renoise, euler_ancestral: correct the stored noises (default true)")),
     # Imagic
     Opt(("--alpha",), "alpha", IMAGIC,
         kw=dict(type=finite, help="imagic: interpolation alpha·target + (1-alpha)·optimised embedding "
@@ -291,6 +304,13 @@ def _runtime(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def _adapter_options(g) -> None:
+    g.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="an IP-Adapter .safetensors (published layout; default: the model's own, if it ships one)")
+    g.add_argument("--image-encoder", default=None, metavar="FOLDER",
+                   help="its CLIPVisionModelWithProjection folder (default: image_encoder/ beside the adapter)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine import __version__
 
@@ -330,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--controlnet", default=None, help="a diffusers ControlNet folder (config.json + safetensors)")
     c.add_argument("--control-image", default=None, help="the conditioning image (edges, depth, pose, ...)")
     c.add_argument("--control-scale", type=_number(float, lo=0.0), default=1.0, help="conditioning scale (default 1)")
+    ip = g.add_argument_group("IP-Adapter: an image prompt")
+    ip.add_argument("--ip-image", default=None, help="the image prompt (needs --ip-adapter, or the model's own)")
+    ip.add_argument("--ip-scale", type=_number(float, lo=0.0), default=1.0, help="image prompt scale (default 1)")
+    _adapter_options(ip)
     k = g.add_argument_group("chroma key (TKG-DM): objects on a key-coloured background")
     k.add_argument("--chroma-key", type=_chroma_key, default=None, help="green, blue or R,G,B")
     k.add_argument("--alpha", action="store_true", help="write RGBA with the key background transparent "
@@ -375,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         grp = groups["invert" if o.stage == "invert" and o.methods != P2P else
                      o.methods[0] if len(o.methods) == 1 and o.methods[0] in groups else "edit"]
         grp.add_argument(*o.flags, dest=o.dest, default=None, **o.kw)
+    _adapter_options(groups["invert"])
     _runtime(e)
 
     d = sub.add_parser("demo", parents=[sub_common], help="edit a bundled example scene", **fmt,
@@ -404,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before a request ends with 408")
     s.add_argument("--cache-bytes", type=positive_int, default=2 << 30, help="inversion cache size in memory")
     s.add_argument("--cache-dir", default=None, help="also keep cached inversions in this folder (safetensors)")
+    _adapter_options(s)
     s.add_argument("--batch-invariant", action="store_true",
                    help="fixed-size batches: each result bit-identical to the request served alone")
     s.add_argument("--grace", type=positive_float, default=30.0, help="seconds to finish jobs after SIGTERM")

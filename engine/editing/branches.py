@@ -26,14 +26,17 @@ def branch_prompts(inv, target_prompt, B: int) -> tuple[list[str], list[str]]:
 
 
 def branch_guidance(pipe, inv, sources, targets, guidance_scale: float, source_guidance_scale: float,
-                    negative_prompt=None) -> Guidance:
+                    negative_prompt=None, image_prompt=None) -> Guidance:
     """Guidance of the 2B sample rows [source x B, edit x B]: per-row scales when the source
     is guided differently; unconditional rows (the inversion's, unless a negative prompt
-    is given) only when either scale exceeds 1."""
+    is given) only when either scale exceeds 1. ``image_prompt``: IP-Adapter tokens both
+    branches read (a Tight Inversion's image)."""
     B, dev = len(sources), pipe.device
     src = inv.source if len(inv.source) == B else pipe.encode_prompt(sources, guidance=False)[0]
     target = pipe.encode_prompt(targets, guidance=False)[0]
     both = Conditioning.cat([src, target]).to(dev, pipe.dtype)  # [2B, ...]
+    ip = image_prompt
+    both = both.with_image(None if ip is None else ip.cond.repeat(2, 1, 1), None if ip is None else ip.scale)
     cfg = max(guidance_scale, source_guidance_scale) > 1.0
     uncond = None
     if cfg:
@@ -42,6 +45,7 @@ def branch_guidance(pipe, inv, sources, targets, guidance_scale: float, source_g
         if negative_prompt is not None or uncond is None or len(uncond) != B:
             uncond = pipe.encode_prompt(sources, neg, guidance=True)[1]
         uncond = Conditioning.cat([uncond, uncond]).to(dev, pipe.dtype)
+        uncond = uncond.with_image(None if ip is None else ip.uncond.repeat(2, 1, 1), None if ip is None else ip.scale)
     scale = guidance_scale if cfg else 1.0
     if cfg and source_guidance_scale != guidance_scale:  # per-row scales: [source x B, edit x B]
         scale = torch.tensor([float(source_guidance_scale)] * B + [float(guidance_scale)] * B, device=dev)

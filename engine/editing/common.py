@@ -12,12 +12,13 @@ def image_size(pipe, x0) -> tuple[int, int]:
     return x0.shape[-2] * f, x0.shape[-1] * f
 
 
-def guidance_for(pipe, prompt, negative_prompt, scale, height, width, rows: int):
-    """Guidance for ``rows`` images: one prompt for all of them, or one prompt per image."""
+def guidance_for(pipe, prompt, negative_prompt, scale, height, width, rows: int, image=None):
+    """Guidance for ``rows`` images: one prompt for all of them, or one prompt per image;
+    ``image``: an :class:`~engine.image_prompt.ImagePrompt` the rows also read (Tight Inversion)."""
     n = 1 if isinstance(prompt, str) else len(prompt)
     if rows % n:
         raise ValueError(f"{n} prompts for {rows} images; give one prompt, or one per image")
-    return pipe.guidance(prompt, negative_prompt, scale, height, width, num_images=rows // n)
+    return pipe.guidance(prompt, negative_prompt, scale, height, width, num_images=rows // n).with_image(image)
 
 
 @torch.no_grad()

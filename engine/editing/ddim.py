@@ -41,14 +41,15 @@ class DDIMInversion(SamplerProgram):
 
 
 def inversion_inputs(pipe, image, prompt, steps: int, guidance_scale: float, negative_prompt=None,
-                     height: int | None = None, width: int | None = None):
+                     height: int | None = None, width: int | None = None, image_prompt=None):
     """(guidance, x0 [B, C, h, w], settings) of a DDIM inversion of ``image`` under ``prompt``:
-    what :class:`DDIMInversion` and the inversions built on it start from."""
+    what :class:`DDIMInversion` and the inversions built on it start from. ``image_prompt``: the
+    image's own IP-Adapter tokens on every row (Tight Inversion)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     x0 = pipe.encode_image(image, height, width)  # [B, C, h, w]
     h, w = image_size(pipe, x0)
-    g = guidance_for(pipe, prompt, negative_prompt, guidance_scale, h, w, x0.shape[0])
+    g = guidance_for(pipe, prompt, negative_prompt, guidance_scale, h, w, x0.shape[0], image_prompt)
     settings = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
                     height=h, width=w, sampler="ddim",
                     replay=dict(sampler="ddim", steps=steps, eta=0.0, overrides={}, skip=None))
@@ -57,10 +58,11 @@ def inversion_inputs(pipe, image, prompt, steps: int, guidance_scale: float, neg
 
 def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, guidance_scale: float = 1.0,
                    negative_prompt=None, height: int | None = None, width: int | None = None,
-                   callback=None, seed=None) -> DDIMInversion:
+                   callback=None, seed=None, image_prompt=None) -> DDIMInversion:
     """DDIM-invert ``image`` under ``prompt`` (guidance > 1 inverts the guided model).
     ``seed`` is accepted for a uniform API; DDIM inversion draws nothing."""
-    g, x0, settings = inversion_inputs(pipe, image, prompt, steps, guidance_scale, negative_prompt, height, width)
+    g, x0, settings = inversion_inputs(pipe, image, prompt, steps, guidance_scale, negative_prompt, height, width,
+                                       image_prompt)
     return DDIMInversion(pipe, g, x0, steps, settings, callback)
 
 
@@ -70,16 +72,18 @@ def invert(pipe, image, prompt: str = "", *, progress: bool = True, **params) ->
 
 
 def regenerate_program(pipe, inv: Inversion, target_prompt=None, *, guidance_scale: float | None = None,
-                       negative_prompt=None, skip: float | None = None, callback=None) -> SamplerProgram:
+                       negative_prompt=None, skip: float | None = None, callback=None,
+                       image_prompt=None) -> SamplerProgram:
     """Replay ``inv`` under ``target_prompt`` (the source prompt when None: a reconstruction):
     plain DDIM from the noisiest latent, or, for an inversion with noise maps, the stochastic
     steps driven by them from ``skip``. Guidance defaults to the inversion's own; a null-text
-    inversion's unconditional rows take its optimised embedding at each step."""
+    inversion's unconditional rows take its optimised embedding at each step. ``image_prompt``:
+    IP-Adapter tokens every row reads (a Tight Inversion's image)."""
     s = inv.settings
     prompt = s.get("prompt", "") if target_prompt is None else target_prompt
     scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
     neg = s.get("negative_prompt") if negative_prompt is None else negative_prompt
-    g = guidance_for(pipe, prompt, neg, scale, s.get("height"), s.get("width"), inv.x0.shape[0])
+    g = guidance_for(pipe, prompt, neg, scale, s.get("height"), s.get("width"), inv.x0.shape[0], image_prompt)
     rp = inv.replay(pipe.schedule, pipe.device, pipe.dtype, skip)
     noise = None if rp.noise is None else stored_noise(rp.noise, rp.first)
     nulls = inv.uncond_steps(rp.start, negative_prompt) if g.guided else None  # null-text: ∅_t per step

@@ -102,7 +102,7 @@ class NoiseMaps(Program):
 def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, guidance_scale: float = 3.5, skip: float = 0.0,
                    seed: int | None = 0, generator: torch.Generator | None = None, eta: float = 1.0,
                    negative_prompt=None, height: int | None = None, width: int | None = None,
-                   batch_size: int = 16, exact: bool = False) -> NoiseMaps:
+                   batch_size: int = 16, exact: bool = False, image_prompt=None) -> NoiseMaps:
     """Edit-friendly DDPM inversion of ``image`` under ``prompt``.
 
     ``skip``: fraction of the noisiest steps an edit skips (it starts at step skip*steps).
@@ -119,7 +119,7 @@ def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, guidance_s
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     x0 = pipe.encode_image(image, height, width)  # [B, C, h, w]
     h, w = image_size(pipe, x0)
-    g = guidance_for(pipe, prompt, negative_prompt, guidance_scale, h, w, x0.shape[0])
+    g = guidance_for(pipe, prompt, negative_prompt, guidance_scale, h, w, x0.shape[0], image_prompt)
     smp = _sampler(pipe, steps, eta)
     a_t = smp.alpha_t.view(-1, 1, 1, 1, 1)  # [S, 1, 1, 1, 1]
     if generator is None:
@@ -144,14 +144,14 @@ def invert(pipe, image, prompt: str = "", *, progress: bool = True, **params) ->
 
 
 def edit_program(pipe, inv: Inversion, target_prompt=None, *, guidance_scale: float | None = None,
-                 negative_prompt=None, skip: float | None = None, callback=None):
+                 negative_prompt=None, skip: float | None = None, callback=None, image_prompt=None):
     """Regenerate from the stored noise maps under ``target_prompt`` (the source prompt when
     None: an exact reconstruction). The paper uses guidance 3.5 for the source and 15 for the
     target; the default here is the inversion's own guidance."""
     if inv.noise is None:
         raise ValueError(f"a {inv.method!r} inversion has no noise maps; invert with method='ddpm'")
     return regenerate_program(pipe, inv, target_prompt, guidance_scale=guidance_scale,
-                              negative_prompt=negative_prompt, skip=skip, callback=callback)
+                              negative_prompt=negative_prompt, skip=skip, callback=callback, image_prompt=image_prompt)
 
 
 @torch.no_grad()

@@ -82,7 +82,7 @@ class FlowInversion(ControlledFlow):
 def invert_program(pipe, image, prompt: str = "", *, method: str = "rf-inversion", steps: int = 28,
                    gamma: float = 0.5, guidance_scale: float = 1.0, embedded_guidance: float | None = None,
                    negative_prompt=None, height: int | None = None, width: int | None = None, seed: int | None = 0,
-                   callback=None) -> FlowInversion:
+                   callback=None, image_prompt=None) -> FlowInversion:
     """Invert ``image`` under ``prompt`` by the (controlled) reverse flow; ``gamma`` 0 (or
     method "flow") is plain flow inversion. FLUX.1-dev's embedded guidance defaults to 0 here, as
     the reference inverts (``source_guidance_scale``)."""
@@ -100,7 +100,7 @@ def invert_program(pipe, image, prompt: str = "", *, method: str = "rf-inversion
     dev = pipe.transformer.config.guidance_embeds
     eg = (0.0 if dev else None) if embedded_guidance is None else embedded_guidance
     kw = pipe.embedded(eg)
-    g = guidance_for(pipe, prompt, negative_prompt, guidance_scale, h, w, x0.shape[0])
+    g = guidance_for(pipe, prompt, negative_prompt, guidance_scale, h, w, x0.shape[0], image_prompt)  # PuLID: Tight
     y1 = None
     if gamma:
         gen = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
@@ -128,7 +128,7 @@ def eta_schedule(steps: int, eta: float, start: float, stop: float, decay_eta: b
 def edit_program(pipe, inv: Inversion, target_prompt=None, *, method: str | None = None, eta: float = 0.9,
                  start: float = 0.0, stop: float = 0.25, decay_eta: bool = False, eta_decay_power: float = 1.0,
                  guidance_scale: float | None = None, embedded_guidance: float | None = None,
-                 negative_prompt=None, callback=None) -> ControlledFlow:
+                 negative_prompt=None, callback=None, image_prompt=None) -> ControlledFlow:
     """Regenerate ``inv`` under ``target_prompt`` (its own prompt when None), steered toward the
     image by ``eta`` for the steps in [start, stop); method "flow" (or eta 0) is plain generation."""
     method = method or "rf-inversion"
@@ -146,7 +146,7 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, method: str | None
     prompt = s.get("prompt", "") if target_prompt is None else target_prompt
     scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
     neg = s.get("negative_prompt") if negative_prompt is None else negative_prompt
-    g = guidance_for(pipe, prompt, neg, scale, h, w, inv.x0.shape[0])
+    g = guidance_for(pipe, prompt, neg, scale, h, w, inv.x0.shape[0], image_prompt)
     dev = pipe.transformer.config.guidance_embeds
     kw = pipe.embedded((3.5 if dev else None) if embedded_guidance is None else embedded_guidance)
     x = inv.latents[0].to(pipe.device, torch.float32)  # [B, C, h, w] the inverted noise

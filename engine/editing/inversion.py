@@ -157,18 +157,30 @@ class Inversion:
                          None if self.uncond is None else self.uncond.to(device), mv(self.noise), dict(self.settings),
                          {k: mv(v) for k, v in self.extras.items()})
 
+    def image_prompt(self, scale: float | None = None):
+        """The image prompt this inversion was conditioned on (Tight Inversion), at ``scale``
+        (default: the inversion's own), or None when it was made without one."""
+        from ..image_prompt import ImagePrompt
+
+        if "image.cond" not in self.extras:
+            return None
+        s = self.settings.get("image_scale", 1.0) if scale is None else scale
+        return ImagePrompt(self.extras["image.cond"], self.extras["image.uncond"], float(s))
+
+    def record_image_prompt(self, prompt) -> None:
+        """Keep the image prompt the inversion was conditioned on (its edits read it again)."""
+        self.extras["image.cond"], self.extras["image.uncond"] = prompt.cond, prompt.uncond
+        self.settings["image_scale"] = prompt.scale
+
     def _tensors(self) -> dict[str, torch.Tensor]:
-        out = {"x0": self.x0, "latents": self.latents, "timesteps": self.timesteps, "source.context": self.source.context}
-        if self.source.pooled is not None:
-            out["source.pooled"] = self.source.pooled
-        if self.uncond is not None:
-            out["uncond.context"] = self.uncond.context
-            if self.uncond.pooled is not None:
-                out["uncond.pooled"] = self.uncond.pooled
+        out = {"x0": self.x0, "latents": self.latents, "timesteps": self.timesteps}
+        for name, c in (("source", self.source), ("uncond", self.uncond)):
+            if c is not None:
+                out.update({f"{name}.{f}": t for f, t in _fields(c).items()})
         if self.noise is not None:
             out["noise"] = self.noise
         out.update({f"extras.{k}": v for k, v in self.extras.items()})
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file (atomically: a failed write leaves no partial file); bit-exact
@@ -205,15 +217,24 @@ class Inversion:
             settings = json.loads(meta.get("settings", "{}"))
         except ValueError:
             raise ValueError(f"inversion {str(path)!r} is corrupted: its settings are not valid JSON") from None
-        uncond = None
-        if "uncond.context" in t:
-            uncond = Conditioning(t["uncond.context"], t.get("uncond.pooled"))
+        uncond = _conditioning(t, "uncond") if "uncond.context" in t else None
         return cls(
             method=meta["method"], x0=t["x0"], latents=t["latents"], timesteps=t["timesteps"],
-            source=Conditioning(t["source.context"], t.get("source.pooled")), uncond=uncond, noise=t.get("noise"),
+            source=_conditioning(t, "source"), uncond=uncond, noise=t.get("noise"),
             settings=settings,
             extras={k[len("extras."):]: v for k, v in t.items() if k.startswith("extras.")},
         )
+
+
+CONDITIONING_FIELDS = ("context", "pooled", "image", "image_scale")
+
+
+def _fields(c: Conditioning) -> dict[str, torch.Tensor]:
+    return {f: getattr(c, f) for f in CONDITIONING_FIELDS if getattr(c, f) is not None}
+
+
+def _conditioning(t: dict, name: str) -> Conditioning:
+    return Conditioning(*(t.get(f"{name}.{f}") for f in CONDITIONING_FIELDS))
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

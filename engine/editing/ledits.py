@@ -159,7 +159,7 @@ class LeditsInversion(SamplerProgram):
 def invert_program(pipe, image, prompt="", *, steps: int = 30, guidance_scale: float = 3.5, skip: float = 0.15,
                    seed: int | None = None, generator: torch.Generator | None = None, height: int | None = None,
                    width: int | None = None, sampler: str = "dpmpp_2m_sde", negative_prompt=None,
-                   crops_coords_top_left=(0, 0), num_zero_noise_steps: int | None = None,
+                   crops_coords_top_left=(0, 0), num_zero_noise_steps: int | None = None, image_prompt=None,
                    **params) -> LeditsInversion:
     """LEDITS++ inversion of ``image`` (see the module docstring for the algorithm).
 
@@ -200,6 +200,7 @@ def invert_program(pipe, image, prompt="", *, steps: int = 30, guidance_scale: f
     # time ids come from the Denoiser (diffusers' SDXL invert swaps height and width there;
     # the same for square images).
     g = Guidance(source, uncond, None, guidance_scale) if guided else Guidance(uncond, None, None)
+    g = g.with_image(image_prompt)  # Tight Inversion: the image's own tokens on the rows
 
     total = int(steps * (1 + skip))
     smp = make_ledits_sampler(pipe, sampler, total)
@@ -270,7 +271,7 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=Non
                  use_cross_attn_mask: bool = False, use_intersect_mask: bool | None = None, user_mask=None,
                  sem_guidance=None, guidance_rescale: float = 0.0, negative_prompt=None,
                  denoising_end: float | None = None, crops_coords_top_left=None, seed=None, generator=None,
-                 callback=None, **params) -> LeditsEdit:
+                 callback=None, image_prompt=None, **params) -> LeditsEdit:
     """Regenerate ``inv`` under LEDITS++ edits; its result is latents [B, C, h, w].
 
     Parameters as diffusers' ``LEditsPPPipelineStableDiffusion(XL).__call__``: ``editing_prompt``
@@ -284,6 +285,8 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=Non
     concepts' mean); ``denoising_end`` (SDXL: stop early). No randomness is drawn: ``seed``
     and ``generator`` are accepted for signature compatibility. ``callback`` gets
     dict(i, t, x, guidance, masks) after each step (masks [n, B, C|1, h, w] or None).
+    ``image_prompt``: IP-Adapter tokens the rows read (a Tight Inversion's image): the
+    unconditional rows its ``uncond`` tokens, the concepts' its ``cond``.
     """
     _no_leftovers(params, "edit")
     if inv.noise is None:
@@ -316,9 +319,11 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=Non
 
     # Conditioning rows [uncond x B, concept_1 x B, ...] (concept-major, as diffusers).
     _, uncond = pipe.encode_prompt([""] * b, negative_prompt, 1, guidance=True)  # [B]
-    parts = [uncond]
+    ip = image_prompt
+    parts = [uncond if ip is None else uncond.with_image(ip.uncond, ip.scale)]
     if n:
-        parts.append(encode(pipe.text_encoders, pipe.tokenizers, prompts, pipe.device, pipe.dtype).repeat(b))
+        concepts = encode(pipe.text_encoders, pipe.tokenizers, prompts, pipe.device, pipe.dtype).repeat(b)
+        parts.append(concepts if ip is None else concepts.with_image(ip.cond.repeat(n, 1, 1), ip.scale))
     cond = Conditioning.cat(parts)  # [R]
     crops = tuple(st.get("crops_coords_top_left", (0, 0)) if crops_coords_top_left is None else crops_coords_top_left)
     model_rows = pipe.denoiser.condition(cond, st["height"], st["width"], crops_coords_top_left=crops)

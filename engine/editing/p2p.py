@@ -122,7 +122,7 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
                  local_blend_words=None, blend_threshold: float = 0.3, blend_start: float = 0.2,
                  blend_resolution: int = 16, blend_maps: str = "own", self_replace_max_queries: int | None = None,
                  self_replace_min_scale: int | None = None, negative_prompt=None, source: str = "denoise",
-                 skip: float | None = None, callback=None) -> P2PEdit:
+                 skip: float | None = None, callback=None, image_prompt=None) -> P2PEdit:
     """Prompt-to-Prompt edit of ``inv`` (an :class:`Inversion` that replays: "ddim" or "ddpm")
     towards ``target_prompt``; the program's result is the edited latents [B, C, h, w].
 
@@ -239,7 +239,8 @@ def edit_program(pipe, inv, target_prompt=None, *, guidance_scale: float | None 
                                blend["store"] if blend else {}, dev, blend_maps == "edited")
         plans.append(cache[key])
 
-    g = branch_guidance(pipe, inv, sources, targets, guidance_scale, source_guidance_scale, negative_prompt)
+    g = branch_guidance(pipe, inv, sources, targets, guidance_scale, source_guidance_scale, negative_prompt,
+                        image_prompt)
     nulls = inv.uncond_steps(rp.start, negative_prompt) if g.guided else None  # null-text: ∅_t per step
     return P2PEdit(pipe, g, rp, plans, blend, source, callback, nulls)
 

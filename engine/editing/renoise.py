@@ -27,7 +27,7 @@ DDIMInverseScheduler reads it), so v-prediction models work and ``renoise_steps=
 regularisation is exactly DDIM inversion; the KL reference is eps at the forward-noised image
 for SD as for SDXL (the official SD path noises nothing there: its ``add_noise`` is replaced by
 the identity); shifts and the fixed noise come from ``seed``. The SDXL-Turbo path (Euler
-ancestral with noise correction) is not implemented yet.
+ancestral with noise correction) is :mod:`engine.editing.renoise_euler`.
 """
 
 from __future__ import annotations
@@ -60,11 +60,16 @@ def patch_kl(eps: torch.Tensor, ref: torch.Tensor, patch: int = 4) -> torch.Tens
 
 
 class ReNoiseInversion(SamplerProgram):
+    """ReNoise over DDIM (SD, SDXL). The sampler's part -- where the model reads, what the update
+    is, the reference point -- sits in the hooks ``_t``, ``_model_x``, ``_forward_noised``,
+    ``_eps`` and ``_step``; :class:`~engine.editing.renoise_euler.ReNoiseEulerInversion`
+    overrides them for SDXL-Turbo's Euler ancestral sampler."""
+
     def __init__(self, pipe, g, x0, steps: int, settings: dict, *, renoise_steps: int, first_window, window,
                  max_first: int, average: bool, lambda_ac: float, lambda_kl: float, reg_steps: int, rolls: int,
-                 seed: int, callback=None):
-        inverse = make_sampler("ddim_inverse", pipe.schedule, steps, device=pipe.device)
-        super().__init__(pipe.denoiser, g, x0, inverse, height=settings["height"], width=settings["width"],
+                 seed: int, callback=None, sampler=None):
+        smp = sampler or make_sampler("ddim_inverse", pipe.schedule, steps, device=pipe.device)
+        super().__init__(pipe.denoiser, g, x0, smp, height=settings["height"], width=settings["width"],
                          callback=callback)
         self.pipe, self.x0, self.settings, self.traj = pipe, x0, settings, [x0]
         self.K, self.first_window, self.window, self.max_first = renoise_steps, first_window, window, max_first
@@ -76,8 +81,9 @@ class ReNoiseInversion(SamplerProgram):
         self.rows2 = RowCond.cat([self.rows, self.rows])  # [forward-noised image; estimate] at a first iteration
         self.k, self.est, self.avg, self.n_avg, self.ref = 0, x0, None, 0, None
         # host-side per step (no device reads inside the steps): the first-step rule, the passes
-        self.first = [int(t) < FIRST_STEP_MAX_T for t in inverse.timesteps.cpu()]
+        self.first = [int(self._t(i)) < FIRST_STEP_MAX_T for i in range(len(smp))]
         self.passes = [(min(max_first, renoise_steps) if f else renoise_steps) + 1 for f in self.first]
+        self.extra = [0] * len(smp)  # model calls a step makes after its iterations (the Euler path's correction)
 
     def _window(self, i: int):
         return self.first_window if self.first[i] else self.window
@@ -92,28 +98,44 @@ class ReNoiseInversion(SamplerProgram):
     def model_rows(self) -> int:
         return len(self.rows2) if self.reg else len(self.rows)
 
+    # ---- the sampler's part (DDIM) ------------------------------------------------------
+    def _t(self, i: int):
+        """The timestep the model is read at in step i."""
+        return self.sampler.timesteps[i]
+
+    def _model_x(self, x, i: int):
+        """The model's input for latents x in step i."""
+        return x
+
+    def _forward_noised(self, i: int):
+        """The image noised to the level step i lands on (the KL reference's input)."""
+        a = self.sampler.alpha_prev[i]
+        return a.sqrt() * self.x0 + (1 - a).sqrt() * self.noise
+
+    def _eps(self, x, out, i: int, k: int):
+        """The noise the model's output ``out`` predicts at latents x, iteration k of step i: read at
+        the level of the input it was predicted for (see the module docstring)."""
+        level = self.sampler.alpha_t[i] if k == 0 else self.sampler.alpha_prev[i]
+        return pred_x0_eps(x.float(), out.float(), level.view(1, 1, 1, 1), self.sampler.prediction_type)[1]
+
+    def _step(self, i: int, eps):
+        """inv_step(z_{t-1}, eps): the DDIM update from the step's start to the level it lands on."""
+        return ddim_step(self.x, eps, self.sampler.alpha_t[i], self.sampler.alpha_prev[i], prediction_type="epsilon")[0]
+
+    # ---- the protocol -------------------------------------------------------------------
     def model_input(self):
         i = self.i
-        t = self.sampler.timesteps[i]
-        x = self.est  # [B, C, h, w]
+        x = self._model_x(self.est, i)  # [B, C, h, w]
         if self._with_ref():
-            a = self.sampler.alpha_prev[i]  # the level step i lands on
-            fwd = a.sqrt() * self.x0 + (1 - a).sqrt() * self.noise  # the image noised to t
-            x = torch.cat([fwd, x])  # [2B, C, h, w]
-        return x, t.expand(x.shape[0])
+            x = torch.cat([self._model_x(self._forward_noised(i), i), x])  # [2B, C, h, w]
+        return x, self._t(i).expand(x.shape[0])
 
     def advance(self, pred):
         i, k = self.i, self.k
-        smp = self.sampler
-        pt = smp.prediction_type
         if self._with_ref():
             ref_out, pred = pred.float().chunk(2)
-            a = smp.alpha_prev[i].view(1, 1, 1, 1)
-            fwd = a.sqrt() * self.x0 + (1 - a).sqrt() * self.noise
-            self.ref = pred_x0_eps(fwd, ref_out, a, pt)[1]  # eps at the forward-noised image
-        # eps read at the level of the input it was predicted for (see the module docstring)
-        level = smp.alpha_t[i] if k == 0 else smp.alpha_prev[i]
-        eps = pred_x0_eps(self.est.float(), pred.float(), level.view(1, 1, 1, 1), pt)[1]  # [B, C, h, w]
+            self.ref = self._eps(self._forward_noised(i), ref_out, i, -1)  # eps at the forward-noised image
+        eps = self._eps(self.est, pred, i, k)  # [B, C, h, w]
         lo, hi = self._window(i)
         if lo <= k < hi:  # running mean of the eps in the window (before regularisation)
             self.n_avg += 1
@@ -126,15 +148,15 @@ class ReNoiseInversion(SamplerProgram):
             return
         if self.average and self.avg is not None:
             self.est = self._step(i, self.regularise(self.avg) if self.reg else self.avg)
+        self._end_step(i)
+
+    def _end_step(self, i: int) -> None:
+        """Step i's estimate is final: record it and move on."""
         self.x = self.est
         self.traj.append(self.x)
         if self.callback is not None:
-            self.callback(dict(i=i, t=smp.timesteps[i].expand(self.x.shape[0]), x=self.x, x0=self.x0))
+            self.callback(dict(i=i, t=self._t(i).expand(self.x.shape[0]), x=self.x, x0=self.x0))
         self.i, self.k, self.avg, self.n_avg = i + 1, 0, None, 0
-
-    def _step(self, i: int, eps):
-        """inv_step(z_{t-1}, eps): the DDIM update from the step's start to the level it lands on."""
-        return ddim_step(self.x, eps, self.sampler.alpha_t[i], self.sampler.alpha_prev[i], prediction_type="epsilon")[0]
 
     def regularise(self, eps):
         """The official ``noise_regularization``: per step, one clipped patch-KL step toward the
@@ -153,7 +175,7 @@ class ReNoiseInversion(SamplerProgram):
 
     @property
     def steps_left(self) -> int:
-        return sum(self.passes[self.i:]) - self.k
+        return sum(self.passes[self.i:]) + sum(self.extra[self.i:]) - self.k
 
     def result(self) -> Inversion:
         forward = make_sampler("ddim", self.pipe.schedule, len(self.sampler), device=self.pipe.device)
@@ -162,12 +184,33 @@ class ReNoiseInversion(SamplerProgram):
                          settings=self.settings)
 
 
-def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, renoise_steps: int = 1,
+# The official configurations: its SD example (DDIM) and its SDXL-Turbo one (Euler ancestral).
+DEFAULTS = {"ddim": dict(steps=50, renoise_steps=1, noise_correction=False),
+            "euler_ancestral": dict(steps=4, renoise_steps=9, noise_correction=True)}
+
+
+def invert_program(pipe, image, prompt: str = "", *, steps: int | None = None, renoise_steps: int | None = None,
                    guidance_scale: float = 1.0, first_window=(0, 5), window=(8, 10), max_first: int = 5,
                    average: bool = True, lambda_ac: float = 20.0, lambda_kl: float = 0.065, reg_steps: int = 4,
                    rolls: int = 5, seed: int | None = 0, negative_prompt=None, height: int | None = None,
-                   width: int | None = None, callback=None) -> ReNoiseInversion:
-    """ReNoise-invert ``image`` under ``prompt`` (see the module docstring for the parameters)."""
+                   width: int | None = None, callback=None, image_prompt=None, sampler: str | None = None,
+                   noise_correction: bool | None = None) -> ReNoiseInversion:
+    """ReNoise-invert ``image`` under ``prompt`` (see the module docstring for the parameters).
+    ``sampler``: "ddim", or "euler_ancestral" (SDXL-Turbo, :mod:`engine.editing.renoise_euler`,
+    with ``noise_correction``); default: the model's own when it is Euler ancestral, else DDIM.
+    ``steps`` / ``renoise_steps`` default to the official configuration of the sampler (50 / 1 for
+    DDIM, 4 / 9 for Euler ancestral)."""
+    sampler = sampler or ("euler_ancestral" if pipe.default_sampler == "euler_ancestral" else "ddim")
+    if sampler not in DEFAULTS:
+        raise ValueError(f"renoise inverts the samplers {sorted(DEFAULTS)}, got {sampler!r}")
+    steps = DEFAULTS[sampler]["steps"] if steps is None else steps
+    renoise_steps = DEFAULTS[sampler]["renoise_steps"] if renoise_steps is None else renoise_steps
+    if noise_correction is not None and not isinstance(noise_correction, bool):
+        raise ValueError(f"noise_correction must be true or false, got {noise_correction!r}")
+    if noise_correction is None:
+        noise_correction = DEFAULTS[sampler]["noise_correction"]
+    elif noise_correction and sampler == "ddim":
+        raise ValueError("noise_correction applies to the stochastic Euler ancestral sampler (sampler='euler_ancestral')")
     if renoise_steps < 0 or max_first < 0 or reg_steps < 0 or rolls < 1:
         raise ValueError("renoise_steps, max_first and reg_steps must be 0 or more, rolls at least 1")
     if lambda_ac < 0 or lambda_kl < 0:
@@ -180,15 +223,22 @@ def invert_program(pipe, image, prompt: str = "", *, steps: int = 50, renoise_st
         if not (isinstance(w, (tuple, list)) and len(w) == 2 and 0 <= int(w[0]) <= int(w[1])):
             raise ValueError(f"{name} must be a (start, stop) pair of iteration indices, got {w!r}")
         windows.append((int(w[0]), int(w[1])))
-    g, x0, settings = ddim.inversion_inputs(pipe, image, prompt, steps, guidance_scale, negative_prompt, height, width)
+    g, x0, settings = ddim.inversion_inputs(pipe, image, prompt, steps, guidance_scale, negative_prompt, height, width,
+                                            image_prompt)
     seed = 0 if seed is None else seed
     settings.update(method="renoise", renoise_steps=renoise_steps, first_window=list(windows[0]),
                     window=list(windows[1]), max_first=max_first, average=average, lambda_ac=lambda_ac,
-                    lambda_kl=lambda_kl, reg_steps=reg_steps, rolls=rolls, seed=seed)
-    return ReNoiseInversion(pipe, g, x0.float(), steps, settings, renoise_steps=renoise_steps,
-                            first_window=windows[0], window=windows[1], max_first=max_first, average=average,
-                            lambda_ac=lambda_ac, lambda_kl=lambda_kl, reg_steps=reg_steps, rolls=rolls, seed=seed,
-                            callback=callback)
+                    lambda_kl=lambda_kl, reg_steps=reg_steps, rolls=rolls, seed=seed, sampler=sampler,
+                    noise_correction=bool(noise_correction))
+    kw = dict(renoise_steps=renoise_steps, first_window=windows[0], window=windows[1], max_first=max_first,
+              average=average, lambda_ac=lambda_ac, lambda_kl=lambda_kl, reg_steps=reg_steps, rolls=rolls, seed=seed,
+              callback=callback)
+    if sampler == "euler_ancestral":
+        from .renoise_euler import ReNoiseEulerInversion
+
+        return ReNoiseEulerInversion(pipe, g, x0.float(), steps, settings, correct=bool(noise_correction),
+                                     overrides={}, **kw)
+    return ReNoiseInversion(pipe, g, x0.float(), steps, settings, **kw)
 
 
 @torch.no_grad()

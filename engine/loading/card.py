@@ -8,6 +8,7 @@ recipes and vocabulary::
      "edit": {"p2p": {"guidance_scale": 7.5, ...}, ...},                   # per edit method
      "inversion_for": {"p2p": "ddpm"},      # the inversion an edit method's recipe starts from
      "generate": {"steps": 28, "guidance_scale": 3.0},  # generation defaults
+     "ip_adapter": "ip_adapter/ip-adapter-plus.safetensors",  # a bundled IP-Adapter (relative path)
      "vocabulary": ["a", "red", ...]}       # words the model was trained on (None: any text)
 
 ``pipe.invert`` / ``pipe.edit`` and the CLI start from these defaults; what the user passes
@@ -38,6 +39,7 @@ class ModelCard:
     inversion_for: dict[str, str] = field(default_factory=dict)
     vocabulary: list[str] | None = None
     generate: dict = field(default_factory=dict)
+    ip_adapter: str | None = None  # the IP-Adapter shipped with the model, relative to its folder
 
     @classmethod
     def read(cls, root: Path) -> "ModelCard":
@@ -55,10 +57,14 @@ class ModelCard:
     def from_dict(cls, data: dict, where: str = CARD_FILE) -> "ModelCard":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise LoadError(f"{where}: expected a JSON object with \"format\": \"{FORMAT}\"")
-        unknown = set(data) - {"format", "invert", "edit", "inversion_for", "vocabulary", "notes", "generate"}
+        unknown = set(data) - {"format", "invert", "edit", "inversion_for", "vocabulary", "notes", "generate",
+                               "ip_adapter"}
         if unknown:
             raise LoadError(f"{where}: unknown field(s) {sorted(unknown)}; this overpaint reads "
-                            f"invert, edit, inversion_for, generate, vocabulary, notes")
+                            f"invert, edit, inversion_for, generate, ip_adapter, vocabulary, notes")
+        ip = data.get("ip_adapter")
+        if ip is not None and (not isinstance(ip, str) or Path(ip).is_absolute() or ".." in Path(ip).parts):
+            raise LoadError(f"{where}: 'ip_adapter' must be a path inside the model folder")
         if not isinstance(data.get("generate", {}), dict):
             raise LoadError(f"{where}: 'generate' must be an object of parameters")
         for key in ("invert", "edit"):
@@ -69,12 +75,14 @@ class ModelCard:
         if vocab is not None and not (isinstance(vocab, list) and all(isinstance(w, str) for w in vocab)):
             raise LoadError(f"{where}: 'vocabulary' must be a list of words")
         return cls(dict(data.get("invert", {})), dict(data.get("edit", {})), dict(data.get("inversion_for", {})),
-                   vocab, dict(data.get("generate", {})))
+                   vocab, dict(data.get("generate", {})), ip)
 
     def to_dict(self) -> dict:
         out = {"format": FORMAT, "invert": self.invert, "edit": self.edit, "inversion_for": self.inversion_for}
         if self.generate:
             out["generate"] = self.generate
+        if self.ip_adapter:
+            out["ip_adapter"] = self.ip_adapter
         if self.vocabulary is not None:
             out["vocabulary"] = self.vocabulary
         return out

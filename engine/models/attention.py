@@ -136,6 +136,27 @@ class AttentionPlan:
         return out
 
 
+@dataclass
+class PlanOverlay:
+    """A plan (or None) with more instructions laid over it by an adapter at call time (IP-Adapter
+    image keys / values, PuLID's id residuals): it answers the seam's questions as ``base`` does;
+    subclasses add their own."""
+
+    base: object
+
+    def args(self, layer: AttnLayer) -> dict:
+        return {} if self.base is None else self.base.args(layer)
+
+    def mix(self, layer: AttnLayer):
+        return None if self.base is None else self.base.mix(layer)
+
+    def key_mask(self, layer: AttnLayer):
+        return None if self.base is None else self.base.key_mask(layer)
+
+    def feature_rows(self, site):
+        return None if self.base is None else self.base.feature_rows(site)
+
+
 def attention(q, k, v, layer: AttnLayer | None = None, plan: AttentionPlan | None = None, text: int | None = None):
     """The seam. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D].
 

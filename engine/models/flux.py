@@ -247,12 +247,19 @@ class FluxTransformer2DModel(nn.Module):
         temb = self.time_text_embed(t, g, pooled_projections.to(x.dtype))  # [B, dim]
         c = self.context_embedder(encoder_hidden_states.to(x.dtype))  # [B, L, dim]
         rotary = rope(torch.cat([txt_ids, img_ids]), self.config.axes_dims_rope)  # ([L+N, D], [L+N, D])
-        for block in self.transformer_blocks:
+        residual = getattr(plan, "block_residual", None)  # e.g. PuLID's id cross-attention, as plan data
+        for i, block in enumerate(self.transformer_blocks):
             x, c = block(x, c, temb, rotary, plan)
+            if residual is not None:
+                x = residual("double", i, x)
         text = c.shape[1]
         h = torch.cat([c, x], dim=1)  # [B, L+N, dim]
-        for block in self.single_transformer_blocks:
+        for i, block in enumerate(self.single_transformer_blocks):
             h = block(h, temb, rotary, text, plan)
+            if residual is not None:
+                img = residual("single", i, h[:, text:])  # the image tokens of the joint sequence
+                if img is not None and img.data_ptr() != h[:, text:].data_ptr():
+                    h = torch.cat([h[:, :text], img], dim=1)
         x, _ = self.norm_out(h[:, text:], temb)
         return self.proj_out(x)  # [B, N, C_out]
 

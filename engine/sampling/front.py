@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .dpmsolver import DPMSolverSampler
-from .samplers import DDIMSampler, DDPMSampler, EulerSampler, FlowEulerSampler, Sampler
+from .samplers import DDIMSampler, DDPMSampler, EulerAncestralSampler, EulerSampler, FlowEulerSampler, Sampler
 from .schedule import NoiseSchedule, SchedulerConfig, UnsupportedConfigError, flow_sigmas
 
 # Sampler names, and the diffusers scheduler class each reproduces.
@@ -23,11 +23,12 @@ SAMPLERS = {
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",  # algorithm_type="sde-dpmsolver++"
     "dpmsolver": "DPMSolverMultistepScheduler",  # algorithm_type from the config
     "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 _BY_CLASS = {"DDIMScheduler": "ddim", "DDIMInverseScheduler": "ddim_inverse", "DDPMScheduler": "ddpm",
              "DPMSolverMultistepScheduler": "dpmsolver", "EulerDiscreteScheduler": "euler",
-             "FlowMatchEulerDiscreteScheduler": "flow_euler"}
+             "EulerAncestralDiscreteScheduler": "euler_ancestral", "FlowMatchEulerDiscreteScheduler": "flow_euler"}
 
 
 def sampler_name_for(config: SchedulerConfig) -> str:
@@ -111,12 +112,15 @@ def make_sampler(
                              solver_order=cfg.solver_order, final_first_order=final_first)
         if sde:
             s.noise_steps, s.noise_dtype = (True,) * n, torch.float32  # diffusers draws float32 noise
-    elif kind == "euler":
+    elif kind in ("euler", "euler_ancestral"):
         ts = schedule.euler_timesteps(num_steps)  # [S] float32
-        sigmas = schedule.sigmas_at(ts)  # [S+1]
+        sigmas = schedule.sigmas_at(ts, final_zero=kind == "euler_ancestral")  # [S+1]
         top = sigmas.max()
         init = top if schedule.spacing("linspace") in ("linspace", "trailing") else (top**2 + 1) ** 0.5
-        s = EulerSampler(name, ts, pred, float(init), sigmas=sigmas)
+        cls = EulerSampler if kind == "euler" else EulerAncestralSampler
+        s = cls(name, ts, pred, float(init), sigmas=sigmas)
+        if kind == "euler_ancestral":
+            s.noise_steps = (True,) * len(ts)
     else:
         assert kind == "flow_euler"
         sigmas = flow_sigmas(cfg, num_steps, mu, sigmas)  # [S+1]

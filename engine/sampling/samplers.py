@@ -155,6 +155,14 @@ def euler_step(
     return x_next.to(dtype), x0
 
 
+def ancestral_sigmas(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+    """(sigma_up, sigma_down) of an ancestral step sigma -> sigma_next (Karras et al. 2022's
+    k-diffusion ``get_ancestral_step`` with eta 1): a deterministic move to sigma_down, then
+    fresh noise of scale sigma_up, so that sigma_down^2 + sigma_up^2 = sigma_next^2."""
+    up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    return up, (sigma_next**2 - up**2) ** 0.5
+
+
 def flow_euler_step(x: Tensor, velocity: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
     """One Euler step of a rectified-flow ODE (Liu et al. 2022; Esser et al. 2024):
     x_sigma = (1 - sigma) x0 + sigma * noise, velocity = noise - x0. Returns (x_next, x0)
@@ -274,6 +282,20 @@ class EulerSampler(Sampler):
     def step(self, i, x, model_output, state=None, noise=None):
         r = rows(i, x)  # [B]
         x_next, x0 = euler_step(x, model_output, self.sigmas[r], self.sigmas[r + 1], prediction_type=self.prediction_type)
+        return x_next, SamplerState(x0=x0)
+
+
+@dataclass
+class EulerAncestralSampler(EulerSampler):
+    """Euler ancestral as diffusers' EulerAncestralDiscreteScheduler (SDXL-Turbo's): the Euler
+    step to sigma_down plus ``noise`` (drawn at every step, as diffusers does) times sigma_up."""
+
+    def step(self, i, x, model_output, state=None, noise=None):
+        r = rows(i, x)  # [B]
+        up, down = ancestral_sigmas(self.sigmas[r], self.sigmas[r + 1])  # [B] each
+        x_next, x0 = euler_step(x, model_output, self.sigmas[r], down, prediction_type=self.prediction_type)
+        if noise is not None:
+            x_next = (x_next.float() + noise.float() * bcast(up, x_next)).to(x_next.dtype)
         return x_next, SamplerState(x0=x0)
 
 

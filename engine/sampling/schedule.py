@@ -302,12 +302,13 @@ class NoiseSchedule:
             ts = np.arange(T, 0, -T / n).round().copy().astype(np.float32) - 1
         return torch.from_numpy(ts)
 
-    def sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
+    def sigmas_at(self, timesteps: torch.Tensor, final_zero: bool = False) -> torch.Tensor:
         """sigma at (possibly fractional) timesteps plus the final sigma, as Euler / DPM-Solver
-        build them: float64 linear interpolation, then float32. [S+1]"""
+        build them: float64 linear interpolation, then float32 (``final_zero``: 0 whatever the
+        config says, as Euler ancestral). [S+1]"""
         table = self.sigmas().numpy()  # [T] float32
         sig = np.interp(timesteps.numpy(), np.arange(0, len(table)), table)  # [S] float64
-        if self.config.final_sigmas_type == "sigma_min":
+        if self.config.final_sigmas_type == "sigma_min" and not final_zero:
             ac0 = self.alphas_cumprod[0]
             last = ((1 - ac0) / ac0) ** 0.5
         else:

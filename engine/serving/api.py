@@ -48,6 +48,10 @@ class ServeSettings:
     batch_invariant: bool = False
     bucket_rows: int | None = None
     grace_s: float = 30.0
+    # An IP-Adapter for image-conditioned inversions (the ``image_scale`` field): this file, else the
+    # model's own when it ships one (the bundled Shapes model does).
+    ip_adapter: str | None = None
+    image_encoder: str | None = None
 
 
 class Server:
@@ -84,6 +88,9 @@ class Server:
             import engine
 
             self.pipe = engine.load(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
+            s = self.settings
+            if s.ip_adapter or getattr(self.pipe.card, "ip_adapter", None):
+                self.pipe.load_ip_adapter(s.ip_adapter, image_encoder=s.image_encoder)
         self.model = self.pipe
         kw = {"batch_invariant": self.settings.batch_invariant}
         if self.settings.bucket_rows:

@@ -230,7 +230,8 @@ class Batcher:
     def _finish_stage(self, job: Job, stage, prog) -> None:
         try:
             with torch.no_grad():
-                result = self.pipe.finish(stage.kind, prog.result(), job.output_type, prog.matte)
+                result = self.pipe.finish(stage.kind, prog.result(), job.output_type, prog.matte,
+                                          getattr(prog, "image_prompt", None))
             if stage.on_result is not None:
                 stage.on_result(result)
         except Exception as e:  # noqa: BLE001

@@ -17,7 +17,9 @@ INVERT_FIELDS = {"steps": "steps", "seed": "seed", "skip": "skip", "inversion_gu
                  "early_stop": "early_stop", "lambda_ac": "lambda_ac", "lambda_kl": "lambda_kl",
                  "embed_steps": "embed_steps", "embed_lr": "embed_lr", "tune_steps": "tune_steps", "tune": "tune",
                  "tune_lr": "tune_lr", "lora_rank": "lora_rank", "gamma": "gamma",
-                 "inversion_embedded_guidance": "embedded_guidance", "renoise_steps": "renoise_steps"}
+                 "inversion_embedded_guidance": "embedded_guidance", "renoise_steps": "renoise_steps",
+                 "noise_correction": "noise_correction",
+                 "image_scale": "image_scale"}
 EDIT_FIELDS = {
     "*": {"guidance_scale", "negative_prompt"},
     "ledits++": {"editing_prompt", "edit_guidance_scale", "edit_threshold", "edit_warmup_steps", "edit_cooldown_steps",

@@ -126,6 +126,11 @@ def methods_for(pipe) -> tuple[str, ...]:
     return DIT_METHODS if getattr(pipe, "arch", None) == "flux" else METHODS
 
 
+# The bundled model's IP-Adapter ("plus", trained by engine.shapes.train_ip), relative to its folder:
+# ``pipe.load_ip_adapter()`` attaches it; Tight Inversion reads the image through it.
+IP_ADAPTER = "ip_adapter/ip-adapter-plus_shapes.safetensors"
+
+
 def model_card(methods: tuple[str, ...] = METHODS, generate: dict | None = None) -> dict:
     """The model folder's ``overpaint.json`` (:class:`engine.loading.card.ModelCard`): the
     recipes of ``methods`` as per-method defaults, generation defaults, and the world's vocabulary."""
@@ -142,6 +147,8 @@ def model_card(methods: tuple[str, ...] = METHODS, generate: dict | None = None)
             "vocabulary": world.vocabulary()}
     if generate:
         card["generate"] = generate
+    if methods == METHODS:
+        card["ip_adapter"] = IP_ADAPTER
     return card
 
 

@@ -44,7 +44,7 @@ from engine.shapes import world
 from engine.shapes import recipes
 from engine.shapes.model import ModelSizes, build, folder_megabytes, save_pipeline
 
-STAGES = ("vae", "text", "unet", "t5", "dit", "done")  # the UNet run's, then the DiT run's (train_dit)
+STAGES = ("vae", "text", "unet", "t5", "dit", "ip", "done")  # the UNet run's, the DiT run's (train_dit), the IP-Adapter's
 LOG_FIELDS = ("stage", "step", "loss", "lr", "elapsed_s")
 
 
@@ -455,6 +455,42 @@ def run(cfg: TrainConfig) -> Path:
             (export / name).write_text((out / name).read_text())
     print(json.dumps(summary))
     return out
+
+
+@dataclass
+class RunSettings:
+    """How a later Shapes training run runs (the DiT's and the IP-Adapter's configs extend it)."""
+
+    out: str
+    ema_decay: float = 0.999
+    time_budget_min: float = 60.0
+    ckpt_every: int = 200
+    log_every: int = 10
+    threads: int = 2
+    device: str = "cpu"
+    export: str = ""
+    resume: bool = False
+    smoke: bool = False
+    progress: bool = True
+
+
+def trainer_args(p: argparse.ArgumentParser, d, what: str) -> None:
+    """The flags the later Shapes trainers share (the DiT's, the IP-Adapter's); ``d`` their
+    config's defaults, ``what`` what their ``--steps`` count."""
+    p.add_argument("--out", required=True, help="folder to write (checkpoint and logs go here too)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=int, default=None, help=f"{what} steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--time-budget-min", type=float, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--smoke", action="store_true", help="tiny widths and few steps, for tests")
+    p.add_argument("--export", default="", help="also write the result (without checkpoint) here")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

@@ -30,14 +30,13 @@ from engine.models.flux import image_ids, pack
 from engine.shapes.dit import DiTSizes, build, fit_vocab, save_pipeline
 from engine.shapes.model import folder_megabytes
 from engine.shapes.train import (EMA, Logger, TokenCache, _after_step, _bar, _generator, _lr, _save_checkpoint,
-                                 _start, _update, scene_batch)
+                                 _start, _update, RunSettings, scene_batch, trainer_args)
 
 DIT_STAGE = 5  # data stream ids (scene_batch's ``stage``): distinct from the UNet run's
 
 
 @dataclass
-class DiTTrainConfig:
-    out: str
+class DiTTrainConfig(RunSettings):
     seed: int = 0
     steps: int = 3000  # ~0.8 s each on the 2-core CPU (batch 32, fp32)
     batch_size: int = 32
@@ -49,16 +48,6 @@ class DiTTrainConfig:
     t5_batch_size: int = 64
     t5_lr: float = 1e-3
     bf16: bool = False  # CPU bfloat16 autocast ran this transformer 13x slower than fp32
-    ema_decay: float = 0.999
-    time_budget_min: float = 60.0
-    ckpt_every: int = 200
-    log_every: int = 10
-    threads: int = 2
-    device: str = "cpu"
-    export: str = ""
-    resume: bool = False
-    smoke: bool = False
-    progress: bool = True
 
     def sizes(self) -> DiTSizes:
         return DiTSizes.smoke() if self.smoke else DiTSizes()
@@ -194,22 +183,9 @@ def run(cfg: DiTTrainConfig) -> Path:
 def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = DiTTrainConfig(out="")
-    p.add_argument("--out", required=True, help="pipeline folder to write (checkpoint and logs go here too)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=None, help=f"transformer steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr)
+    trainer_args(p, d, "transformer")
     p.add_argument("--t5-steps", type=int, default=None, help=f"scene-code steps of the T5 encoder (default {d.t5_steps})")
-    p.add_argument("--time-budget-min", type=float, default=None)
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (for GPUs; slow on CPUs)")
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
-    p.add_argument("--smoke", action="store_true", help="tiny widths and few steps, for tests")
-    p.add_argument("--export", default="", help="also write the finished pipeline (without checkpoint) here")
-    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cfg = DiTTrainConfig(out=a.out, seed=a.seed, lr=a.lr, ema_decay=a.ema_decay, bf16=a.bf16, threads=a.threads,
                          device=a.device, resume=a.resume, smoke=a.smoke, progress=not a.no_progress, export=a.export)

@@ -34,6 +34,7 @@ class RowCond:
 
     fields: dict[str, Tensor]
     controlled: bool = False  # some row has a control image (host-side: a call without one skips the ControlNet)
+    imaged: bool = False  # some row reads an image prompt (host-side: a call without one skips the IP-Adapter)
 
     def __len__(self) -> int:
         return next(iter(self.fields.values())).shape[0]
@@ -41,7 +42,7 @@ class RowCond:
     @staticmethod
     def cat(parts: list["RowCond"]) -> "RowCond":
         return RowCond({k: torch.cat([p.fields[k] for p in parts]) for k in parts[0].fields},
-                       any(p.controlled for p in parts))
+                       any(p.controlled for p in parts), any(p.imaged for p in parts))
 
     def signature(self) -> tuple:
         """What must agree for rows to share a call: field names, trailing shapes, dtypes."""
@@ -50,7 +51,7 @@ class RowCond:
     def pad(self, n: int) -> "RowCond":
         """n more rows (copies of row 0: idle rows whose outputs nobody reads)."""
         return RowCond({k: torch.cat([v, v[:1].expand(n, *v.shape[1:])]) for k, v in self.fields.items()},
-                       self.controlled)
+                       self.controlled, self.imaged)
 
 
 class Denoiser:
@@ -64,6 +65,9 @@ class Denoiser:
     # own weights, the model's untouched (torch.func.functional_call, per call).
     weights: dict[str, Tensor] | None = None
     controlnet = None
+    # An image adapter (IP-Adapter on UNets, PuLID on FLUX): rows carry its tokens and a scale, and
+    # it turns them into plan instructions per call (``plan(tokens, scale, base)``).
+    image_adapter = None
 
     @property
     def model(self) -> nn.Module:
@@ -72,7 +76,33 @@ class Denoiser:
     @property
     def model_key(self) -> tuple:
         """Programs with equal model keys may join one loop (same model)."""
-        return (self.family, id(self.model), id(self.controlnet))
+        return (self.family, id(self.model), id(self.controlnet), id(self.image_adapter))
+
+    def _image_fields(self, fields: dict, cond: Conditioning) -> bool:
+        """Image-prompt rows: tokens [R, T, C] and scale [R] for every row once an image adapter is
+        attached (zeros at scale 0 for rows without an image, so all rows share calls); whether any
+        row reads an image (decided here, on the host, once per program)."""
+        has = cond.image is not None and bool((cond.image_scale != 0).any())
+        a = self.image_adapter
+        if a is None:
+            if has:
+                raise ValueError("an image prompt needs an image adapter: pipe.load_ip_adapter(path) (SD, SDXL) or "
+                                 "pipe.load_pulid(path) (FLUX) first")
+            return False
+        r = len(cond)
+        if cond.image is None:
+            fields["image"] = torch.zeros(r, a.tokens, a.token_dim, device=self.device, dtype=self.dtype)
+            fields["image_scale"] = torch.zeros(r, device=self.device)
+        else:
+            fields["image"] = cond.image.to(self.device, self.dtype)  # [R, T, C]
+            fields["image_scale"] = cond.image_scale.to(self.device, torch.float32)  # [R]
+        return has
+
+    def _image_plan(self, rows: RowCond, plan):
+        """The plan with the image adapter's instructions when a row of the call reads an image."""
+        if not rows.imaged:
+            return plan
+        return self.image_adapter.plan(rows.fields["image"], rows.fields["image_scale"], plan)
 
     @property
     def key(self) -> tuple:
@@ -139,12 +169,13 @@ class UNetDenoiser(Denoiser):
     family = "unet"
 
     def __init__(self, unet: nn.Module, text_projection_dim: int | None = None, runner: GraphRunner | None = None,
-                 controlnet: nn.Module | None = None, weights: dict[str, Tensor] | None = None):
+                 controlnet: nn.Module | None = None, weights: dict[str, Tensor] | None = None, ip_adapter=None):
         self.unet = unet
         self.text_projection_dim = text_projection_dim
         self.runner = runner
         self.controlnet = controlnet  # with one, every row carries a control image and scale (0: none)
         self.weights = weights
+        self.image_adapter = ip_adapter  # with one, every row carries image tokens and a scale (0: none)
 
     @property
     def model(self) -> nn.Module:
@@ -191,7 +222,8 @@ class UNetDenoiser(Denoiser):
             fields["control"] = image.to(self.device, self.dtype).expand(r, -1, -1, -1) if image.shape[0] == 1 \
                 else image.to(self.device, self.dtype).repeat(r // image.shape[0], 1, 1, 1)  # [R, 3, H, W]
             fields["control_scale"] = torch.as_tensor(scale, dtype=torch.float32, device=self.device).expand(r).clone()  # [R]
-        return RowCond(fields, controlled=control is not None)
+        imaged = self._image_fields(fields, cond)
+        return RowCond(fields, controlled=control is not None, imaged=imaged)
 
     def condition_guidance(self, g, height: int, width: int, control=None, **size_kw) -> RowCond:
         """The model rows of a :class:`~engine.step.Guidance`: [uncond, cond] (2B) or cond (B),
@@ -211,4 +243,5 @@ class UNetDenoiser(Denoiser):
             if rows.controlled:  # the ControlNet reads the same rows; no attention plan (its layers are its own)
                 down, mid = self.controlnet(x, t, f["context"], f["control"], f["control_scale"], added)
                 res = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+            plan = self._image_plan(rows, plan)  # IP-Adapter keys / values, read in the text attention's pass
             return self._model(x, t, f["context"], added, plan=plan, **res)  # the UNet casts x to its dtype

@@ -26,10 +26,11 @@ class FluxDenoiser(Denoiser):
     family = "flux"
 
     def __init__(self, transformer: nn.Module, runner: GraphRunner | None = None,
-                 weights: dict[str, Tensor] | None = None):
+                 weights: dict[str, Tensor] | None = None, pulid=None):
         self.transformer = transformer
         self.runner = runner
         self.weights = weights
+        self.image_adapter = pulid  # PuLID (engine.models.pulid): id tokens per row, added after blocks
 
     @property
     def model(self) -> nn.Module:
@@ -53,7 +54,8 @@ class FluxDenoiser(Denoiser):
         elif embedded_guidance is not None:
             raise ValueError("this FLUX model has no guidance embedding (FLUX.1-schnell-like): use true "
                              "classifier-free guidance (guidance_scale > 1 with a negative prompt) instead")
-        return RowCond(fields)
+        imaged = self._image_fields(fields, cond)
+        return RowCond(fields, imaged=imaged)
 
     def condition_guidance(self, g, height: int = 0, width: int = 0, **kw) -> RowCond:
         """The model rows of a :class:`~engine.step.Guidance`: [uncond, cond] (true CFG) or cond."""
@@ -73,6 +75,7 @@ class FluxDenoiser(Denoiser):
         h, w = x.shape[-2:]
         img_ids, txt_ids = self._ids(h, w, f["context"].shape[1])
         tokens = pack(x.to(self.dtype))  # [R, N, 4C]
+        plan = self._image_plan(rows, plan)  # PuLID's id residuals after its blocks
         with row_segments(segments):
             out = self._model(tokens, f["context"], f["pooled"], t.to(self.dtype) / 1000, img_ids, txt_ids,
                               f.get("guidance"), plan=plan)  # [R, N, 4C]

@@ -43,6 +43,16 @@ class Guidance:
         """The conditioning of the model rows: [uncond, cond] (2B) or cond (B)."""
         return self.cond if self.uncond is None else Conditioning.cat([self.uncond, self.cond])
 
+    def with_image(self, prompt) -> "Guidance":
+        """The same guidance with an image prompt (:class:`~engine.editing.tight.ImagePrompt` or
+        None): conditional rows read its tokens, unconditional rows its null-image tokens (as
+        diffusers' IP-Adapter pipelines), both at its scale."""
+        if prompt is None:
+            return self
+        cond = self.cond.with_image(prompt.cond, prompt.scale)
+        uncond = None if self.uncond is None else self.uncond.with_image(prompt.uncond, prompt.scale)
+        return Guidance(cond, uncond, self.time_ids, self.scale, self.rescale)
+
     def tile(self, n: int) -> "Guidance":
         """The same guidance for n blocks of rows (e.g. n timesteps of B images in one call)."""
         ids = None if self.time_ids is None else self.time_ids.repeat(n, 1)

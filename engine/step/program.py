@@ -37,6 +37,7 @@ class Program:
 
     denoiser = None  # the Denoiser whose model this program's rows need
     matte = None  # a chroma key the façade removes from the decoded result (RGBA output), or None
+    image_prompt = None  # the image prompt an inversion is conditioned on (the façade records it), or None
 
     def cond(self) -> RowCond:
         raise NotImplementedError

@@ -40,6 +40,20 @@ def test_generate_matches_diffusers_ddim(fixture, request):
     assert np.abs(got - want).max() <= 1e-4
 
 
+def test_sdxl_turbo_euler_ancestral_matches_diffusers(tiny_turbo_dir):
+    """SDXL-Turbo's recipe: Euler ancestral (trailing), no guidance, noise from the seed's generator."""
+    from diffusers import StableDiffusionXLPipeline
+
+    ours, ref = engine.load(tiny_turbo_dir), StableDiffusionXLPipeline.from_pretrained(tiny_turbo_dir)
+    assert ours.default_sampler == "euler_ancestral"
+    for steps in (1, 4):
+        want = ref("a red circle", num_inference_steps=steps, guidance_scale=0.0, height=64, width=64,
+                   generator=torch.Generator().manual_seed(3), output_type="np").images
+        got = ours.generate("a red circle", steps=steps, guidance_scale=0.0, height=64, width=64, seed=3,
+                            output_type="np", progress=False)
+        assert np.abs(got - want).max() <= 1e-4
+
+
 def test_generate_with_negative_prompt_and_several_images(sd15):
     ours, ref = sd15
     lat = _latents(ours, 2, 64, seed=3)

@@ -7,6 +7,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
@@ -153,6 +154,22 @@ def test_euler(name, pred, n):
     ref, ref_xs = run_diffusers(ref, x, n)
     xs = run_ours(s, x)
     scale = max(1.0, s.init_noise_sigma)  # x lives at sigma scale (up to 4096 with zero SNR)
+    check(s, ref, [a / scale for a in xs], [b / scale for b in ref_xs])
+
+
+@pytest.mark.parametrize("name,pred,n", cases(names=["sd15", "trailing", "linspace"], steps=[1, 4, 10]))
+def test_euler_ancestral_same_generator(name, pred, n):
+    """SDXL-Turbo's scheduler (trailing spacing there): noise drawn at every step from one generator."""
+    d, sched = setup(name, pred)
+    s = make_sampler("euler_ancestral", sched, n)
+    ref = EulerAncestralDiscreteScheduler.from_config(d)
+    ref.set_timesteps(n)
+    assert s.init_noise_sigma == float(ref.init_noise_sigma)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * s.init_noise_sigma
+    g = torch.Generator().manual_seed(7)
+    ref, ref_xs = run_diffusers(ref, x, n, lambda i: {"generator": g})
+    xs = run_ours(s, x, generator=torch.Generator().manual_seed(7))
+    scale = max(1.0, s.init_noise_sigma)
     check(s, ref, [a / scale for a in xs], [b / scale for b in ref_xs])
 
 

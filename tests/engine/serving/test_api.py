@@ -313,3 +313,20 @@ def test_flux_model_over_http(live, flux_pipe):
     r = c.post("/v1/images/edits", files={"image": ("a.png", png((16, 16)), "image/png")},
                data=edit_form(method="p2p"))
     assert "runs on UNet" in error_of(r, 400)["message"]
+
+
+def test_image_conditioned_inversion_over_http(live, server, tiny_sd15_dir, tmp_path):
+    """``image_scale`` conditions the inversion on the uploaded image (Tight Inversion) through the
+    IP-Adapter the server was started with; without one it is a clear 400."""
+    import engine
+    from engine.tiny import make_tiny_ip_adapter
+
+    r = server.client.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+                           data=edit_form(image_scale="0.5"))
+    assert "needs an IP-Adapter" in error_of(r, 400)["message"]
+    file = make_tiny_ip_adapter(tmp_path, engine.load(tiny_sd15_dir).unet)
+    s = live(ServeSettings(model=str(tiny_sd15_dir), ip_adapter=str(file)))
+    for scale in ("0.5", "0"):
+        r = s.client.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+                          data=edit_form(image_scale=scale))
+        assert r.status_code == 200, r.text
