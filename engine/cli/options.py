@@ -429,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=positive_float, default=600.0, help="seconds before a request ends with 408")
     s.add_argument("--cache-bytes", type=positive_int, default=2 << 30, help="inversion cache size in memory")
     s.add_argument("--cache-dir", default=None, help="also keep cached inversions in this folder (safetensors)")
-    _adapter_options(s)
+    s.add_argument("--ip-adapter", default=None, metavar="FILE|own",
+                   help="an IP-Adapter for image_scale (Tight Inversion) requests: its .safetensors, or 'own' for "
+                        "the model's (the bundled Shapes model ships one)")
+    s.add_argument("--image-encoder", default=None, metavar="FOLDER", help="its image encoder folder")
     s.add_argument("--batch-invariant", action="store_true",
                    help="fixed-size batches: each result bit-identical to the request served alone")
     s.add_argument("--grace", type=positive_float, default=30.0, help="seconds to finish jobs after SIGTERM")

@@ -48,8 +48,8 @@ class ServeSettings:
     batch_invariant: bool = False
     bucket_rows: int | None = None
     grace_s: float = 30.0
-    # An IP-Adapter for image-conditioned inversions (the ``image_scale`` field): this file, else the
-    # model's own when it ships one (the bundled Shapes model does).
+    # An IP-Adapter for image-conditioned inversions (the ``image_scale`` field): a file, or "own" for
+    # the one the model ships (the bundled Shapes model's); None: none (rows carry no image fields).
     ip_adapter: str | None = None
     image_encoder: str | None = None
 
@@ -89,8 +89,8 @@ class Server:
 
             self.pipe = engine.load(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
             s = self.settings
-            if s.ip_adapter or getattr(self.pipe.card, "ip_adapter", None):
-                self.pipe.load_ip_adapter(s.ip_adapter, image_encoder=s.image_encoder)
+            if s.ip_adapter:
+                self.pipe.load_ip_adapter(None if s.ip_adapter == "own" else s.ip_adapter, image_encoder=s.image_encoder)
         self.model = self.pipe
         kw = {"batch_invariant": self.settings.batch_invariant}
         if self.settings.bucket_rows:
