@@ -11,6 +11,7 @@ an inversion and its edits on the image itself this way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,16 @@ class ImagePrompt:
     cond: Tensor  # [B, T, Dctx]
     uncond: Tensor  # [B, T, Dctx]
     scale: float = 1.0
+
+    def __post_init__(self):
+        try:
+            s = float(self.scale)
+        except (TypeError, ValueError):
+            s = math.nan
+        if not math.isfinite(s) or s < 0:
+            raise ValueError(f"an image prompt's scale (image_scale, ip_adapter_scale, id_weight) must be a finite "
+                             f"number 0 or more, got {self.scale!r}")
+        self.scale = s
 
     def __len__(self) -> int:
         return self.cond.shape[0]
@@ -111,4 +122,4 @@ class ImageEncoder:
 def image_prompt(adapter, encoder: ImageEncoder, images: Tensor, scale: float = 1.0) -> ImagePrompt:
     """Images [B, 3, H, W] in [0, 1] -> their :class:`ImagePrompt` through ``adapter``'s projection."""
     emb, null = encoder.encode(images, hidden=adapter.kind == "plus")
-    return ImagePrompt(adapter.project(emb), adapter.project(null), float(scale))
+    return ImagePrompt(adapter.project(emb), adapter.project(null), scale)

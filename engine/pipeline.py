@@ -388,10 +388,7 @@ class Pipeline:
                              f"{method!r} takes no image condition")
         if self.denoiser.image_adapter is None:
             raise ValueError(f"image_condition needs {self.ADAPTER_HINT} first")
-        scale = self.TIGHT_SCALE if scale is None else float(scale)
-        if scale < 0:
-            raise ValueError(f"image_scale must be 0 or more, got {scale}")
-        return self.image_prompt(image, scale, tight=True)
+        return self.image_prompt(image, self.TIGHT_SCALE if scale is None else scale, tight=True)
 
     def _edit(self, r: dict):
         r.pop("progress", None)

@@ -165,7 +165,7 @@ class Inversion:
         if "image.cond" not in self.extras:
             return None
         s = self.settings.get("image_scale", 1.0) if scale is None else scale
-        return ImagePrompt(self.extras["image.cond"], self.extras["image.uncond"], float(s))
+        return ImagePrompt(self.extras["image.cond"], self.extras["image.uncond"], s)
 
     def record_image_prompt(self, prompt) -> None:
         """Keep the image prompt the inversion was conditioned on (its edits read it again)."""

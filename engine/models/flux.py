@@ -257,9 +257,10 @@ class FluxTransformer2DModel(nn.Module):
         for i, block in enumerate(self.single_transformer_blocks):
             h = block(h, temb, rotary, text, plan)
             if residual is not None:
-                img = residual("single", i, h[:, text:])  # the image tokens of the joint sequence
-                if img is not None and img.data_ptr() != h[:, text:].data_ptr():
-                    h = torch.cat([h[:, :text], img], dim=1)
+                img = h[:, text:]  # the image tokens of the joint sequence
+                new = residual("single", i, img)  # ``img`` itself where the plan adds nothing
+                if new is not img:
+                    h = torch.cat([h[:, :text], new], dim=1)
         x, _ = self.norm_out(h[:, text:], temb)
         return self.proj_out(x)  # [B, N, C_out]
 

@@ -97,7 +97,9 @@ def merge(fragments: list[tuple[AttentionPlan | None, int, int]], total: int, la
         return live[0][0]  # one program fills the call: its plan as it is
     for p, _, _ in live:
         if p.ip:
-            raise ValueError("IP-Adapter tokens cannot yet share a model call with other programs; "
+            raise ValueError("a plan's own per-layer IP-Adapter keys / values cannot be merged with other programs' "
+                             "plans; give image tokens as conditioning (Conditioning.image, read by the Denoiser's "
+                             "image adapter), which shares calls, or "
                              "run such a request alone")
     touched = sorted({l.index: l for p, _, _ in live for l in _touched(p, layers)}.items())
     calls, writes = {}, []

@@ -79,3 +79,8 @@ def test_errors(pipe):
     tight = pipe.invert(IMAGE, "a cat", steps=2, image_condition=True, progress=False)
     with pytest.raises(ValueError, match="takes no image condition"):
         pipe.edit(tight, "masactrl", "a dog", image_scale=0.5, progress=False)
+    for bad in (-0.5, float("nan"), "much"):
+        with pytest.raises(ValueError, match="must be a finite number 0 or more"):
+            pipe.edit(tight, "ddim", "a dog", image_scale=bad, progress=False)
+    with pytest.raises(ValueError, match="must be a finite number 0 or more"):
+        pipe.invert(IMAGE, "a cat", steps=2, image_scale=-1.0, progress=False)
