@@ -1,13 +1,31 @@
-"""Benchmark kernels.attention against torch SDPA (flash, cuDNN) and xformers on a CUDA GPU.
+"""Benchmark kernels.attention against every torch SDPA backend, in the engine's layout, on a CUDA GPU.
 
-    python benchmarks/attention.py [--dtypes fp16,bf16] [--shapes sdxl] [--rep 100] [--no-autotune]
+    python benchmarks/attention.py [--dtypes fp16,bf16] [--shapes sd15,sdxl,flux] [--rep 100]
+                                   [--no-autotune] [--no-graphs] [--write-table [PATH]] [--out FILE]
 
-For the SD1.5 / SDXL / FLUX attention shapes it times our Triton kernel plain, with
-row injection, with the attention-map store (cross-attention, Nk <= 256) and with an
-IP-Adapter branch, and the baselines that exist for each.  FLOPs count the two matmuls
-(4·B·H·Nq·Nk·D, plus 4·B·H·Nq·Nip·D for IP).  Results go to
-benchmarks/results/attention-<device>.json together with device, date, git commit,
-versions and settings; a short table is printed.  Needs CUDA: exits with a message otherwise.
+For the SD1.5 / SDXL / FLUX attention shapes, with q/k/v as views of [B, N, H·D] projections
+(what the executor passes), it first checks every variant against the float64 reference on a
+slice of query rows -- output and stored maps, per-dtype tolerances; a variant that fails is
+reported as FAILED and never timed -- then times:
+
+  dispatch        ``kernels.attention`` with no instruction (the measured-best backend, or ours)
+  ours            our kernel, plain
+  inject-p2p      Prompt-to-Prompt's rows [src, edit] x [uncond, cond]: edit rows read the
+                  source rows' queries and keys (the source's maps drive the edit)
+  inject-masactrl MasaCtrl's mutual self-attention: edit rows read the source rows' keys and values
+  store           cross-attention maps stored (head mean, fp32 buffer) with token weights;
+                  FLUX: image queries x text keys of the joint attention
+  ip              an IP-Adapter "plus" branch (16 image tokens, per-row scales)
+  sdpa-<backend>  torch SDPA with only that backend (flash, efficient, cudnn)
+
+Statistics are medians (``triton.testing.do_bench(return_mode="median")``), eager and replayed
+from a CUDA graph (our kernel with its default / table block sizes, no autotuning inside capture).
+Columns: ``vs best`` = fastest SDPA backend's time / this time (plain rows), ``vs plain`` = our
+plain time / this time (instruction rows: the cost of the instruction). Results go to
+benchmarks/results/attention-<device>.json with device, date, commit, versions and settings.
+``--write-table`` also writes the launch table ``kernels/tables/<device>.json`` (the fastest
+correct backend per plain shape, the autotuner's block sizes per variant) that
+``kernels.dispatch`` and ``kernels.configs`` read. Needs CUDA: exits with a message otherwise.
 """
 import argparse
 import datetime
@@ -18,105 +36,204 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
 
-# name, B, H, Nq, Nk, D  (B=2: classifier-free guidance batch)
+# name, B, H, Nq, Nk, D, text (FLUX joint attention: its first `text` keys are the prompt's)
 SHAPES = [
-    ("sd15-self-64x64", 2, 8, 4096, 4096, 40),
-    ("sd15-cross-64x64", 2, 8, 4096, 77, 40),
-    ("sd15-self-32x32", 2, 8, 1024, 1024, 80),
-    ("sd15-cross-32x32", 2, 8, 1024, 77, 80),
-    ("sd15-self-16x16", 2, 8, 256, 256, 160),
-    ("sdxl-self-h10-4096", 2, 10, 4096, 4096, 64),
-    ("sdxl-self-h10-1024", 2, 10, 1024, 1024, 64),
-    ("sdxl-self-h20-4096", 2, 20, 4096, 4096, 64),
-    ("sdxl-self-h20-1024", 2, 20, 1024, 1024, 64),
-    ("sdxl-cross-h10-4096", 2, 10, 4096, 77, 64),
-    ("sdxl-cross-h20-1024", 2, 20, 1024, 77, 64),
-    ("flux-joint-4608", 1, 24, 4608, 4608, 128),
+    ("sd15-self-64x64", 2, 8, 4096, 4096, 40, 0),
+    ("sd15-cross-64x64", 2, 8, 4096, 77, 40, 0),
+    ("sd15-self-32x32", 2, 8, 1024, 1024, 80, 0),
+    ("sd15-cross-32x32", 2, 8, 1024, 77, 80, 0),
+    ("sd15-self-16x16", 2, 8, 256, 256, 160, 0),
+    ("sd15-cross-16x16", 2, 8, 256, 77, 160, 0),
+    ("sdxl-self-h10-4096", 2, 10, 4096, 4096, 64, 0),
+    ("sdxl-cross-h10-4096", 2, 10, 4096, 77, 64, 0),
+    ("sdxl-self-h20-1024", 2, 20, 1024, 1024, 64, 0),
+    ("sdxl-cross-h20-1024", 2, 20, 1024, 77, 64, 0),
+    ("flux-joint-4608", 1, 24, 4608, 4608, 128, 512),
 ]
-N_IP = 4  # IP-Adapter image tokens (16 for the "plus" variant)
+N_IP = 16  # IP-Adapter "plus" image tokens
+CHECK_ROWS = 256  # query rows checked against float64 per variant
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = {torch.float16: dict(atol=3e-3, rtol=3e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+STORE_TOL = dict(atol=1e-3, rtol=1e-2)
+SDPA_BACKENDS = ("flash", "efficient", "cudnn")
+DEVICE = "cuda"  # the helpers below also run on CPU under TRITON_INTERPRET=1 (a smoke check of their logic)
 
 
-def _sdpa(backend):
-    from torch.nn.attention import sdpa_kernel
-
-    def run(q, k, v):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v)
-    return run
+def engine_qkv(B, H, n_q, n_k, D, dtype, g):
+    """q, k, v as the executor makes them: [B, H, N, D] views of [B, N, H·D] projections."""
+    proj = lambda n: torch.randn(B, n, H * D, device=DEVICE, dtype=dtype, generator=g)  # noqa: E731
+    return tuple(proj(n).view(B, n, H, D).transpose(1, 2) for n in (n_q, n_k, n_k))
 
 
-def _baselines():
-    from torch.nn.attention import SDPBackend
-    out = {"sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION)}
+def variants(B, H, n_q, n_k, D, text, dtype, g):
+    """name -> kwargs of kernels.attention; rows come in [src, edit] pairs for the injections."""
+    B2 = max(B, 4) if B % 2 else B  # pairs need an even batch
+    out = {"ours": {}}
+    src = torch.arange(B2, device=DEVICE) // 2 * 2  # row 2i+1 (edit) reads row 2i (source)
+    out["inject-p2p"] = dict(q_from=src, k_from=src)
+    out["inject-masactrl"] = dict(k_from=src, v_from=src)
+    if text:
+        out["store"] = dict(store=torch.empty(B2, n_q - text, text, device=DEVICE), store_queries=(text, n_q),
+                            store_keys=(0, text))
+    elif n_k <= 512:
+        out["store"] = dict(store=torch.empty(B2, n_q, n_k, device=DEVICE),
+                            token_weights=torch.rand(B2, n_k, device=DEVICE, generator=g) * 2)
+    if not text:
+        proj = lambda: torch.randn(B2, N_IP, H * D, device=DEVICE, dtype=dtype, generator=g).view(  # noqa: E731
+            B2, N_IP, H, D).transpose(1, 2)
+        out["ip"] = dict(ip=(proj(), proj(), torch.rand(B2, device=DEVICE, generator=g)))
+    return B2, out
+
+
+def check_variant(q, k, v, kw, run):
+    """Max errors of output (and stored map) against float64 on the first CHECK_ROWS query rows; None if ok."""
+    import kernels
+    r = min(CHECK_ROWS, q.shape[2])
+    store = kw.get("store")
+    if store is not None:
+        store.fill_(float("nan"))
+    got = run()
+    span = kw.get("store_queries")
+    ref_kw = {n: t for n, t in kw.items() if n not in ("store", "store_queries", "store_keys")}
+    qs = q[:, :, :r]
+    ref_store = None
+    if store is not None:
+        k0, k1 = kw.get("store_keys", (0, k.shape[2]))
+        q0 = span[0] if span else 0
+        qs = q[:, :, q0:q0 + r]
+        ref_store = torch.zeros(store.shape[0], qs.shape[2], k1 - k0, dtype=torch.float64, device=DEVICE)
+        ref_kw.update(store=ref_store, store_keys=(k0, k1))
+        got_rows = got[:, :, q0:q0 + r]
+    else:
+        got_rows = got[:, :, :r]
+    ref = kernels.attention_reference(qs, k, v, **ref_kw)
     try:
-        import xformers.ops as xops
-
-        def xformers(q, k, v):  # xformers wants [B, N, H, D]
-            return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                   v.transpose(1, 2)).transpose(1, 2)
-        out["xformers"] = xformers
-    except ImportError:
-        pass
-    return out
+        torch.testing.assert_close(got_rows.double(), ref, **TOL[q.dtype])
+        if store is not None:
+            torch.testing.assert_close(store[:, :qs.shape[2]].double(), ref_store, **STORE_TOL)
+    except AssertionError as e:
+        return str(e).strip().splitlines()[0][:200]
+    return None
 
 
-def _eager_store(q, k, v, store):
-    """Unfused torch with the map store: what you'd do without our kernel."""
-    p = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
-    store.copy_(p.float().mean(1))
-    return p @ v
-
-
-def bench_shape(name, B, H, n_q, n_k, D, dtype, rep, attention):
+def time_it(fn, rep, graphs):
+    """(eager median ms, CUDA-graph median ms or None)."""
     from triton.testing import do_bench
-    dev = "cuda"
-    g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, device=dev, dtype=dtype, generator=g) for n in (n_q, n_k, n_k))
-    flops = 4.0 * B * H * n_q * n_k * D
-    cross = n_k <= 256
-    src = torch.zeros(B, dtype=torch.long, device=dev)  # every row reads row 0 (P2P/PnP/MasaCtrl style)
-    cases = {"ours-plain": (lambda: attention(q, k, v), flops)}
-    cases["ours-inject-kv"] = (lambda: attention(q, k, v, k_from=src, v_from=src), flops)
-    if cross:
-        store = torch.empty(B, n_q, n_k, device=dev, dtype=torch.float16)
-        w = torch.ones(B, n_k, device=dev)
-        ki, vi = (torch.randn(B, H, N_IP, D, device=dev, dtype=dtype, generator=g) for _ in range(2))
-        ip_flops = flops + 4.0 * B * H * n_q * N_IP * D
-        cases["ours-store"] = (lambda: attention(q, k, v, store=store), flops)
-        cases["ours-store+weights"] = (lambda: attention(q, k, v, token_weights=w, store=store), flops)
-        cases["ours-ip"] = (lambda: attention(q, k, v, ip=(ki, vi, 0.6)), ip_flops)
-        cases["eager-store"] = (lambda: _eager_store(q, k, v, store), flops)
-    for bname, fn in _baselines().items():
-        cases[bname] = ((lambda fn=fn: fn(q, k, v)), flops)
-
-    # Correctness guard: a fast wrong kernel is worthless.
-    ref = F.scaled_dot_product_attention(q, k, v)
-    max_err = (attention(q, k, v).float() - ref.float()).abs().max().item()
-
-    rows = []
-    for impl, (fn, fl) in cases.items():
+    fn()
+    torch.cuda.synchronize()
+    eager = do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    graph_ms = None
+    if graphs:
+        kmod = sys.modules["kernels.attention"]
+        auto, kmod.AUTOTUNE = kmod.AUTOTUNE, False  # the autotuner cannot run inside capture
         try:
-            fn()  # compile / autotune outside the timed region
-            torch.cuda.synchronize()
-            ms = do_bench(fn, warmup=25, rep=rep)
-            rows.append(dict(shape=name, B=B, H=H, Nq=n_q, Nk=n_k, D=D, dtype=str(dtype).split(".")[-1],
-                             impl=impl, ms=ms, tflops=fl / ms * 1e-9))
-        except Exception as e:  # e.g. cuDNN rejects D=40; record why
-            rows.append(dict(shape=name, B=B, H=H, Nq=n_q, Nk=n_k, D=D, dtype=str(dtype).split(".")[-1],
-                             impl=impl, ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}"))
-    flash = next((r["ms"] for r in rows if r["impl"] == "sdpa-flash" and r["ms"]), None)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph_ms = do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+        finally:
+            kmod.AUTOTUNE = auto
+    return eager, graph_ms
+
+
+def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
+    import kernels
+    from kernels import dispatch
+    kmod = sys.modules["kernels.attention"]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    B2, cases = variants(B, H, n_q, n_k, D, text, dtype, g)
+    q, k, v = engine_qkv(B2, H, n_q, n_k, D, dtype, g)
+    flops = 4.0 * B2 * H * n_q * n_k * D
+    runs = {"dispatch": (lambda: kernels.attention(q, k, v), flops, {})}
+    for vname, kw in cases.items():
+        fl = flops + (4.0 * B2 * H * n_q * N_IP * D if "ip" in kw else 0)
+        runs[vname] = ((lambda kw=kw: kmod.attention_triton(q, k, v, **kw)), fl, kw)
+    for bname in SDPA_BACKENDS:
+        runs[f"sdpa-{bname}"] = ((lambda b=bname: dispatch.sdpa(b, q, k, v)), flops, {})
+    rows = []
+    for impl, (fn, fl, kw) in runs.items():
+        row = dict(shape=name, B=B2, H=H, Nq=n_q, Nk=n_k, D=D, dtype=str(dtype).split(".")[-1], impl=impl,
+                   variant=impl if impl in cases else "plain")
+        try:
+            err = check_variant(q, k, v, kw, fn)
+        except Exception as e:  # e.g. cuDNN rejects D=40: record why
+            row.update(status="unavailable", error=f"{type(e).__name__}: {str(e).strip()[:160]}")
+            rows.append(row)
+            continue
+        if err is not None:
+            row.update(status="FAILED", error=err)  # never timed
+            rows.append(row)
+            continue
+        eager, graph_ms = time_it(fn, rep, graphs)
+        row.update(status="ok", median_ms=eager, graph_median_ms=graph_ms, tflops=fl / eager * 1e-9)
+        if impl in cases and kmod.AUTOTUNE:
+            best = getattr(kmod._attn_fwd_tuned, "best_config", None)
+            if best is not None:
+                row["config"] = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
+        if impl == "dispatch":
+            row["backend"] = dispatch.backend(q, k)
+        rows.append(row)
+    ok = {r["impl"]: r for r in rows if r.get("status") == "ok"}
+    best_sdpa = min((r["median_ms"] for n, r in ok.items() if n.startswith("sdpa-")), default=None)
     for r in rows:
-        r["speedup_vs_flash"] = flash / r["ms"] if flash and r["ms"] else None
-        r["max_abs_err_vs_sdpa"] = max_err
+        if r.get("status") != "ok":
+            continue
+        if r["variant"] == "plain":
+            r["vs_best_sdpa"] = best_sdpa / r["median_ms"] if best_sdpa else None
+        elif "ours" in ok:
+            r["vs_plain"] = ok["ours"]["median_ms"] / r["median_ms"]
     return rows
+
+
+def build_table(rows, device, meta):
+    """The launch table: per (dtype, D, shape) the fastest correct plain backend, and our block sizes."""
+    entries = []
+    shapes = {(r["dtype"], r["D"], r["Nq"], r["Nk"]) for r in rows}
+    for dtype, D, n_q, n_k in sorted(shapes):
+        here = [r for r in rows if (r["dtype"], r["D"], r["Nq"], r["Nk"]) == (dtype, D, n_q, n_k)
+                and r.get("status") == "ok"]
+        plain = [r for r in here if r["impl"] == "ours" or r["impl"].startswith("sdpa-")]
+        if not plain:
+            continue
+        fastest = min(plain, key=lambda r: r["median_ms"])
+        backend = "ours" if fastest["impl"] == "ours" else fastest["impl"][len("sdpa-"):]
+        for r in here:
+            if r["impl"] == "dispatch" or r["impl"].startswith("sdpa-"):
+                continue
+            variant = "plain" if r["impl"] == "ours" else r["variant"].split("-")[0]
+            if any(e["variant"] == variant and (e["dtype"], e["D"], e["n_q"], e["n_k"]) == (dtype, D, n_q, n_k)
+                   for e in entries):
+                continue  # inject-p2p and inject-masactrl share the "inject" entry (first wins)
+            entries.append(dict(dtype=dtype, D=D, n_q=n_q, n_k=n_k, variant=variant,
+                                backend=backend if variant == "plain" else "ours", config=r.get("config"),
+                                median_ms=r["median_ms"]))
+    return dict(device=device, measured=meta["date"], git_commit=meta["git_commit"], torch=meta["torch"],
+                triton=meta["triton"], entries=entries)
+
+
+def print_table(rows):
+    print(f"{'shape':<20} {'dtype':<8} {'impl':<16} {'median ms':>9} {'graph ms':>9} {'TFLOP/s':>8} "
+          f"{'vs best':>8} {'vs plain':>8}")
+    for r in rows:
+        head = f"{r['shape']:<20} {r['dtype']:<8} {r['impl']:<16}"
+        if r.get("status") != "ok":
+            print(f"{head} {r['status']:>9}  {r.get('error', '')[:70]}")
+            continue
+        gm = f"{r['graph_median_ms']:.3f}" if r.get("graph_median_ms") else "-"
+        vb = f"{r['vs_best_sdpa']:.2f}x" if r.get("vs_best_sdpa") else "-"
+        vp = f"{r['vs_plain']:.2f}x" if r.get("vs_plain") else "-"
+        print(f"{head} {r['median_ms']:>9.3f} {gm:>9} {r['tflops']:>8.1f} {vb:>8} {vp:>8}")
 
 
 def main(argv=None):
@@ -124,7 +241,10 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--shapes", default="", help="substring filter on shape names, comma separated")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
-    ap.add_argument("--no-autotune", action="store_true", help="use the launcher's default block sizes")
+    ap.add_argument("--no-autotune", action="store_true", help="use the table's / heuristic block sizes")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--write-table", nargs="?", const="default", default=None,
+                    help="write the launch table (default kernels/tables/<device>.json)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-<device>.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -133,8 +253,11 @@ def main(argv=None):
     if args.no_autotune:
         os.environ["OVERPAINT_AUTOTUNE"] = "0"
     import triton
-    import kernels
-    kmod = sys.modules["kernels.attention"]
+
+    import importlib
+
+    from kernels import configs
+    kmod = importlib.import_module("kernels.attention")  # the module (``kernels.attention`` is the function)
     kmod.AUTOTUNE = not args.no_autotune
 
     device = torch.cuda.get_device_name()
@@ -143,26 +266,30 @@ def main(argv=None):
     rows = []
     for dname in args.dtypes.split(","):
         for shape in shapes:
-            rows += bench_shape(*shape, DTYPES[dname], args.rep, kernels.attention)
-    print(f"{'shape':<21} {'dtype':<8} {'impl':<19} {'ms':>8} {'TFLOP/s':>8} {'vs flash':>8}")
-    for r in rows:
-        if r["ms"] is None:
-            print(f"{r['shape']:<21} {r['dtype']:<8} {r['impl']:<19} {'n/a':>8}  {r['error'][:60]}")
-            continue
-        sp = f"{r['speedup_vs_flash']:.2f}x" if r["speedup_vs_flash"] else "-"
-        print(f"{r['shape']:<21} {r['dtype']:<8} {r['impl']:<19} {r['ms']:>8.3f} {r['tflops']:>8.1f} {sp:>8}")
+            rows += bench_shape(*shape, DTYPES[dname], args.rep, not args.no_graphs)
+    print_table(rows)
     meta = dict(device=device, capability=".".join(map(str, torch.cuda.get_device_capability())),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 git_commit=common.git_commit(), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(),
                 settings=dict(dtypes=args.dtypes, rep_ms=args.rep, autotune=not args.no_autotune, n_ip=N_IP,
-                              timer="triton.testing.do_bench (median)", layout="contiguous [B, H, N, D]"))
+                              graphs=not args.no_graphs, check_rows=CHECK_ROWS,
+                              timer="triton.testing.do_bench(return_mode='median')",
+                              layout="engine: [B, H, N, D] views of [B, N, H*D]"))
     slug = common.slug(device)
     path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"attention-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     print(f"wrote {path}")
-    return 0
+    if args.write_table:
+        table = build_table(rows, device, meta)
+        tpath = configs.TABLES / f"{configs.slug(device)}.json" if args.write_table == "default" \
+            else Path(args.write_table)
+        tpath.parent.mkdir(parents=True, exist_ok=True)
+        tpath.write_text(json.dumps(table, indent=1))
+        print(f"wrote {tpath} ({len(table['entries'])} entries)")
+    failed = [r for r in rows if r.get("status") == "FAILED"]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ files (benchmark JSON, a profiler trace of one W1 step, logs):
   cuda-tests     the CUDA tests: kernels in fp16 / bf16, CUDA-graph capture of generations and
                  edits, no host syncs in edit steps, FLUX on the GPU (interpreter tests deselected:
                  triton 3.6 with numpy >= 2.4 cannot run them)
-  attention      benchmarks/attention.py, default block sizes (no autotuning), short repetitions
+  attention      benchmarks/attention.py, default block sizes (no autotuning), short repetitions,
+                 eager and CUDA-graph medians; its launch table (fastest correct backend per shape)
   e2e-sd         benchmarks/e2e.py W1-W4 vs diffusers (3 timed runs each)
   e2e-flux       benchmarks/e2e.py W5, W6 (FLUX.1-dev and RF-Inversion) vs diffusers
   step           benchmarks/step.py on SD1.5 (fp16): edit_many batching vs one at a time
   trace          a torch.profiler trace of one W1 step
-  attention-tuned  the attention benchmark with autotuning, if time is left
+  attention-tuned  the attention benchmark with autotuning, if time is left; its table adds the
+                 autotuner's block sizes (commit it as kernels/tables/<device>.json)
 
 diffusers is not on that image: carry it as wheels (README, "GPU runs"); ``--wheels DIR``
 installs every wheel in DIR into a private folder first (default ``.whl`` when it exists).
@@ -62,13 +64,15 @@ def plan(out: Path) -> list[Part]:
     cuda_k = "(cuda or host_syncs) and not interp"
     return [
         Part("env", 20, 5, [py, "-m", "benchmarks.gpu_session", "--env", "--out", o]),
-        Part("kernels-check", 45, 10, [py, "-m", "kernels.check"], ("kernels/check.py",)),
+        Part("kernels-check", 60, 10, [py, "-m", "kernels.check", "-j", "8", "--json", f"{o}/kernels-check.json"],
+             ("kernels/check.py",)),
         Part("cuda-tests", 150, 40, [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", cuda_k,
                                      "tests/kernels/test_attention.py", "tests/engine/runtime/test_graphs.py",
                                      "tests/engine/models/test_flux.py"],
              ("tests/kernels/test_attention.py", "tests/engine/runtime/test_graphs.py", "tests/engine/models/test_flux.py")),
-        Part("attention", 60, 20, [py, "benchmarks/attention.py", "--no-autotune", "--rep", "25",
-                                   "--out", f"{o}/attention-untuned.json"], ("benchmarks/attention.py",)),
+        Part("attention", 90, 20, [py, "benchmarks/attention.py", "--no-autotune", "--rep", "25",
+                                   "--out", f"{o}/attention-untuned.json", "--write-table", f"{o}/table-untuned.json"],
+             ("benchmarks/attention.py",)),
         Part("e2e-sd", 180, 60, [py, "benchmarks/e2e.py", "--workloads", "W1,W2,W3,W4", "--impls", "ours,ours-graphs,diffusers",
                                  "--repeats", "3", "--warmup", "1", "--out", f"{o}/e2e-sd.json"], ("benchmarks/e2e.py",)),
         Part("e2e-flux", 150, 60, [py, "benchmarks/e2e.py", "--workloads", "W5,W6", "--impls", "ours,ours-graphs,diffusers",
@@ -79,8 +83,9 @@ def plan(out: Path) -> list[Part]:
         Part("trace", 40, 15, [py, "benchmarks/e2e.py", "--workloads", "W1", "--steps", "1", "--repeats", "1",
                                "--warmup", "1", "--impls", "ours", "--profile", f"{o}/trace-w1.json", "--no-plot",
                                "--out", f"{o}/e2e-trace.json"], ("benchmarks/e2e.py",)),
-        Part("attention-tuned", 120, 40, [py, "benchmarks/attention.py", "--rep", "50",
-                                          "--out", f"{o}/attention-tuned.json"], ("benchmarks/attention.py",)),
+        Part("attention-tuned", 120, 40, [py, "benchmarks/attention.py", "--rep", "50", "--no-graphs",
+                                          "--out", f"{o}/attention-tuned.json", "--write-table", f"{o}/table-tuned.json"],
+             ("benchmarks/attention.py",)),
     ]
 
 

@@ -12,17 +12,28 @@ the accumulator, so no Nq×Nk matrix ever exists in memory.  On top of that:
               meet v; the softmax denominator stays unweighted (no renormalising);
 * ip       -- a second online-softmax accumulator over IP-Adapter image keys,
               added as ``ip_scale · softmax(q k_imgᵀ) v_img`` in the same pass;
-* store    -- the forward kernel also writes the row log-sum-exp per head; a second
-              small kernel (Nk <= 256) recomputes ``q kᵀ`` per key tile, sums
-              ``exp(s - lse)`` over heads in registers in a fixed order and writes
-              the head-mean once.  No atomics, so maps are bit-reproducible.
+* store    -- single pass: one program per (row, query tile) runs every head in a
+              fixed order; the stored key range (<= 512 keys: SD's prompt, FLUX's text
+              block) is the *last* tile of each head's key stream, so when it arrives
+              the running max and sum are final and its probabilities are exact.  They
+              are summed over heads in registers and written once: no second kernel,
+              no recomputed ``q kᵀ``, no atomics, bit-reproducible.
 
-Head dims that are not powers of two (40, 80, 160) are padded to BLOCK_D with
-masked loads.  CPU tensors use the torch path in ``reference.py`` unless
-``TRITON_INTERPRET=1`` is set at call time; then the kernels run in Triton's
-interpreter, which requires the variable to be set before triton is imported
-(see ``_check_interpreter``).  Note ``kernels.attention`` is this module's
-``attention`` function; reach the module itself via ``sys.modules["kernels.attention"]``.
+Layout: q/k/v are read as views of the projections' [B, N, H·D] activations and the
+output is written straight into a [B, N, H·D] buffer (returned as its [B, H, N, D]
+view), so the out-projection needs no transpose copy.  Strides are passed in units of
+``SU`` = 8 elements, so the compiler can prove 16-byte alignment of every row even when
+a stride (the head stride D = 40) is not a multiple of 16, and emits vector loads/stores.
+
+Head dims that are not powers of two are split into two power-of-two pieces
+(40 = 32 + 8→16, 80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32) instead of one padded
+tile: at most 16.7% of the tensor-core work is padding (37.5% with 40→64 etc.).
+
+CPU tensors use the torch path in ``reference.py`` unless ``TRITON_INTERPRET=1`` is set
+at call time; then the kernel runs in Triton's interpreter, which requires the variable
+to be set before triton is imported (see ``_check_interpreter``).  Note
+``kernels.attention`` is this module's ``attention`` function; reach the module itself
+via ``sys.modules["kernels.attention"]``.
 """
 import os
 
@@ -30,219 +41,255 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs, dispatch
 from .reference import attention_torch, check_inputs, needs_grad, store_span
 
 
 @triton.jit
-def _attn_inner(acc, l_i, m_i, q, K, V, W, s_kn, s_kd, s_vn, s_vd, s_wn, qk_scale, start, end, N_K,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_W: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N_K
-        kt = tl.load(K + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        if MASK_N:  # only the tail block holds keys past N_K
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)  # denominator uses unweighted p
-        if HAS_W:
-            w = tl.load(W + offs_n * s_wn, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-            p = p * w[None, :]
-        v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
-    return acc, l_i, m_i
+def _scores(q1, q2, Kh, s_kn, offs_n, n_mask, HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+            MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Raw q kᵀ for one key tile: [BLOCK_M, BLOCK_N] from the head dim's one or two pieces."""
+    d1 = tl.arange(0, D1)
+    if MASK_N:
+        kt = tl.load(Kh + offs_n[None, :] * s_kn + d1[:, None], mask=n_mask[None, :], other=0.0)  # [D1, BN]
+    else:
+        kt = tl.load(Kh + offs_n[None, :] * s_kn + d1[:, None])
+    qk = tl.dot(q1, kt, input_precision=DOT_PREC)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        mask = d2[:, None] < HEAD_DIM  # all true unless D2 is padded (40 = 32 + 8 of 16)
+        if MASK_N:
+            mask = mask & n_mask[None, :]
+        k2 = tl.load(Kh + offs_n[None, :] * s_kn + d2[:, None], mask=mask, other=0.0)  # [D2, BN]
+        qk += tl.dot(q2, k2, input_precision=DOT_PREC)
+    return qk
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, LSE,
-              s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-              s_ob, s_oh, s_on, s_od, s_wb, s_wn,
-              s_kib, s_kih, s_kin, s_kid, s_vib, s_vih, s_vin, s_vid,
-              sm_scale, ip_scale, H, N_Q, N_K, N_IP,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_IP: tl.constexpr, HAS_QF: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr,
-              HAS_W: tl.constexpr, HAS_IP: tl.constexpr, IP_PER_ROW: tl.constexpr, STORE_LSE: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+def _values(acc1, acc2, p, Vh, s_vn, offs_n, n_mask, HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+            MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc += p @ v for one key tile, per head-dim piece."""
+    d1 = tl.arange(0, D1)
+    if MASK_N:
+        v1 = tl.load(Vh + offs_n[:, None] * s_vn + d1[None, :], mask=n_mask[:, None], other=0.0)  # [BN, D1]
+    else:
+        v1 = tl.load(Vh + offs_n[:, None] * s_vn + d1[None, :])
+    acc1 = tl.dot(p.to(v1.dtype), v1, acc1, input_precision=DOT_PREC)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        mask = d2[None, :] < HEAD_DIM
+        if MASK_N:
+            mask = mask & n_mask[:, None]
+        v2 = tl.load(Vh + offs_n[:, None] * s_vn + d2[None, :], mask=mask, other=0.0)  # [BN, D2]
+        acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=DOT_PREC)
+    return acc1, acc2
+
+
+@triton.jit
+def _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start, end,
+            HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
+            HAS_W: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over keys [start, end): full tiles unmasked (MASK_N=False), or the ragged tail."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        qk = _scores(q1, q2, Kh, s_kn, offs_n, n_mask, HEAD_DIM, D1, D2, MASK_N, DOT_PREC)  # [BM, BN]
+        if MASK_N:
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score (log2 units)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)  # denominator uses unweighted p
+        if HAS_W:
+            w = tl.load(Wb + offs_n * s_wn, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            p = p * w[None, :]
+        acc1 = acc1 * alpha[:, None]
+        if D2 > 0:
+            acc2 = acc2 * alpha[:, None]
+        acc1, acc2 = _values(acc1, acc2, p, Vh, s_vn, offs_n, n_mask, HEAD_DIM, D1, D2, MASK_N, DOT_PREC)
+        m_i = m_new
+    return acc1, acc2, l_i, m_i
+
+
+@triton.jit
+def _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start, end,
+                  HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_W: tl.constexpr, DOT_PREC: tl.constexpr):
+    full = start + ((end - start) // BLOCK_N) * BLOCK_N
+    acc1, acc2, l_i, m_i = _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start,
+                                   full, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, False, DOT_PREC)
+    return _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, full, end,
+                   HEAD_DIM, D1, D2, BLOCK_N, HAS_W, True, DOT_PREC)
+
+
+@triton.jit
+def _head(Qb, hq, Kh, Vh, Ob, ho, Wb, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_wn, s_kin, s_vin, qk_scale, ip_s,
+          pid_m, N_Q, N_K, N_IP,
+          HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, HAS_W: tl.constexpr, HAS_IP: tl.constexpr,
+          DOT_PREC: tl.constexpr):
+    """One (row, head, query tile): writes the output, returns the rows' log2-sum-exp [BLOCK_M].
+    q and o are addressed as base + (row offset, head offset + d): tiles of offsets that depend on
+    the head are not hoisted out of the store variant's head loop (they would pin registers)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < N_Q
+    d1 = tl.arange(0, D1)
+    q1 = tl.load(Qb + (offs_m * s_qn)[:, None] + (hq + d1)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, D1]
+    q2 = q1
+    acc2 = tl.zeros([BLOCK_M, D1], tl.float32)  # placeholder; only used when D2 > 0
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(Qb + (offs_m * s_qn)[:, None] + (hq + d2)[None, :],
+                     mask=m_mask[:, None] & (d2[None, :] < HEAD_DIM), other=0.0)  # [BM, D2]
+        acc2 = tl.zeros([BLOCK_M, D2], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    acc1, acc2, l_i, m_i = _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale,
+                                         0, N_K, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, DOT_PREC)
+    inv_l = 1.0 / l_i
+    out1 = acc1 * inv_l[:, None]  # [BM, D1]
+    out2 = acc2 * inv_l[:, None]
+    if HAS_IP:  # decoupled cross-attention: its own max/sum/accumulator, same q tile
+        i1 = tl.zeros([BLOCK_M, D1], tl.float32)
+        i2 = tl.zeros_like(acc2)
+        l2 = tl.zeros([BLOCK_M], tl.float32)
+        m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        i1, i2, l2, m2 = _stream(i1, i2, l2, m2, q1, q2, KIh, VIh, Wb, s_kin, s_vin, 0, qk_scale, 0, N_IP,
+                                 HEAD_DIM, D1, D2, BLOCK_IP, False, True, DOT_PREC)
+        out1 += (ip_s / l2)[:, None] * i1
+        if D2 > 0:
+            out2 += (ip_s / l2)[:, None] * i2
+    tl.store(Ob + (offs_m * s_on)[:, None] + (ho + d1)[None, :], out1.to(Ob.dtype.element_ty), mask=m_mask[:, None])
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        tl.store(Ob + (offs_m * s_on)[:, None] + (ho + d2)[None, :], out2.to(Ob.dtype.element_ty),
+                 mask=m_mask[:, None] & (d2[None, :] < HEAD_DIM))
+    return m_i + tl.math.log2(l_i)
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
+              s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
+              s_kib, s_kih, s_kin, s_vib, s_vih, s_vin, s_wb, s_wn, s_sb, s_sq,
+              sm_scale, ip_scale, H, N_Q, N_K, N_IP, Q0, Q1, K0, K1,
+              HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, SU: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, BLOCK_S: tl.constexpr,
+              HAS_QF: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, HAS_W: tl.constexpr,
+              HAS_IP: tl.constexpr, IP_PER_ROW: tl.constexpr, STORE: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Grid: (query tiles, B * H); with STORE (query tiles, B) and the heads looped here.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = (pid_bh % H).to(tl.int64)
+    pid = tl.program_id(1)
+    if STORE:
+        b = pid.to(tl.int64)
+    else:
+        b = (pid // H).to(tl.int64)
     # Injection: pick the source row of each operand, then read it in place.
-    qb = b.to(tl.int64)
-    kb = b.to(tl.int64)
-    vb = b.to(tl.int64)
+    qb = b
+    kb = b
+    vb = b
     if HAS_QF:
         qb = tl.load(QF + b).to(tl.int64)
     if HAS_KF:
         kb = tl.load(KF + b).to(tl.int64)
     if HAS_VF:
         vb = tl.load(VF + b).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N_Q
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(Q + qb * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    ip_s = ip_scale
+    if IP_PER_ROW:
+        ip_s = tl.load(IPS + b).to(tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2 e)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    Kb = K + kb * s_kb + h * s_kh
-    Vb = V + vb * s_vb + h * s_vh
-    Wb = W + b.to(tl.int64) * s_wb
-    # Full key blocks without the -inf mask, then the ragged tail (e.g. 77 text tokens).
-    n_full = (N_K // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, Kb, Vb, Wb, s_kn, s_kd, s_vn, s_vd, s_wn, qk_scale,
-                                0, n_full, N_K, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_W, False, DOT_PREC)
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, Kb, Vb, Wb, s_kn, s_kd, s_vn, s_vd, s_wn, qk_scale,
-                                n_full, N_K, N_K, HEAD_DIM, BLOCK_D, BLOCK_N, HAS_W, True, DOT_PREC)
-    out = acc / l_i[:, None]  # [BLOCK_M, BLOCK_D]
-
-    if HAS_IP:  # decoupled cross-attention: its own max/sum/accumulator, same q tile
-        m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l2 = tl.zeros([BLOCK_M], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        bi = b.to(tl.int64)
-        acc2, l2, m2 = _attn_inner(acc2, l2, m2, q, KI + bi * s_kib + h * s_kih, VI + bi * s_vib + h * s_vih,
-                                   W, s_kin, s_kid, s_vin, s_vid, 0, qk_scale, 0, N_IP, N_IP,
-                                   HEAD_DIM, BLOCK_D, BLOCK_IP, False, True, DOT_PREC)
-        s = ip_scale
-        if IP_PER_ROW:
-            s = tl.load(IPS + b).to(tl.float32)
-        out = out + s * (acc2 / l2[:, None])
-
-    tl.store(O + b.to(tl.int64) * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-    if STORE_LSE:  # log2-domain log-sum-exp per (b, h, row) for the map kernel
-        tl.store(LSE + (b.to(tl.int64) * H + h) * N_Q + offs_m, m_i + tl.math.log2(l_i), mask=m_mask)
-
-
-@triton.jit
-def _attn_map(Q, K, QF, KF, W, LSE, S,
-              s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_wb, s_wn, s_sb, s_sq, s_sk,
-              sm_scale, H, N_Q, N_K,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_QF: tl.constexpr, HAS_KF: tl.constexpr, HAS_W: tl.constexpr, DOT_PREC: tl.constexpr):
-    # One program owns one [BLOCK_M, BLOCK_N] tile of store[b] and loops over all
-    # heads in a fixed order: a plain store, no atomics, bit-reproducible.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    qb = b
-    kb = b
-    if HAS_QF:
-        qb = tl.load(QF + b).to(tl.int64)
-    if HAS_KF:
-        kb = tl.load(KF + b).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N_Q
-    n_mask = offs_n < N_K
-    d_mask = offs_d < HEAD_DIM
-    qk_scale = sm_scale * 1.4426950408889634
-    total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for h in range(0, H):
-        q = tl.load(Q + qb * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd,
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-        kt = tl.load(K + kb * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        lse = tl.load(LSE + (b * H + h) * N_Q + offs_m, mask=m_mask, other=0.0)  # [BLOCK_M]
-        qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        total += tl.math.exp2(qk - lse[:, None])
-    total = total / H
-    if HAS_W:  # the weight is per key, so it factors out of the head mean
-        w = tl.load(W + b * s_wb + offs_n * s_wn, mask=n_mask, other=0.0).to(tl.float32)
-        total = total * w[None, :]
-    tl.store(S + b * s_sb + offs_m[:, None] * s_sq + offs_n[None, :] * s_sk, total.to(S.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
-
-
-# ---------------------------------------------------------------------------------------------
-# Launch configurations for H100 (sm_90): BLOCK_M=128 with 8 warps gives two warpgroups that
-# each issue wgmma on 64 rows; D=256 (padded 160) needs 64-row tiles and 8 warps to avoid spills
-# (see `python -m kernels.check`).  The autotuner is keyed on the shape; pruning drops configs
-# that spill or waste work on short sequences.
-# ---------------------------------------------------------------------------------------------
-def _fwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-            for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
-                                          (64, 32, 4, 2), (64, 128, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)]]
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    block_d, n_q, n_k = kwargs["BLOCK_D"], named_args["N_Q"], named_args["N_K"]
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if block_d >= 256 and (bm > 64 or bn > 64 or c.num_warps < 8):  # 64x256 fp32 acc needs 8 warps
-            continue
-        if block_d < 256 and bm == 64 and c.num_warps == 8:
-            continue
-        if bm > 64 and n_q <= 64:  # small Nq (SD1.5 deepest level): more programs win
-            continue
-        if bn > max(32, triton.next_power_of_2(n_k)):  # Nk=77 does not need 128-wide tiles
-            continue
-        keep.append(c)
-    return keep or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
+    # Strides arrive divided by SU, so every row offset is provably a multiple of SU elements.
+    Qb = Q + qb * (s_qb * SU)
+    Kb = K + kb * (s_kb * SU)
+    Vb = V + vb * (s_vb * SU)
+    Ob = O + b * (s_ob * SU)
+    KIb = KI + b * (s_kib * SU)
+    VIb = VI + b * (s_vib * SU)
+    Wb = W + b * s_wb
+    if STORE:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N_Q
+        # Phase 1: every head in turn, its output and its rows' log-sum-exp (a tiny scratch).
+        for h in range(0, H):
+            lse = _head(Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob, h * (s_oh * SU),
+                        Wb, KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), s_qn * SU, s_kn * SU, s_vn * SU,
+                        s_on * SU, s_wn, s_kin * SU, s_vin * SU, qk_scale, ip_s, pid_m, N_Q, N_K, N_IP,
+                        HEAD_DIM, D1, D2, BLOCK_M, BLOCK_N, BLOCK_IP, HAS_W, HAS_IP, DOT_PREC)
+            tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=m_mask)
+        tl.debug_barrier()  # the scratch rows were written by other threads of this program
+        # Phase 2: per stored key tile, the exact probabilities exp2(s - lse) summed over the heads
+        # in registers in a fixed order, written once: no second kernel, no atomics.
+        d1 = tl.arange(0, D1)
+        keep = (offs_m >= Q0) & (offs_m < Q1)
+        for k0 in range(K0, K1, BLOCK_S):
+            offs_s = k0 + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < K1
+            # Clamped key rows instead of a load mask, and offsets that depend on the head: no
+            # [BS, D] address or mask tile is hoisted out of the head loop to pin registers.
+            rows_k = tl.minimum(offs_s, K1 - 1) * (s_kn * SU)  # [BS]
+            total = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
+            for h in range(0, H):
+                hq = h * (s_qh * SU)
+                hk = h * (s_kh * SU)
+                q1 = tl.load(Qb + (offs_m * (s_qn * SU))[:, None] + (hq + d1)[None, :], mask=m_mask[:, None],
+                             other=0.0)  # [BM, D1]
+                kt = tl.load(Kb + rows_k[None, :] + (hk + d1)[:, None])  # [D1, BS]
+                qk = tl.dot(q1, kt, input_precision=DOT_PREC)
+                if D2 > 0:
+                    d2 = D1 + tl.arange(0, D2)
+                    q2 = tl.load(Qb + (offs_m * (s_qn * SU))[:, None] + (hq + d2)[None, :],
+                                 mask=m_mask[:, None] & (d2[None, :] < HEAD_DIM), other=0.0)  # [BM, D2]
+                    k2 = tl.load(Kb + rows_k[None, :] + (hk + d2)[:, None], mask=(d2 < HEAD_DIM)[:, None],
+                                 other=0.0)  # [D2, BS]
+                    qk += tl.dot(q2, k2, input_precision=DOT_PREC)
+                lse = tl.load(LSE + (b * H + h) * N_Q + offs_m, mask=m_mask, other=0.0)  # [BM]
+                total += tl.math.exp2(qk * qk_scale - lse[:, None])
+            total = total / H
+            if HAS_W:  # the weight is per key, so it factors out of the head mean
+                w = tl.load(Wb + offs_s * s_wn, mask=s_mask, other=0.0).to(tl.float32)
+                total = total * w[None, :]
+            tl.store(S + b * s_sb + (offs_m - Q0)[:, None] * s_sq + (offs_s - K0)[None, :],
+                     total.to(S.dtype.element_ty), mask=keep[:, None] & s_mask[None, :])
+    else:
+        h = (pid % H).to(tl.int64)
+        _head(Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob, h * (s_oh * SU),
+              Wb, KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), s_qn * SU, s_kn * SU, s_vn * SU,
+              s_on * SU, s_wn, s_kin * SU, s_vin * SU, qk_scale, ip_s, pid_m, N_Q, N_K, N_IP,
+              HEAD_DIM, D1, D2, BLOCK_M, BLOCK_N, BLOCK_IP, HAS_W, HAS_IP, DOT_PREC)
 
 
 _attn_fwd_tuned = triton.autotune(
-    configs=_fwd_configs(), key=["N_Q", "N_K", "N_IP", "H", "HEAD_DIM", "HAS_W", "HAS_IP", "STORE_LSE"],
-    prune_configs_by={"early_config_prune": _prune_fwd})(_attn_fwd)
-
-
-def default_config(n_q, n_k, block_d, interpret=False, elem_bytes=2):
-    """Block sizes when not autotuning (interpreter, CUDA graphs, AOT check)."""
-    if interpret:  # big numpy tiles are what makes the interpreter bearable
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
-    if elem_bytes > 2:  # fp32 (not a fast path): halve the shared-memory footprint
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if block_d <= 128 else 8, num_stages=2)
-    if block_d >= 256:  # 8 warps keep the [64, 256] fp32 accumulators (x2 with IP) out of local memory
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    if n_q <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-
-
-def map_config(n_k, block_d, interpret=False):
-    bn = min(64, max(16, triton.next_power_of_2(n_k)))
-    if interpret:
-        return dict(BLOCK_M=64, BLOCK_N=max(bn, 64), num_warps=4, num_stages=1)
-    # BLOCK_M=64 per warpgroup so sm_90 gets wgmma; the head loop is the pipelined loop.
-    return dict(BLOCK_M=64, BLOCK_N=bn, num_warps=4 if block_d <= 128 else 8, num_stages=2)
+    configs=configs.autotune_configs(),
+    key=["N_Q", "N_K", "N_IP", "H", "HEAD_DIM", "HAS_W", "HAS_IP", "STORE", "BLOCK_S"],
+    prune_configs_by={"early_config_prune": configs.prune})(_attn_fwd)
 
 
 AUTOTUNE = os.environ.get("OVERPAINT_AUTOTUNE", "1") != "0"  # off for CUDA-graph capture
 
 
-def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                     store=None, ip=None, out=None, config=None, store_rows=None, store_queries=None, store_keys=None):
-    """Launch the Triton kernels.  Inputs must already be validated (see ``attention``).
-    ``store_rows`` is accepted and ignored: the map kernel writes every row, and no row's
-    output depends on whether its maps are stored."""
+def engine_layout(B, H, N, D, *, dtype, device):
+    """A [B, H, N, D] view of a fresh [B, N, H·D] buffer: what the out-projection reads without a copy."""
+    return torch.empty((B, N, H, D), dtype=dtype, device=device).transpose(1, 2)
+
+
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
+                store=None, ip=None, out=None, store_queries=None, store_keys=None):
+    """(args, constexprs, out): the kernel's arguments for one call (also used by ``kernels.check``,
+    which specialises them exactly as the JIT launcher would)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
-    block_d = max(16, triton.next_power_of_2(D))
-    interpret = _interpreting()
-    scale = D ** -0.5 if scale is None else float(scale)
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, H, Nq, D]
+        out = engine_layout(B, H, n_q, D, dtype=q.dtype, device=q.device)  # [B, H, Nq, D] view of [B, Nq, H·D]
     dummy = q  # stands in for absent optional pointers; never dereferenced
-    has_ip = ip is not None
     ki, vi, ips_t, ip_scale, n_ip, per_row = dummy, dummy, dummy, 0.0, 0, False
-    if has_ip:
+    if ip is not None:
         ki, vi, ip_s = ip
+        ki, vi = _unit_last(ki), _unit_last(vi)
         n_ip = ki.shape[2]
         if isinstance(ip_s, torch.Tensor):
             ips_t, per_row = ip_s, True
@@ -250,40 +297,52 @@ def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=No
             ip_scale = float(ip_s)
     w = token_weights if token_weights is not None else dummy
     s_w = token_weights.stride() if token_weights is not None else (0, 0)
+    q0, q1, k0, k1 = store_span(n_q, n_k, store_queries, store_keys)
     lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32) if store is not None else dummy
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    s_s = (store.stride(0), store.stride(1)) if store is not None else (0, 0)
+    tensors = (q, k, v, out, ki, vi)
+    strided = [s for t in tensors for s in t.stride()[:3]]
+    su = 8 if all(s % 8 == 0 for s in strided) else 1  # every engine view: D and H·D are multiples of 8
+    strides = [s // su for t in tensors for s in t.stride()[:3]]
     args = (q, k, v, out,
             q_from if q_from is not None else dummy, k_from if k_from is not None else dummy,
-            v_from if v_from is not None else dummy, w, ki, vi, ips_t, lse,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *s_w, *ki.stride(), *vi.stride(),
-            scale, ip_scale, H, n_q, n_k, n_ip)
-    flags = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_IP=max(16, min(64, triton.next_power_of_2(max(n_ip, 1)))),
+            v_from if v_from is not None else dummy, w, ki, vi, ips_t, store if store is not None else dummy, lse,
+            *strides, *s_w, *s_s,
+            D ** -0.5 if scale is None else float(scale), ip_scale, H, n_q, n_k, n_ip, q0, q1, k0, k1)
+    d1, d2 = configs.split_head_dim(D)
+    flags = dict(HEAD_DIM=D, D1=d1, D2=d2, SU=su,
+                 BLOCK_IP=max(16, min(64, triton.next_power_of_2(max(n_ip, 1)))),
+                 BLOCK_S=min(configs.STORE_TILE, max(16, triton.next_power_of_2(k1 - k0))) if store is not None else 16,
                  HAS_QF=q_from is not None, HAS_KF=k_from is not None, HAS_VF=v_from is not None,
-                 HAS_W=token_weights is not None, HAS_IP=has_ip, IP_PER_ROW=per_row,
-                 STORE_LSE=store is not None, DOT_PREC=dot_prec)
+                 HAS_W=token_weights is not None, HAS_IP=ip is not None, IP_PER_ROW=per_row,
+                 STORE=store is not None, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    return args, flags, out
+
+
+def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
+                     store=None, ip=None, out=None, config=None, store_rows=None, store_queries=None, store_keys=None):
+    """Launch the Triton kernel.  Inputs must already be validated (see ``attention``).
+    ``store_rows`` is accepted and ignored: the kernel stores every row's map in the same pass,
+    and no row's output depends on whether its maps are stored."""
+    B, H, n_q, D = q.shape
+    given = out
+    if out is not None and out.stride(-1) != 1:
+        out = None  # computed in the engine layout, copied into the caller's buffer below
+    args, flags, res = launch_args(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
+                                   token_weights=token_weights, store=store, ip=ip, out=out,
+                                   store_queries=store_queries, store_keys=store_keys)
+    interpret = _interpreting()
     _check_interpreter(interpret)
+    rows = B if store is not None else B * H  # the store variant loops over heads in one program
     if AUTOTUNE and config is None and not interpret and q.is_cuda:
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, **flags)
+        _attn_fwd_tuned[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), rows)](*args, **flags)
     else:
-        cfg = config or default_config(n_q, n_k, block_d, interpret, q.element_size())
-        grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
-        _attn_fwd[grid](*args, **flags, **cfg)
-    if store is not None:
-        # A block of the probabilities (FLUX: image queries x text keys): views of q, k and the
-        # weights at the block's offsets, the log-sum-exp (over all keys) of its query rows.
-        q0, q1, k0, k1 = store_span(n_q, n_k, store_queries, store_keys)
-        qs, ks = q[:, :, q0:q1], k[:, :, k0:k1]  # [B, H, nq, D], [B, H, nk, D]
-        ws = token_weights[:, k0:k1] if token_weights is not None else dummy
-        lse_s = lse if (q0, q1) == (0, n_q) else lse[:, :, q0:q1].contiguous()  # [B, H, nq]
-        m_q, m_k = q1 - q0, k1 - k0
-        cfg = map_config(m_k, block_d, interpret)
-        grid = (triton.cdiv(m_q, cfg["BLOCK_M"]), triton.cdiv(m_k, cfg["BLOCK_N"]), B)
-        _attn_map[grid](qs, ks, args[4], args[5], ws, lse_s, store,
-                        *qs.stride(), *ks.stride(), *s_w, *store.stride(), scale, H, m_q, m_k,
-                        HEAD_DIM=D, BLOCK_D=block_d, HAS_QF=q_from is not None, HAS_KF=k_from is not None,
-                        HAS_W=token_weights is not None, DOT_PREC=dot_prec, **cfg)
-    return out
+        cfg = config or configs.default_config(q, k.shape[2], flags, interpret)
+        _attn_fwd[(triton.cdiv(n_q, cfg["BLOCK_M"]), rows)](*args, **flags, **cfg)
+    if given is not None and res is not given:
+        given.copy_(res)
+        return given
+    return res
 
 
 def _interpreting():
@@ -306,21 +365,24 @@ def _check_interpreter(interpret):
             "(or unset it to use the torch CPU path)")
 
 
-LAST_PATH = None  # "triton", "torch" or "torch-autograd": which implementation the last call used (for tests)
+LAST_PATH = None  # "triton", "sdpa-<backend>", "torch" or "torch-autograd": the last call's path (for tests)
 
 
 def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
               store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None):
     """Attention over [B, H, N, D] tensors with injection, reweighting, map store and IP-Adapter.
 
-    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; returns [B, H, Nq, D] in q's dtype.
+    q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; returns [B, H, Nq, D] in q's dtype (on CUDA a view of
+    a [B, Nq, H·D] buffer: ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is free).
     q_from/k_from/v_from: int [B], row b uses q[q_from[b]] etc.  token_weights: [B, Nk]
     multiplies probabilities.  store: [B, Nq, Nk] fp16/fp32 buffer, receives the head-mean
     probabilities (Nk <= 512); ``store_queries`` / ``store_keys`` (start, stop) store only that
-    block of them (FLUX's image queries x text keys; store is then [B, nq, nk]); ``store_rows`` ((start, stop), ...) says which rows' maps are
-    wanted (None: all; the others may skip the explicit path).  ip: (k_img, v_img, scale)
-    adds scale·softmax(q k_imgᵀ)v_img.
+    block of them (FLUX's image queries x text keys; store is then [B, nq, nk]); ``store_rows``
+    ((start, stop), ...) says which rows' maps are wanted (None: all; the others may skip the
+    explicit path).  ip: (k_img, v_img, scale) adds scale·softmax(q k_imgᵀ)v_img.
     ``out`` (internal): preallocated [B, H, Nq, D] output, any strides.
+    Plain CUDA calls (no instruction) go to the backend measured fastest for the shape on this
+    device (``kernels.dispatch``); calls with instructions always run our kernel.
     """
     global LAST_PATH
     span = dict(store_queries=store_queries, store_keys=store_keys)
@@ -331,6 +393,12 @@ def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, tok
         return attention_torch(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
                                token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)
     if q.is_cuda or _interpreting():
+        plain = q_from is None and k_from is None and v_from is None and token_weights is None \
+            and store is None and ip is None
+        backend = dispatch.backend(q, k) if plain and q.is_cuda else "ours"
+        if backend != "ours":
+            LAST_PATH = f"sdpa-{backend}"
+            return dispatch.sdpa(backend, q, k, v, scale=scale, out=out)
         LAST_PATH = "triton"
         return attention_triton(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
                                 token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)

@@ -104,16 +104,16 @@ def test_interp_features(interp, feature, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("D", [40, 64, 80, 128, 160])
+@pytest.mark.parametrize("D", [40, 64, 80, 96, 128, 160])
 def test_interp_head_dims(interp, D, dtype):
     q, k, v, kw = make(B=2, Nq=33, D=D, dtype=dtype, **FEATURES["all"])
     check(q, k, v, kw, path="triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("Nk", [1, 77, 154, 256, 1024])
+@pytest.mark.parametrize("Nk", [1, 77, 154, 256, 512, 1024])
 def test_interp_key_lengths(interp, Nk, dtype):
-    q, k, v, kw = make(B=2, Nq=100, Nk=Nk, D=64, dtype=dtype, inject="kv", weights=True, store=Nk <= 256)
+    q, k, v, kw = make(B=2, Nq=100, Nk=Nk, D=64, dtype=dtype, inject="kv", weights=True, store=Nk <= 512)
     check(q, k, v, kw, path="triton")
 
 
@@ -136,6 +136,39 @@ def test_interp_strided_views_and_out(interp):
     got = kernels.attention(q, k, v, out=out)
     assert KA.LAST_PATH == "triton" and got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got.double(), kernels.attention_reference(q, k, v), **TOL[torch.float32])
+
+
+def test_interp_engine_layout_no_copy(interp):
+    # The default output is a [B, H, N, D] view of a [B, N, H*D] buffer: the out-projection's
+    # input is a free reshape (same storage, no copy).
+    B, N, H, D = 2, 33, 3, 40
+    x = torch.randn(3, B, N, H * D)
+    q, k, v = (t.view(B, N, H, D).transpose(1, 2) for t in x)  # the executor's views
+    got = kernels.attention(q, k, v)
+    assert KA.LAST_PATH == "triton" and got.shape == (B, H, N, D)
+    assert got.stride() == (N * H * D, D, H * D, 1)
+    flat = got.transpose(1, 2).reshape(B, N, H * D)
+    assert flat.data_ptr() == got.data_ptr() and flat.is_contiguous()
+    torch.testing.assert_close(got.double(), kernels.attention_reference(q, k, v), **TOL[torch.float32])
+
+
+def test_interp_strides_not_multiple_of_8(interp):
+    # User tensors whose strides are not multiples of 8 take the generic addressing (SU = 1).
+    B, N, H, D = 2, 21, 2, 40
+    x = torch.randn(3, B, N, H * D + 3)  # rows of 83 elements
+    q, k, v = (t[..., : H * D].view(B, N, H, D).transpose(1, 2) for t in x)
+    args, flags, _ = KA.launch_args(q, k, v)
+    assert flags["SU"] == 1
+    got = kernels.attention(q, k, v)
+    torch.testing.assert_close(got.double(), kernels.attention_reference(q, k, v), **TOL[torch.float32])
+
+
+def test_interp_store_key_range_inside_long_keys(interp):
+    # A stored key block in the middle of 600 keys (the other keys stream first), a query block,
+    # weights and mixed injection: the single launch's maps equal the float64 softmax block.
+    q, k, v, kw = make(B=3, H=3, Nq=90, Nk=600, D=80, inject="qk", weights=True)
+    kw.update(store=torch.full((3, 50, 77), float("nan")), store_queries=(25, 75), store_keys=(300, 377))
+    check(q, k, v, kw, path="triton")
 
 
 def test_interp_store_bit_identical(interp):
@@ -167,6 +200,14 @@ def test_interp_store_block(interp):
     full = torch.zeros(3, 52, 52, dtype=torch.float64)  # the block is a slice of the whole map
     kernels.attention_reference(q, k, v, **{**kw, "store": full, "store_queries": None, "store_keys": None})
     torch.testing.assert_close(kw["store"].double(), full[:, 12:, :12], **STORE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("D", [16, 32, 40, 64, 80, 96, 128, 160, 256])
+def test_head_dim_split_wastes_at_most_20_percent(D):
+    from kernels import configs
+    d1, d2 = configs.split_head_dim(D)
+    assert d1 & (d1 - 1) == 0 and (d2 == 0 or d2 & (d2 - 1) == 0) and min(d1, d2 or 16) >= 16
+    assert d1 + d2 >= D and configs.padding_waste(D) <= 0.2
 
 
 def test_late_triton_interpret_flag_is_an_error(monkeypatch):
@@ -279,3 +320,31 @@ def test_cuda_kernel(torch_path, feature, D, dtype):
     torch.testing.assert_close(got.double().cpu(), ref, **TOL[dtype])
     if ref_store is not None:
         torch.testing.assert_close(kw["store"].double().cpu(), ref_store, atol=1e-3, rtol=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["ours", "flash", "efficient", "cudnn"])
+def test_cuda_dispatch(torch_path, tmp_path, monkeypatch, backend):
+    # A plain call goes to the table's backend for this device and shape; a call with an
+    # instruction always runs our kernel.
+    import json
+    from kernels import configs, dispatch
+    name = torch.cuda.get_device_name()
+    entry = dict(dtype="float16", D=64, variant="plain", n_q=300, n_k=77, backend=backend, config=None)
+    (tmp_path / f"{configs.slug(name)}.json").write_text(json.dumps(dict(device=name, entries=[entry])))
+    monkeypatch.setattr(configs, "TABLES", tmp_path)
+    dispatch.clear_cache()
+    try:
+        q, k, v, kw = make(B=2, Nq=300, Nk=77, D=64, dtype=torch.float16, inject="k")
+        q, k, v = q.cuda(), k.cuda(), v.cuda()
+        try:
+            got = kernels.attention(q, k, v)
+        except RuntimeError as e:  # a backend this GPU / build lacks
+            pytest.skip(f"SDPA backend {backend} unavailable here: {e}")
+        assert KA.LAST_PATH == ("triton" if backend == "ours" else f"sdpa-{backend}")
+        torch.testing.assert_close(got.double().cpu(), kernels.attention_reference(q.cpu(), k.cpu(), v.cpu()),
+                                   **TOL[torch.float16])
+        kernels.attention(q, k, v, k_from=kw["k_from"].cuda())
+        assert KA.LAST_PATH == "triton"
+    finally:
+        dispatch.clear_cache()

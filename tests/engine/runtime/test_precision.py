@@ -7,12 +7,12 @@ import torch
 import engine
 from engine.sampling import dpmpp_2m_step, euler_step, flow_euler_step, init_dpm_state
 
-SIZE = 64
+SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def image():
-    """A smooth random 64x64 RGB image [1, 3, 64, 64] in [0, 1]."""
+    """A smooth random 32x32 RGB image [1, 3, 32, 32] in [0, 1]."""
     low = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     return torch.nn.functional.interpolate(low, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
 

@@ -1,0 +1,84 @@
+"""benchmarks/attention.py on CPU: the launch table it writes from measured rows, and its refusal
+without a GPU (the timings themselves need one: `python -m benchmarks.gpu_session`)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import attention as bench  # noqa: E402
+from kernels import configs, dispatch  # noqa: E402
+
+
+def _row(impl, ms, variant="plain", status="ok", config=None, n_k=77):
+    return dict(shape="sd15-cross-64x64", B=2, H=8, Nq=4096, Nk=n_k, D=40, dtype="float16", impl=impl,
+                variant=variant, status=status, median_ms=ms, config=config)
+
+
+def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    rows = [_row("dispatch", 0.05), _row("ours", 0.05, config=dict(cfg, BLOCK_M=128)),
+            _row("sdpa-flash", 0.04), _row("sdpa-cudnn", 0.01, status="FAILED"),  # wrong: never chosen
+            _row("sdpa-efficient", None, status="unavailable"),
+            _row("inject-p2p", 0.06, variant="inject-p2p"), _row("inject-masactrl", 0.07, variant="inject-masactrl"),
+            _row("store", 0.08, variant="store", config=cfg),
+            _row("ours", 0.2, n_k=4096), _row("sdpa-flash", 0.3, n_k=4096)]
+    meta = dict(date="2026-12-01T00:00:00+00:00", git_commit="abc", torch="2.11", triton="3.6")
+    table = bench.build_table(rows, "NVIDIA Test GPU", meta)
+    by = {(e["variant"], e["n_k"]): e for e in table["entries"]}
+    assert by[("plain", 77)]["backend"] == "flash" and by[("plain", 77)]["config"]["BLOCK_M"] == 128
+    assert by[("plain", 4096)]["backend"] == "ours"
+    assert by[("inject", 77)]["median_ms"] == 0.06  # one inject entry (P2P's, the first)
+    assert by[("store", 77)]["config"] == cfg and by[("store", 77)]["backend"] == "ours"
+    # the file it writes is what dispatch and configs read
+    (tmp_path / f"{configs.slug('NVIDIA Test GPU')}.json").write_text(json.dumps(table))
+    monkeypatch.setattr(configs, "TABLES", tmp_path)
+    dispatch.clear_cache()
+    try:
+        assert dispatch.choose("NVIDIA Test GPU", torch.float16, 40, 4096, 77) == "flash"
+        assert dispatch.choose("NVIDIA Test GPU", torch.float16, 40, 4096, 4096) == "ours"
+        assert configs.lookup("NVIDIA Test GPU", torch.float16, 40, 4096, 77, "store")["config"] == cfg
+    finally:
+        dispatch.clear_cache()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_needs_cuda(capsys):
+    assert bench.main(["--shapes", "sd15"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+SMOKE = """
+import sys, json
+sys.path.insert(0, {root!r})
+import torch
+from benchmarks import attention as bench
+bench.DEVICE = "cpu"
+bench.time_it = lambda fn, rep, graphs: (1.0, None)  # do_bench needs CUDA; the checks before it do not
+rows = []
+for shape in [("sd-cross", 2, 2, 40, 77, 40, 0), ("flux-joint", 1, 2, 48, 48, 64, 12)]:
+    rows += bench.bench_shape(*shape, torch.float16, 10, False)
+print(json.dumps(rows))
+"""
+
+
+def test_variants_are_checked_before_timing_interpreter():
+    # Every variant of the benchmark runs through its float64 check (the Triton kernel in the
+    # interpreter, SDPA's CPU backends) exactly as on the GPU, so a logic error costs no GPU time.
+    import os
+    import subprocess
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", SMOKE.format(root=str(ROOT))], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    status = {(r["shape"], r["impl"]): r["status"] for r in rows}
+    for shape in ("sd-cross", "flux-joint"):
+        for impl in ("dispatch", "ours", "inject-p2p", "inject-masactrl", "store"):
+            assert status[(shape, impl)] == "ok", (shape, impl, rows)
+    assert status[("sd-cross", "ip")] == "ok"
+    assert all(s in ("ok", "unavailable") for s in status.values()), rows  # nothing FAILED
