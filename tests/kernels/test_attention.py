@@ -210,6 +210,40 @@ def test_head_dim_split_wastes_at_most_20_percent(D):
     assert d1 + d2 >= D and configs.padding_waste(D) <= 0.2
 
 
+@torch.no_grad()
+def test_interp_unet_through_the_seam(interp, monkeypatch):
+    # A whole (tiny, SD1.5-shaped) UNet with a P2P-like plan -- self-attention keys / values read
+    # from source rows, token weights, every cross-attention layer's maps stored -- through the
+    # Triton kernel (interpreter) vs the same forward on the torch path: the kernel's outputs in the
+    # engine's layout feed the out-projections correctly, and its maps are the torch path's.
+    from engine.models.attention import AttentionPlan
+    from engine.models.config import UNetConfig
+    from engine.models.unet import UNet2DConditionModel
+    from engine.tiny import sd15_unet_config
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(sd15_unet_config())).eval()
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 7, 32, generator=g)
+    t = torch.tensor([500, 500, 300, 300])
+    src = torch.tensor([0, 0, 2, 2])  # rows 1 and 3 (edits) read rows 0 and 2 (sources)
+    cross = [layer for layer in unet.attn_layers if layer.cross]
+
+    def run():
+        store = {layer.index: torch.full((4, 64 // layer.scale ** 2, 7), float("nan")) for layer in cross}
+        plan = AttentionPlan(self_inject=dict(k_from=src, v_from=src), store=store,
+                             token_weights=torch.rand(4, 7, generator=torch.Generator().manual_seed(2)) + 0.5)
+        return unet(x, t, ctx, None, plan=plan), store
+
+    got, got_maps = run()
+    assert KA.LAST_PATH == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    want, want_maps = run()
+    assert KA.LAST_PATH == "torch"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for i in got_maps:
+        torch.testing.assert_close(got_maps[i], want_maps[i], atol=1e-6, rtol=1e-5)
+
+
 def test_late_triton_interpret_flag_is_an_error(monkeypatch):
     if _interpreter_ready():
         pytest.skip("triton was imported with TRITON_INTERPRET=1 in this process")
