@@ -123,12 +123,14 @@ class SamplerProgram(Program):
     ``uncond_steps``: one unconditional :class:`~engine.prompts.Conditioning` [B, ...] per step
     from ``start`` (null-text inversion's optimised embeddings): the unconditional rows then
     change every step (their rows are built once, here).
+    ``early``: (k, rows): the model rows of the steps before step k, ``rows`` (the program's own)
+    from k on (PuLID's ``start_step``: the identity joins the prompt from step k).
     """
 
     def __init__(self, denoiser, guidance: Guidance | None, x: Tensor, sampler: Sampler, *, rows: RowCond | None = None,
                  height: int | None = None, width: int | None = None, start: int = 0, end: int | None = None,
                  noise: Callable | None = None, state: SamplerState | None = None, callback=None,
-                 uncond_steps: list | None = None, **size_kw):
+                 uncond_steps: list | None = None, early: tuple[int, RowCond] | None = None, **size_kw):
         self.denoiser, self.g, self.sampler = denoiser, guidance, sampler
         self.x = x  # [B, C, h, w] float32: the loop keeps latents in float32
         self.i, self.end = start, len(sampler) if end is None else end
@@ -142,6 +144,10 @@ class SamplerProgram(Program):
         self.step_rows, self._rows_from = None, start
         if uncond_steps is not None:
             self.step_rows = per_step_rows(denoiser, guidance, uncond_steps, height, width, **size_kw)
+        self.early = early
+        if early is not None and (uncond_steps is not None or len(early[1]) != len(rows)):
+            raise ValueError("early rows must match the program's rows in number, and exclude per-step "
+                             "unconditional embeddings")
 
     @staticmethod
     def _scale(g: Guidance):
@@ -149,6 +155,8 @@ class SamplerProgram(Program):
 
     # ---- the protocol -------------------------------------------------------------------
     def cond(self) -> RowCond:
+        if self.early is not None and self.i < self.early[0]:
+            return self.early[1]
         return self.rows if self.step_rows is None else self.step_rows[min(self.i - self._rows_from, len(self.step_rows) - 1)]
 
     def model_input(self):

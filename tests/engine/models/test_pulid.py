@@ -140,3 +140,26 @@ def test_generation_and_tight_rf_inversion(setup):
     assert edited.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="IP-Adapters attach to SD"):
         pipe.load_ip_adapter("x.safetensors")
+
+
+def test_id_start_step(setup):
+    # PuLID's start_step: the steps before it are plain FLUX's (the same latents), the identity joins
+    # from it on; 0 is the default, `steps` never reads it.
+    pipe, file = setup
+    pipe.load_pulid(file)
+    emb = _embedding()
+    kw = dict(steps=3, height=32, width=32, seed=0, output_type="pt", progress=False)
+
+    def trace(**more):
+        xs = []
+        pipe.generate("a face", callback=lambda d: xs.append(d["x"].clone()), **kw, **more)
+        return xs
+
+    plain, always, late = trace(), trace(id_embedding=emb), trace(id_embedding=emb, id_start_step=2)
+    assert torch.equal(trace(id_embedding=emb, id_start_step=0)[-1], always[-1])
+    assert torch.equal(trace(id_embedding=emb, id_start_step=3)[-1], plain[-1])
+    assert torch.equal(late[0], plain[0]) and torch.equal(late[1], plain[1])
+    assert (late[2] - plain[2]).abs().max() > 1e-5 and (late[2] - always[2]).abs().max() > 1e-5
+    for bad in (-1, 4, 1.5):
+        with pytest.raises(ValueError, match="id_start_step must be an int step in \\[0, 3\\]"):
+            pipe.generate("a face", id_embedding=emb, id_start_step=bad, **kw)
