@@ -114,9 +114,9 @@ class FluxPipeline(Pipeline):
         if id_embedding is None:
             if self.face_embedder is None:
                 raise ValueError("PuLID needs a face embedder to read a face from an image: load_pulid(path, "
-                                 "face_embedder=fn), fn(images) -> (ArcFace ++ normalised EVA-CLIP embedding [B, 1280], "
-                                 "5 EVA-CLIP hidden states) from InsightFace antelopev2 (onnxruntime) and "
-                                 "EVA02-CLIP-L-14-336; or pass id_embedding=(id_cond, hidden)")
+                                 "face_embedder=engine.faces.PulidFaceEmbedder.from_files(antelopev2_folder, "
+                                 "eva02_clip_l_336.safetensors)) or any fn(images) -> (id_cond [B, 1280], 5 hidden "
+                                 "states); or pass id_embedding=(id_cond, hidden)")
             id_embedding = self.face_embedder(load_image(image))
         id_cond, hidden = id_embedding
         dev, dt = self.device, self.dtype
