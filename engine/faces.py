@@ -11,9 +11,9 @@ ArcFace one. The models are the user's files: :meth:`PulidFaceEmbedder.from_file
 Differences from the reference, by design: one detector (SCRFD's five landmarks also place the
 512 crop; the reference runs facexlib's RetinaFace for that and may pick another face in a group
 photo); similarity transforms by least squares (Umeyama), not OpenCV's LMedS; warps by
-``grid_sample`` (bilinear, as ``cv2.warpAffine``). Face parsing is an optional callable
-(``parser(face [1, 3, 512, 512] in [0, 1]) -> labels [512, 512]`` with BiSeNet's 19 classes);
-without it the whole crop is kept.
+``grid_sample`` (bilinear, as ``cv2.warpAffine``; crops rounded to 8 bits as OpenCV's are).
+Face parsing is an optional callable (``parser(face [1, 3, 512, 512], ImageNet-normalised RGB) ->
+labels [512, 512]`` in BiSeNet's 19 classes, facexlib's input); without it the whole crop is kept.
 """
 from __future__ import annotations
 
@@ -165,7 +165,8 @@ class ArcFace:
         return warp(image, similarity(landmarks, ARCFACE_112 * self.size / 112), self.size)
 
     def __call__(self, image: Tensor, landmarks: np.ndarray) -> np.ndarray:
-        blob = ((self.crop(image, landmarks) - self.mean) / self.std)[None].numpy().astype(np.float32)
+        crop = self.crop(image, landmarks).round().clamp(0, 255)  # OpenCV warps uint8 images to uint8
+        blob = ((crop - self.mean) / self.std)[None].numpy().astype(np.float32)
         return self.session.run(None, {self.input: blob})[0].reshape(-1)
 
 
@@ -196,7 +197,7 @@ class PulidFaceEmbedder:
         big = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
         arc = self.recognizer(u8, points[big])
         aligned = warp(u8, similarity(points[big], FFHQ_512), 512, border=(132.0, 133.0, 135.0))  # facexlib's grey
-        return arc, (aligned / 255).clamp(0, 1)
+        return arc, (aligned.round().clamp(0, 255) / 255)
 
     def vision_input(self, face: Tensor) -> Tensor:
         """The aligned face [3, 512, 512] -> EVA-CLIP's input [3, S, S]: background white (with a

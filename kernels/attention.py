@@ -325,9 +325,11 @@ def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=No
     ``store_rows`` is accepted and ignored: the kernel stores every row's map in the same pass,
     and no row's output depends on whether its maps are stored."""
     B, H, n_q, D = q.shape
-    given = out
+    given, given_store = out, store
     if out is not None and out.stride(-1) != 1:
         out = None  # computed in the engine layout, copied into the caller's buffer below
+    if store is not None and store.stride(-1) != 1:
+        store = torch.empty(store.shape, dtype=store.dtype, device=store.device)  # the kernel writes rows of keys
     args, flags, res = launch_args(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
                                    token_weights=token_weights, store=store, ip=ip, out=out,
                                    store_queries=store_queries, store_keys=store_keys)
@@ -339,6 +341,8 @@ def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=No
     else:
         cfg = config or configs.default_config(q, k.shape[2], flags, interpret)
         _attn_fwd[(triton.cdiv(n_q, cfg["BLOCK_M"]), rows)](*args, **flags, **cfg)
+    if given_store is not None and store is not given_store:
+        given_store.copy_(store)
     if given is not None and res is not given:
         given.copy_(res)
         return given

@@ -163,6 +163,13 @@ def test_interp_strides_not_multiple_of_8(interp):
     torch.testing.assert_close(got.double(), kernels.attention_reference(q, k, v), **TOL[torch.float32])
 
 
+def test_interp_transposed_store_buffer(interp):
+    # A store buffer whose key axis is not the contiguous one is filled through a scratch copy.
+    q, k, v, kw = make(B=2, Nq=30, Nk=20, D=64, store=True)
+    kw["store"] = torch.full((2, 20, 30), float("nan")).transpose(1, 2)  # [B, Nq, Nk], key stride 30
+    check(q, k, v, kw, path="triton")
+
+
 def test_interp_store_key_range_inside_long_keys(interp):
     # A stored key block in the middle of 600 keys (the other keys stream first), a query block,
     # weights and mixed injection: the single launch's maps equal the float64 softmax block.
