@@ -92,33 +92,32 @@ def variants(B, H, n_q, n_k, D, text, dtype, g):
 
 
 def check_variant(q, k, v, kw, run):
-    """Max errors of output (and stored map) against float64 on the first CHECK_ROWS query rows; None if ok."""
+    """Max errors of output (and stored map) against float64 on the first and the last CHECK_ROWS
+    query rows (the last tiles hold the largest offsets); None if within tolerance."""
     import kernels
-    r = min(CHECK_ROWS, q.shape[2])
     store = kw.get("store")
     if store is not None:
         store.fill_(float("nan"))
     got = run()
-    span = kw.get("store_queries")
+    if q.is_cuda:
+        torch.cuda.synchronize()  # a launch error surfaces here, inside the caller's try
     ref_kw = {n: t for n, t in kw.items() if n not in ("store", "store_queries", "store_keys")}
-    qs = q[:, :, :r]
-    ref_store = None
-    if store is not None:
-        k0, k1 = kw.get("store_keys", (0, k.shape[2]))
-        q0 = span[0] if span else 0
-        qs = q[:, :, q0:q0 + r]
-        ref_store = torch.zeros(store.shape[0], qs.shape[2], k1 - k0, dtype=torch.float64, device=DEVICE)
-        ref_kw.update(store=ref_store, store_keys=(k0, k1))
-        got_rows = got[:, :, q0:q0 + r]
-    else:
-        got_rows = got[:, :, :r]
-    ref = kernels.attention_reference(qs, k, v, **ref_kw)
-    try:
-        torch.testing.assert_close(got_rows.double(), ref, **TOL[q.dtype])
+    q0, q1 = kw.get("store_queries") or (0, q.shape[2])
+    k0, k1 = kw.get("store_keys") or (0, k.shape[2])
+    r = min(CHECK_ROWS, q1 - q0)
+    for start in sorted({q0, q1 - r}):  # rows [start, start + r) of the queries
+        rows = slice(start, start + r)
+        ref_store = None
         if store is not None:
-            torch.testing.assert_close(store[:, :qs.shape[2]].double(), ref_store, **STORE_TOL)
-    except AssertionError as e:
-        return str(e).strip().splitlines()[0][:200]
+            ref_store = torch.zeros(store.shape[0], r, k1 - k0, dtype=torch.float64, device=DEVICE)
+        ref = kernels.attention_reference(q[:, :, rows], k, v, **ref_kw,
+                                          **({} if ref_store is None else dict(store=ref_store, store_keys=(k0, k1))))
+        try:
+            torch.testing.assert_close(got[:, :, rows].double(), ref, **TOL[q.dtype])
+            if store is not None:
+                torch.testing.assert_close(store[:, start - q0:start - q0 + r].double(), ref_store, **STORE_TOL)
+        except AssertionError as e:
+            return f"rows {start}..{start + r}: " + str(e).strip().splitlines()[0][:200]
     return None
 
 
@@ -128,7 +127,7 @@ def time_it(fn, rep, graphs):
     fn()
     torch.cuda.synchronize()
     eager = do_bench(fn, warmup=25, rep=rep, return_mode="median")
-    graph_ms = None
+    graph_ms, graph_error = None, None
     if graphs:
         kmod = sys.modules["kernels.attention"]
         auto, kmod.AUTOTUNE = kmod.AUTOTUNE, False  # the autotuner cannot run inside capture
@@ -142,9 +141,15 @@ def time_it(fn, rep, graphs):
             with torch.cuda.graph(graph):
                 fn()
             graph_ms = do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+        except Exception as e:  # e.g. a backend that cannot be captured: keep the eager figure
+            graph_error = f"{type(e).__name__}: {str(e).strip()[:160]}"
         finally:
             kmod.AUTOTUNE = auto
-    return eager, graph_ms
+    return eager, graph_ms, graph_error
+
+
+class StickyCudaError(RuntimeError):
+    """A CUDA error that poisons the context (illegal address): nothing after it can be trusted."""
 
 
 def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
@@ -167,16 +172,23 @@ def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
                    variant=impl if impl in cases else "plain")
         try:
             err = check_variant(q, k, v, kw, fn)
-        except Exception as e:  # e.g. cuDNN rejects D=40: record why
-            row.update(status="unavailable", error=f"{type(e).__name__}: {str(e).strip()[:160]}")
+            if err is None:
+                eager, graph_ms, graph_error = time_it(fn, rep, graphs)
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).strip()[:160]}"
+            # an SDPA backend may not take the shape (cuDNN and D = 40): unavailable; ours must run
+            row.update(status="unavailable" if impl.startswith("sdpa-") else "FAILED", error=msg)
             rows.append(row)
+            if "illegal" in msg.lower() or "device-side" in msg.lower():
+                raise StickyCudaError(msg) from e  # the context is gone: stop, keep what was measured
             continue
         if err is not None:
             row.update(status="FAILED", error=err)  # never timed
             rows.append(row)
             continue
-        eager, graph_ms = time_it(fn, rep, graphs)
         row.update(status="ok", median_ms=eager, graph_median_ms=graph_ms, tflops=fl / eager * 1e-9)
+        if graph_error:
+            row["graph_error"] = graph_error
         if impl in cases and kmod.AUTOTUNE:
             best = getattr(kmod._attn_fwd_tuned, "best_config", None)
             if best is not None:
@@ -222,18 +234,21 @@ def build_table(rows, device, meta):
                 triton=meta["triton"], entries=entries)
 
 
-def print_table(rows):
+def print_header():
     print(f"{'shape':<20} {'dtype':<8} {'impl':<16} {'median ms':>9} {'graph ms':>9} {'TFLOP/s':>8} "
-          f"{'vs best':>8} {'vs plain':>8}")
+          f"{'vs best':>8} {'vs plain':>8}", flush=True)
+
+
+def print_rows(rows):
     for r in rows:
         head = f"{r['shape']:<20} {r['dtype']:<8} {r['impl']:<16}"
         if r.get("status") != "ok":
-            print(f"{head} {r['status']:>9}  {r.get('error', '')[:70]}")
+            print(f"{head} {r['status']:>9}  {r.get('error', '')[:70]}", flush=True)
             continue
         gm = f"{r['graph_median_ms']:.3f}" if r.get("graph_median_ms") else "-"
         vb = f"{r['vs_best_sdpa']:.2f}x" if r.get("vs_best_sdpa") else "-"
         vp = f"{r['vs_plain']:.2f}x" if r.get("vs_plain") else "-"
-        print(f"{head} {r['median_ms']:>9.3f} {gm:>9} {r['tflops']:>8.1f} {vb:>8} {vp:>8}")
+        print(f"{head} {r['median_ms']:>9.3f} {gm:>9} {r['tflops']:>8.1f} {vb:>8} {vp:>8}", flush=True)
 
 
 def main(argv=None):
@@ -263,11 +278,6 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     filters = [f for f in args.shapes.split(",") if f]
     shapes = [s for s in SHAPES if not filters or any(f in s[0] for f in filters)]
-    rows = []
-    for dname in args.dtypes.split(","):
-        for shape in shapes:
-            rows += bench_shape(*shape, DTYPES[dname], args.rep, not args.no_graphs)
-    print_table(rows)
     meta = dict(device=device, capability=".".join(map(str, torch.cuda.get_device_capability())),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 git_commit=common.git_commit(), torch=torch.__version__, triton=triton.__version__,
@@ -275,19 +285,43 @@ def main(argv=None):
                 settings=dict(dtypes=args.dtypes, rep_ms=args.rep, autotune=not args.no_autotune, n_ip=N_IP,
                               graphs=not args.no_graphs, check_rows=CHECK_ROWS,
                               timer="triton.testing.do_bench(return_mode='median')",
+                              flops="the two matmuls (4 B H Nq Nk D), not the store's recomputed q k^T",
                               layout="engine: [B, H, N, D] views of [B, N, H*D]"))
     slug = common.slug(device)
     path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"attention-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    print(f"wrote {path}")
+    tpath = None
     if args.write_table:
-        table = build_table(rows, device, meta)
         tpath = configs.TABLES / f"{configs.slug(device)}.json" if args.write_table == "default" \
             else Path(args.write_table)
         tpath.parent.mkdir(parents=True, exist_ok=True)
-        tpath.write_text(json.dumps(table, indent=1))
-        print(f"wrote {tpath} ({len(table['entries'])} entries)")
+    rows, stopped = [], None
+
+    def save():  # after every shape: a run cut short by its time cap keeps what it measured
+        path.write_text(json.dumps(dict(meta=dict(meta, complete=stopped is None and done == total,
+                                                  stopped=stopped), results=rows), indent=1))
+        if tpath is not None:
+            tpath.write_text(json.dumps(build_table(rows, device, meta), indent=1))
+
+    total, done = len(shapes) * len(args.dtypes.split(",")), 0
+    print_header()
+    for dname in args.dtypes.split(","):
+        for shape in shapes:
+            try:
+                new = bench_shape(*shape, DTYPES[dname], args.rep, not args.no_graphs)
+            except StickyCudaError as e:
+                stopped = str(e)
+                new = []
+            rows += new
+            done += 1
+            print_rows(new)
+            save()
+            if stopped:
+                print(f"stopped after a CUDA error: {stopped}", flush=True)
+                break
+        if stopped:
+            break
+    print(f"wrote {path}" + (f" and {tpath}" if tpath else ""), flush=True)
     failed = [r for r in rows if r.get("status") == "FAILED"]
     return 1 if failed else 0
 

@@ -14,8 +14,9 @@ files (benchmark JSON, a profiler trace of one W1 step, logs):
   cuda-tests     the CUDA tests: kernels in fp16 / bf16, CUDA-graph capture of generations and
                  edits, no host syncs in edit steps, FLUX on the GPU (interpreter tests deselected:
                  triton 3.6 with numpy >= 2.4 cannot run them)
-  attention      benchmarks/attention.py, default block sizes (no autotuning), short repetitions,
-                 eager and CUDA-graph medians; its launch table (fastest correct backend per shape)
+  attention      benchmarks/attention.py, fp16, default block sizes (no autotuning), short repetitions,
+                 eager and CUDA-graph medians; its launch table (fastest correct backend per shape);
+                 results are written after every shape, so a part cut short keeps what it measured
   e2e-sd         benchmarks/e2e.py W1-W4 vs diffusers (3 timed runs each)
   e2e-flux       benchmarks/e2e.py W5, W6 (FLUX.1-dev and RF-Inversion) vs diffusers
   step           benchmarks/step.py on SD1.5 (fp16): edit_many batching vs one at a time
@@ -70,8 +71,9 @@ def plan(out: Path) -> list[Part]:
                                      "tests/kernels/test_attention.py", "tests/engine/runtime/test_graphs.py",
                                      "tests/engine/models/test_flux.py"],
              ("tests/kernels/test_attention.py", "tests/engine/runtime/test_graphs.py", "tests/engine/models/test_flux.py")),
-        Part("attention", 90, 20, [py, "benchmarks/attention.py", "--no-autotune", "--rep", "25",
-                                   "--out", f"{o}/attention-untuned.json", "--write-table", f"{o}/table-untuned.json"],
+        Part("attention", 150, 20, [py, "-u", "benchmarks/attention.py", "--no-autotune", "--rep", "20",
+                                    "--dtypes", "fp16", "--out", f"{o}/attention-untuned.json",
+                                    "--write-table", f"{o}/table-untuned.json"],
              ("benchmarks/attention.py",)),
         Part("e2e-sd", 180, 60, [py, "benchmarks/e2e.py", "--workloads", "W1,W2,W3,W4", "--impls", "ours,ours-graphs,diffusers",
                                  "--repeats", "3", "--warmup", "1", "--out", f"{o}/e2e-sd.json"], ("benchmarks/e2e.py",)),
@@ -83,7 +85,9 @@ def plan(out: Path) -> list[Part]:
         Part("trace", 40, 15, [py, "benchmarks/e2e.py", "--workloads", "W1", "--steps", "1", "--repeats", "1",
                                "--warmup", "1", "--impls", "ours", "--profile", f"{o}/trace-w1.json", "--no-plot",
                                "--out", f"{o}/e2e-trace.json"], ("benchmarks/e2e.py",)),
-        Part("attention-tuned", 120, 40, [py, "benchmarks/attention.py", "--rep", "50", "--no-graphs",
+        Part("attention-tuned", 120, 40, [py, "-u", "benchmarks/attention.py", "--rep", "50", "--no-graphs",
+                                          "--dtypes", "fp16", "--shapes",
+                                          "sd15-cross-64x64,sd15-self-64x64,sdxl-self-h10-4096,sdxl-cross-h10-4096,flux",
                                           "--out", f"{o}/attention-tuned.json", "--write-table", f"{o}/table-tuned.json"],
              ("benchmarks/attention.py",)),
     ]

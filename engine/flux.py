@@ -213,7 +213,7 @@ class FluxPipeline(Pipeline):
                            id_weight: float = 1.0, id_start_step: int = 0, **unsupported) -> SamplerProgram:
         """Text to image with flow-matching Euler (as FluxPipeline); its result is latents.
         ``id_start_step``: PuLID's ``start_step``, the first step whose rows read the identity (the
-        reference code's 0 keeps fidelity; it suggests 4 for stylised results, 1 for realistic ones)."""
+        reference's default 0 keeps the most identity; later steps leave the prompt more room)."""
         if unsupported:
             raise ValueError(f"FLUX generation does not take {', '.join(sorted(unsupported))}; it takes steps, "
                              f"guidance_scale, embedded_guidance, guidance_rescale, height, width, seed, num_images, "

@@ -12,12 +12,12 @@ the accumulator, so no Nq×Nk matrix ever exists in memory.  On top of that:
               meet v; the softmax denominator stays unweighted (no renormalising);
 * ip       -- a second online-softmax accumulator over IP-Adapter image keys,
               added as ``ip_scale · softmax(q k_imgᵀ) v_img`` in the same pass;
-* store    -- single pass: one program per (row, query tile) runs every head in a
-              fixed order; the stored key range (<= 512 keys: SD's prompt, FLUX's text
-              block) is the *last* tile of each head's key stream, so when it arrives
-              the running max and sum are final and its probabilities are exact.  They
-              are summed over heads in registers and written once: no second kernel,
-              no recomputed ``q kᵀ``, no atomics, bit-reproducible.
+* store    -- in the same launch: one program per (row, query tile) runs every head in
+              a fixed order; phase 1 computes each head's output and its rows' log-sum-exp
+              (a [B, H, Nq] scratch), phase 2 walks the stored keys (<= 512: SD's prompt,
+              FLUX's text block) in 32-wide tiles, recomputes ``q kᵀ`` there and sums the
+              exact probabilities exp2(s - lse) over heads in registers, writing each map
+              tile once: no second kernel, no atomics, bit-reproducible.
 
 Layout: q/k/v are read as views of the projections' [B, N, H·D] activations and the
 output is written straight into a [B, N, H·D] buffer (returned as its [B, H, N, D]
@@ -221,7 +221,10 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
         # in registers in a fixed order, written once: no second kernel, no atomics.
         d1 = tl.arange(0, D1)
         keep = (offs_m >= Q0) & (offs_m < Q1)
-        for k0 in range(K0, K1, BLOCK_S):
+        k_end = K1
+        if (pid_m * BLOCK_M >= Q1) | ((pid_m + 1) * BLOCK_M <= Q0):
+            k_end = K0  # no stored query row in this tile (FLUX's text queries): skip phase 2
+        for k0 in range(K0, k_end, BLOCK_S):
             offs_s = k0 + tl.arange(0, BLOCK_S)
             s_mask = offs_s < K1
             # Clamped key rows instead of a load mask, and offsets that depend on the head: no

@@ -58,7 +58,7 @@ sys.path.insert(0, {root!r})
 import torch
 from benchmarks import attention as bench
 bench.DEVICE = "cpu"
-bench.time_it = lambda fn, rep, graphs: (1.0, None)  # do_bench needs CUDA; the checks before it do not
+bench.time_it = lambda fn, rep, graphs: (1.0, None, None)  # do_bench needs CUDA; the checks before it do not
 rows = []
 for shape in [("sd-cross", 2, 2, 40, 77, 40, 0), ("flux-joint", 1, 2, 48, 48, 64, 12)]:
     rows += bench.bench_shape(*shape, torch.float16, 10, False)
