@@ -154,7 +154,11 @@ class ArcFace:
         inp = self.session.get_inputs()[0]
         self.input, self.size = inp.name, int(inp.shape[2]) if isinstance(inp.shape[2], int) else 112
         # Models exported from MXNet normalise inside the graph (a Sub and a Mul among the first nodes)
-        import onnx
+        try:
+            import onnx
+        except ImportError:
+            raise ValueError("ArcFace reads its ONNX graph to find its input normalisation: pip install onnx "
+                             "(or pip install 'overpaint[faces]')") from None
 
         nodes = [n.op_type for n in onnx.load(str(path)).graph.node[:8]]
         inside = any(op in ("Sub", "_minus") for op in nodes) and any(op in ("Mul", "_mul") for op in nodes)

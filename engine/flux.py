@@ -232,6 +232,8 @@ class FluxPipeline(Pipeline):
         if not isinstance(id_start_step, int) or isinstance(id_start_step, bool) or not 0 <= id_start_step <= steps:
             raise ValueError(f"id_start_step must be an int step in [0, {steps}] (the first step that reads the "
                              f"identity), got {id_start_step!r}")
+        if id_start_step and id_image is None and id_embedding is None:
+            raise ValueError("id_start_step says when the identity joins; give id_image= or id_embedding= too")
         if id_image is not None or id_embedding is not None:  # PuLID: the face's id tokens on every row
             ip = self.id_prompt(id_image, id_weight, id_embedding)
             if len(g) % len(ip):

@@ -129,8 +129,8 @@ def _head(Qb, hq, Kh, Vh, Ob, ho, Wb, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_wn, s_
           BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, HAS_W: tl.constexpr, HAS_IP: tl.constexpr,
           DOT_PREC: tl.constexpr):
     """One (row, head, query tile): writes the output, returns the rows' log2-sum-exp [BLOCK_M].
-    q and o are addressed as base + (row offset, head offset + d): tiles of offsets that depend on
-    the head are not hoisted out of the store variant's head loop (they would pin registers)."""
+    q and o are addressed as base + (row offset, head offset + d) so the store variant's head loop
+    can pass the head as an offset (registers are set by ``kernels.check``'s sweep, not by this)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N_Q
     d1 = tl.arange(0, D1)
@@ -227,8 +227,8 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
         for k0 in range(K0, k_end, BLOCK_S):
             offs_s = k0 + tl.arange(0, BLOCK_S)
             s_mask = offs_s < K1
-            # Clamped key rows instead of a load mask, and offsets that depend on the head: no
-            # [BS, D] address or mask tile is hoisted out of the head loop to pin registers.
+            # Clamped key rows instead of a load mask: rows past K1 repeat the last key and are
+            # never written (the store's mask), so the loads need no [BS, D] mask.
             rows_k = tl.minimum(offs_s, K1 - 1) * (s_kn * SU)  # [BS]
             total = tl.zeros([BLOCK_M, BLOCK_S], tl.float32)
             for h in range(0, H):

@@ -103,7 +103,13 @@ def default_config(q, n_k: int, flags: dict, interpret=False) -> dict:
 # ------------------------------------------------------------------ the measured table
 def device_name(device) -> str:
     import torch
-    return torch.cuda.get_device_name(device)
+    return _device_name(torch.device(device).index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:  # asked on every non-autotuned launch: once per device
+    import torch
+    return torch.cuda.get_device_name(index)
 
 
 def slug(name: str) -> str:

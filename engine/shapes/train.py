@@ -474,6 +474,13 @@ class RunSettings:
     progress: bool = True
 
 
+def explicit_flags(cfg, a: argparse.Namespace, names) -> None:
+    """Flags the user gave (not None) win over a config's preset (the smoke one)."""
+    for name in names:
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
+
+
 def trainer_args(p: argparse.ArgumentParser, d, what: str) -> None:
     """The flags the later Shapes trainers share (the DiT's, the IP-Adapter's); ``d`` their
     config's defaults, ``what`` what their ``--steps`` count."""
@@ -537,9 +544,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         cfg.steps, cfg.vae_steps, cfg.batch_size, cfg.vae_batch_size = 40, 20, 8, 8
         cfg.ckpt_every, cfg.warmup, cfg.vae_warmup, cfg.time_budget_min, cfg.log_every = 20, 10, 5, 1.0, 5
         cfg.text_steps, cfg.text_batch_size = 10, 16
-    for name in ("steps", "vae_steps", "text_steps", "batch_size", "vae_batch_size", "time_budget_min", "ckpt_every", "vae_budget_frac"):
-        if getattr(a, name) is not None:  # explicit flags win over the smoke preset
-            setattr(cfg, name, getattr(a, name))
+    explicit_flags(cfg, a, ("steps", "vae_steps", "text_steps", "batch_size", "vae_batch_size", "time_budget_min",
+                            "ckpt_every", "vae_budget_frac"))
     if not math.isfinite(cfg.time_budget_min) or cfg.time_budget_min <= 0:
         p.error("--time-budget-min must be positive")
     for flag, value in (("--min-snr", cfg.min_snr), ("--vae-object-weight", cfg.vae_object_weight),

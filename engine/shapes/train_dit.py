@@ -30,7 +30,7 @@ from engine.models.flux import image_ids, pack
 from engine.shapes.dit import DiTSizes, build, fit_vocab, save_pipeline
 from engine.shapes.model import folder_megabytes
 from engine.shapes.train import (EMA, Logger, TokenCache, _after_step, _bar, _generator, _lr, _save_checkpoint,
-                                 _start, _update, RunSettings, scene_batch, trainer_args)
+                                 _start, _update, RunSettings, explicit_flags, scene_batch, trainer_args)
 
 DIT_STAGE = 5  # data stream ids (scene_batch's ``stage``): distinct from the UNet run's
 
@@ -192,9 +192,7 @@ def parse_args(argv: list[str] | None = None) -> DiTTrainConfig:
     if a.smoke:
         cfg.steps, cfg.batch_size, cfg.t5_steps, cfg.t5_batch_size = 6, 4, 4, 8
         cfg.ckpt_every, cfg.warmup, cfg.time_budget_min, cfg.log_every = 3, 2, 1.0, 1
-    for name in ("steps", "batch_size", "t5_steps", "time_budget_min", "ckpt_every"):
-        if getattr(a, name) is not None:
-            setattr(cfg, name, getattr(a, name))
+    explicit_flags(cfg, a, ("steps", "batch_size", "t5_steps", "time_budget_min", "ckpt_every"))
     if not math.isfinite(cfg.time_budget_min) or cfg.time_budget_min <= 0:
         p.error("--time-budget-min must be positive")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.t5_steps < 0:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from engine.shapes.train import (EMA, Logger, _after_step, _bar, _generator, _lr, _save_checkpoint, _start, _update,
-                                 RunSettings, scene_batch, snr_weight, timesteps, trainer_args)
+                                 RunSettings, explicit_flags, scene_batch, snr_weight, timesteps, trainer_args)
 
 from engine.shapes.recipes import IP_ADAPTER
 
@@ -187,9 +187,7 @@ def parse_args(argv: list[str] | None = None) -> IPTrainConfig:
     if a.smoke:
         cfg.steps, cfg.batch_size, cfg.encoder_width, cfg.encoder_layers, cfg.tokens = 4, 4, 64, 2, 4
         cfg.ckpt_every, cfg.warmup, cfg.time_budget_min, cfg.log_every = 2, 2, 1.0, 1
-    for name in ("steps", "batch_size", "time_budget_min", "ckpt_every"):
-        if getattr(a, name) is not None:
-            setattr(cfg, name, getattr(a, name))
+    explicit_flags(cfg, a, ("steps", "batch_size", "time_budget_min", "ckpt_every"))
     if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.time_budget_min > 0:
         p.error("--steps and --batch-size must be at least 1, --time-budget-min positive")
     return cfg

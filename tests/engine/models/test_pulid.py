@@ -160,6 +160,8 @@ def test_id_start_step(setup):
     assert torch.equal(trace(id_embedding=emb, id_start_step=3)[-1], plain[-1])
     assert torch.equal(late[0], plain[0]) and torch.equal(late[1], plain[1])
     assert (late[2] - plain[2]).abs().max() > 1e-5 and (late[2] - always[2]).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="give id_image= or id_embedding= too"):
+        pipe.generate("a face", id_start_step=1, **kw)
     for bad in (-1, 4, 1.5):
         with pytest.raises(ValueError, match="id_start_step must be an int step in \\[0, 3\\]"):
             pipe.generate("a face", id_embedding=emb, id_start_step=bad, **kw)
