@@ -15,6 +15,8 @@ reported as FAILED and never timed -- then times:
   inject-masactrl MasaCtrl's mutual self-attention: edit rows read the source rows' keys and values
   store           cross-attention maps stored (head mean, fp32 buffer) with token weights;
                   FLUX: image queries x text keys of the joint attention
+  store-2p        the same with the one-pass store turned off (where it applies): the
+                  table keeps the faster path (``store_path``), which the launcher then takes
   ip              an IP-Adapter "plus" branch (16 image tokens, per-row scales)
   sdpa-<backend>  torch SDPA with only that backend (flash, efficient, cudnn)
 
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
+from kernels import configs  # noqa: E402
 
 # name, B, H, Nq, Nk, D, text (FLUX joint attention: its first `text` keys are the prompt's)
 SHAPES = [
@@ -84,6 +87,8 @@ def variants(B, H, n_q, n_k, D, text, dtype, g):
     elif n_k <= 512:
         out["store"] = dict(store=torch.empty(B2, n_q, n_k, device=DEVICE),
                             token_weights=torch.rand(B2, n_k, device=DEVICE, generator=g) * 2)
+        if configs.one_tile(n_k, D)[0]:  # the one-pass store applies: also time the two-phase one
+            out["store-2p"] = dict(out["store"], store=torch.empty(B2, n_q, n_k, device=DEVICE))
     if not text:
         proj = lambda: torch.randn(B2, N_IP, H * D, device=DEVICE, dtype=dtype, generator=g).view(  # noqa: E731
             B2, N_IP, H, D).transpose(1, 2)
@@ -148,6 +153,15 @@ def time_it(fn, rep, graphs):
     return eager, graph_ms, graph_error
 
 
+def _two_phase(fn):
+    """Run ``fn`` with the one-pass store turned off (the two-phase store, for comparison)."""
+    saved, configs.STORE_ONE_PASS = configs.STORE_ONE_PASS, False
+    try:
+        return fn()
+    finally:
+        configs.STORE_ONE_PASS = saved
+
+
 class StickyCudaError(RuntimeError):
     """A CUDA error that poisons the context (illegal address): nothing after it can be trusted."""
 
@@ -164,12 +178,16 @@ def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
     for vname, kw in cases.items():
         fl = flops + (4.0 * B2 * H * n_q * N_IP * D if "ip" in kw else 0)
         runs[vname] = ((lambda kw=kw: kmod.attention_triton(q, k, v, **kw)), fl, kw)
+        if vname == "store-2p":
+            runs[vname] = (lambda kw=kw: _two_phase(lambda: kmod.attention_triton(q, k, v, **kw)), fl, kw)
     for bname in SDPA_BACKENDS:
         runs[f"sdpa-{bname}"] = ((lambda b=bname: dispatch.sdpa(b, q, k, v)), flops, {})
     rows = []
     for impl, (fn, fl, kw) in runs.items():
         row = dict(shape=name, B=B2, H=H, Nq=n_q, Nk=n_k, D=D, dtype=str(dtype).split(".")[-1], impl=impl,
                    variant=impl if impl in cases else "plain")
+        if impl.startswith("store"):
+            row["store_path"] = "one-pass" if impl == "store" and configs.one_tile(n_k, D)[0] else "two-phase"
         try:
             err = check_variant(q, k, v, kw, fn)
             if err is None:
@@ -220,16 +238,21 @@ def build_table(rows, device, meta):
             continue
         fastest = min(plain, key=lambda r: r["median_ms"])
         backend = "ours" if fastest["impl"] == "ours" else fastest["impl"][len("sdpa-"):]
+        stores = [r for r in here if r["impl"].startswith("store")]
         for r in here:
             if r["impl"] == "dispatch" or r["impl"].startswith("sdpa-"):
                 continue
+            if r["impl"].startswith("store"):
+                if r is not min(stores, key=lambda s: s["median_ms"]):
+                    continue  # the faster store path (one-pass / two-phase) and its block sizes
             variant = "plain" if r["impl"] == "ours" else r["variant"].split("-")[0]
             if any(e["variant"] == variant and (e["dtype"], e["D"], e["n_q"], e["n_k"]) == (dtype, D, n_q, n_k)
                    for e in entries):
                 continue  # inject-p2p and inject-masactrl share the "inject" entry (first wins)
             entries.append(dict(dtype=dtype, D=D, n_q=n_q, n_k=n_k, variant=variant,
                                 backend=backend if variant == "plain" else "ours", config=r.get("config"),
-                                median_ms=r["median_ms"]))
+                                median_ms=r["median_ms"],
+                                **({"store_path": r["store_path"]} if "store_path" in r else {})))
     return dict(device=device, measured=meta["date"], git_commit=meta["git_commit"], torch=meta["torch"],
                 triton=meta["triton"], entries=entries)
 

@@ -12,12 +12,16 @@ the accumulator, so no Nq×Nk matrix ever exists in memory.  On top of that:
               meet v; the softmax denominator stays unweighted (no renormalising);
 * ip       -- a second online-softmax accumulator over IP-Adapter image keys,
               added as ``ip_scale · softmax(q k_imgᵀ) v_img`` in the same pass;
-* store    -- in the same launch: one program per (row, query tile) runs every head in
-              a fixed order; phase 1 computes each head's output and its rows' log-sum-exp
-              (a [B, H, Nq] scratch), phase 2 walks the stored keys (<= 512: SD's prompt,
-              FLUX's text block) in 32-wide tiles, recomputes ``q kᵀ`` there and sums the
-              exact probabilities exp2(s - lse) over heads in registers, writing each map
-              tile once: no second kernel, no atomics, bit-reproducible.
+* store    -- in the same launch, with one program per (row, query tile) running every head
+              in a fixed order and the head mean summed in registers: no second kernel, no
+              atomics, bit-reproducible.  When every key fits one tile (SD's 77-token prompt
+              as 64 + 16 keys, head dims <= 64, no IP-Adapter: ``configs.one_tile``) the
+              softmax is exact in **one pass**: each head's probabilities are added to the
+              sum as they are computed, before they meet v.  Otherwise (FLUX's text block
+              inside 4608 keys; D = 80 / 160, where one pass spills) **two phases**: phase 1
+              computes each head's output and its rows' log-sum-exp (a [B, H, Nq] scratch),
+              phase 2 walks the stored keys in 32-wide tiles, recomputes ``q kᵀ`` there and
+              sums the exact probabilities exp2(s - lse) over heads.
 
 Layout: q/k/v are read as views of the projections' [B, N, H·D] activations and the
 output is written straight into a [B, N, H·D] buffer (returned as its [B, H, N, D]
@@ -69,11 +73,20 @@ def _scores(q1, q2, Kh, s_kn, offs_n, n_mask, HEAD_DIM: tl.constexpr, D1: tl.con
 def _values(acc1, acc2, p, Vh, s_vn, offs_n, n_mask, HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
             MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc += p @ v for one key tile, per head-dim piece."""
+    return _values_w(acc1, acc2, p, Vh, s_vn, offs_n, n_mask, n_mask, HEAD_DIM, D1, D2, MASK_N, False, DOT_PREC)
+
+
+@triton.jit
+def _values_w(acc1, acc2, p, Vh, s_vn, offs_n, n_mask, w, HEAD_DIM: tl.constexpr, D1: tl.constexpr,
+              D2: tl.constexpr, MASK_N: tl.constexpr, SCALE_V: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc += p @ v for one key tile, per head-dim piece; with SCALE_V, v's rows times w [BN]."""
     d1 = tl.arange(0, D1)
     if MASK_N:
         v1 = tl.load(Vh + offs_n[:, None] * s_vn + d1[None, :], mask=n_mask[:, None], other=0.0)  # [BN, D1]
     else:
         v1 = tl.load(Vh + offs_n[:, None] * s_vn + d1[None, :])
+    if SCALE_V:
+        v1 = (v1.to(tl.float32) * w[:, None]).to(v1.dtype)
     acc1 = tl.dot(p.to(v1.dtype), v1, acc1, input_precision=DOT_PREC)
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
@@ -81,6 +94,8 @@ def _values(acc1, acc2, p, Vh, s_vn, offs_n, n_mask, HEAD_DIM: tl.constexpr, D1:
         if MASK_N:
             mask = mask & n_mask[:, None]
         v2 = tl.load(Vh + offs_n[:, None] * s_vn + d2[None, :], mask=mask, other=0.0)  # [BN, D2]
+        if SCALE_V:
+            v2 = (v2.to(tl.float32) * w[:, None]).to(v2.dtype)
         acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=DOT_PREC)
     return acc1, acc2
 
@@ -123,30 +138,23 @@ def _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk
 
 
 @triton.jit
-def _head(Qb, hq, Kh, Vh, Ob, ho, Wb, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_wn, s_kin, s_vin, qk_scale, ip_s,
-          pid_m, N_Q, N_K, N_IP,
-          HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, HAS_W: tl.constexpr, HAS_IP: tl.constexpr,
-          DOT_PREC: tl.constexpr):
-    """One (row, head, query tile): writes the output, returns the rows' log2-sum-exp [BLOCK_M].
-    q and o are addressed as base + (row offset, head offset + d) so the store variant's head loop
-    can pass the head as an offset (registers are set by ``kernels.check``'s sweep, not by this)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < N_Q
+def _load_q(Qb, hq, s_qn, offs_m, m_mask, HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """One head's query tile as its head-dim pieces: [BM, D1] and [BM, D2] (q1 again when D2 = 0)."""
     d1 = tl.arange(0, D1)
     q1 = tl.load(Qb + (offs_m * s_qn)[:, None] + (hq + d1)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, D1]
     q2 = q1
-    acc2 = tl.zeros([BLOCK_M, D1], tl.float32)  # placeholder; only used when D2 > 0
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
         q2 = tl.load(Qb + (offs_m * s_qn)[:, None] + (hq + d2)[None, :],
                      mask=m_mask[:, None] & (d2[None, :] < HEAD_DIM), other=0.0)  # [BM, D2]
-        acc2 = tl.zeros([BLOCK_M, D2], tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
-    acc1, acc2, l_i, m_i = _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale,
-                                         0, N_K, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, DOT_PREC)
+    return q1, q2
+
+
+@triton.jit
+def _finish(acc1, acc2, l_i, q1, q2, KIh, VIh, Ob, ho, s_on, s_kin, s_vin, qk_scale, ip_s, offs_m, m_mask, N_IP,
+            HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_IP: tl.constexpr, HAS_IP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Normalise one head's accumulators, add the IP-Adapter term, write the output tile."""
     inv_l = 1.0 / l_i
     out1 = acc1 * inv_l[:, None]  # [BM, D1]
     out2 = acc2 * inv_l[:, None]
@@ -155,17 +163,118 @@ def _head(Qb, hq, Kh, Vh, Ob, ho, Wb, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_wn, s_
         i2 = tl.zeros_like(acc2)
         l2 = tl.zeros([BLOCK_M], tl.float32)
         m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        i1, i2, l2, m2 = _stream(i1, i2, l2, m2, q1, q2, KIh, VIh, Wb, s_kin, s_vin, 0, qk_scale, 0, N_IP,
+        i1, i2, l2, m2 = _stream(i1, i2, l2, m2, q1, q2, KIh, VIh, KIh, s_kin, s_vin, 0, qk_scale, 0, N_IP,
                                  HEAD_DIM, D1, D2, BLOCK_IP, False, True, DOT_PREC)
         out1 += (ip_s / l2)[:, None] * i1
         if D2 > 0:
             out2 += (ip_s / l2)[:, None] * i2
+    d1 = tl.arange(0, D1)
     tl.store(Ob + (offs_m * s_on)[:, None] + (ho + d1)[None, :], out1.to(Ob.dtype.element_ty), mask=m_mask[:, None])
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
         tl.store(Ob + (offs_m * s_on)[:, None] + (ho + d2)[None, :], out2.to(Ob.dtype.element_ty),
                  mask=m_mask[:, None] & (d2[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _accumulators(BLOCK_M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, D1], tl.float32)  # placeholder; only used when D2 > 0
+    if D2 > 0:
+        acc2 = tl.zeros([BLOCK_M, D2], tl.float32)
+    return acc1, acc2
+
+
+@triton.jit
+def _head(Qb, hq, Kh, Vh, Ob, ho, Wb, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_wn, s_kin, s_vin, qk_scale, ip_s,
+          pid_m, N_Q, N_K, N_IP,
+          HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, HAS_W: tl.constexpr, HAS_IP: tl.constexpr,
+          DOT_PREC: tl.constexpr):
+    """One (row, head, query tile), streaming the keys: writes the output, returns the rows'
+    log2-sum-exp [BLOCK_M].  q and o are addressed as base + (row offset, head offset + d) so the
+    store variant's head loop can pass the head as an offset."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < N_Q
+    q1, q2 = _load_q(Qb, hq, s_qn, offs_m, m_mask, HEAD_DIM, D1, D2)
+    acc1, acc2 = _accumulators(BLOCK_M, D1, D2)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1, acc2, l_i, m_i = _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale,
+                                         0, N_K, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, DOT_PREC)
+    _finish(acc1, acc2, l_i, q1, q2, KIh, VIh, Ob, ho, s_on, s_kin, s_vin, qk_scale, ip_s, offs_m, m_mask, N_IP,
+            HEAD_DIM, D1, D2, BLOCK_M, BLOCK_IP, HAS_IP, DOT_PREC)
     return m_i + tl.math.log2(l_i)
+
+
+@triton.jit
+def _key_piece(q1, q2, Kh, s_kn, start, N_K, qk_scale, HEAD_DIM: tl.constexpr, D1: tl.constexpr,
+               D2: tl.constexpr, WIDTH: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scaled scores (log2 units) of keys [start, start + WIDTH): [BM, WIDTH], -inf past N_K.
+    Padded columns read the last key again instead of masking the [D, WIDTH] loads (fewer live
+    registers); their scores are -inf, so they add nothing to the softmax or to p @ v."""
+    offs_n = start + tl.arange(0, WIDTH)
+    rows = tl.minimum(offs_n, N_K - 1)
+    qk = _scores(q1, q2, Kh, s_kn, rows, rows, HEAD_DIM, D1, D2, False, DOT_PREC)
+    return tl.where((offs_n < N_K)[None, :], qk * qk_scale, float("-inf")), rows
+
+
+@triton.jit
+def _head_one_tile(total1, total2, w1, w2, Qb, hq, Kh, Vh, Ob, ho, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_kin, s_vin,
+                   qk_scale, ip_s, offs_m, m_mask, N_K, N_IP,
+                   HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
+                   KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_IP: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_IP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One (row, head, query tile) when every key fits one tile: the softmax is exact in one pass.
+    The keys come in two power-of-two pieces KT1 + KT2 (77 = 64 + 16, as the head dims), so the
+    tile's padding stays small and no [BM, 128] tensor is live.  Writes the output and returns
+    ``total1/2`` plus this head's probabilities, added before p meets v."""
+    q1, q2 = _load_q(Qb, hq, s_qn, offs_m, m_mask, HEAD_DIM, D1, D2)
+    s1, rows1 = _key_piece(q1, q2, Kh, s_kn, 0, N_K, qk_scale, HEAD_DIM, D1, D2, KT1, DOT_PREC)  # [BM, KT1]
+    m_i = tl.max(s1, 1)
+    if KT2 > 0:
+        s2, rows2 = _key_piece(q1, q2, Kh, s_kn, KT1, N_K, qk_scale, HEAD_DIM, D1, D2, KT2, DOT_PREC)  # [BM, KT2]
+        m_i = tl.maximum(m_i, tl.max(s2, 1))
+    p1 = tl.math.exp2(s1 - m_i[:, None])
+    l_i = tl.sum(p1, 1)  # the denominator uses unweighted p
+    if KT2 > 0:
+        p2 = tl.math.exp2(s2 - m_i[:, None])
+        l_i += tl.sum(p2, 1)
+    inv_l = 1.0 / l_i
+    total1 += p1 * inv_l[:, None]
+    acc1, acc2 = _accumulators(BLOCK_M, D1, D2)
+    # token weights scale v's rows (p·w @ v = p @ (w·v)): no weighted copy of p beside the totals
+    acc1, acc2 = _values_w(acc1, acc2, p1, Vh, s_vn, rows1, rows1, w1, HEAD_DIM, D1, D2, False, HAS_W, DOT_PREC)
+    if KT2 > 0:
+        total2 += p2 * inv_l[:, None]
+        acc1, acc2 = _values_w(acc1, acc2, p2, Vh, s_vn, rows2, rows2, w2, HEAD_DIM, D1, D2, False, HAS_W,
+                               DOT_PREC)
+    _finish(acc1, acc2, l_i, q1, q2, KIh, VIh, Ob, ho, s_on, s_kin, s_vin, qk_scale, ip_s, offs_m, m_mask, N_IP,
+            HEAD_DIM, D1, D2, BLOCK_M, BLOCK_IP, HAS_IP, DOT_PREC)
+    return total1, total2
+
+
+@triton.jit
+def _key_weights(Wb, s_wn, start, N_K, WIDTH: tl.constexpr, HAS_W: tl.constexpr):
+    """Token weights of keys [start, start + WIDTH) as fp32 (0 past N_K; ones without weights)."""
+    offs = start + tl.arange(0, WIDTH)
+    w = tl.full([WIDTH], 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(Wb + offs * s_wn, mask=offs < N_K, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _store_map(S, b, s_sb, s_sq, total, w, offs_m, keep, start, H, Q0, K0, K_END, WIDTH: tl.constexpr,
+               HAS_W: tl.constexpr):
+    """Write the head mean of keys [start, start + WIDTH) ∩ [K0, K_END) (times the keys' weights,
+    which factor out of the mean) into the map rows of ``keep``."""
+    offs_n = start + tl.arange(0, WIDTH)
+    total = total / H
+    if HAS_W:
+        total = total * w[None, :]
+    tl.store(S + b * s_sb + (offs_m - Q0)[:, None] * s_sq + (offs_n - K0)[None, :], total.to(S.dtype.element_ty),
+             mask=keep[:, None] & ((offs_n >= K0) & (offs_n < K_END))[None, :])
 
 
 @triton.jit
@@ -176,7 +285,8 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
               HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, SU: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, BLOCK_S: tl.constexpr,
               HAS_QF: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, HAS_W: tl.constexpr,
-              HAS_IP: tl.constexpr, IP_PER_ROW: tl.constexpr, STORE: tl.constexpr, DOT_PREC: tl.constexpr):
+              HAS_IP: tl.constexpr, IP_PER_ROW: tl.constexpr, STORE: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     # Grid: (query tiles, B * H); with STORE (query tiles, B) and the heads looped here.
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -206,7 +316,28 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
     KIb = KI + b * (s_kib * SU)
     VIb = VI + b * (s_vib * SU)
     Wb = W + b * s_wb
-    if STORE:
+    if STORE and KT1 > 0:
+        # Every key fits one tile (SD's 77-token prompt): the softmax is exact in one pass, so each
+        # head's probabilities are summed in registers in a fixed head order as they are computed
+        # and the map is written once: no scratch, no recomputation, no atomics.
+        KT2_: tl.constexpr = max(KT2, 16)  # a placeholder width when KT2 = 0
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < N_Q
+        w1 = _key_weights(Wb, s_wn, 0, N_K, KT1, HAS_W)  # [KT1]
+        w2 = _key_weights(Wb, s_wn, KT1, N_K, KT2_, HAS_W)  # [KT2]; unused when KT2 = 0
+        total1 = tl.zeros([BLOCK_M, KT1], tl.float32)
+        total2 = tl.zeros([BLOCK_M, KT2_], tl.float32)
+        for h in range(0, H):
+            total1, total2 = _head_one_tile(
+                total1, total2, w1, w2, Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob,
+                h * (s_oh * SU), KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), s_qn * SU, s_kn * SU, s_vn * SU,
+                s_on * SU, s_kin * SU, s_vin * SU, qk_scale, ip_s, offs_m, m_mask, N_K, N_IP,
+                HEAD_DIM, D1, D2, BLOCK_M, KT1, KT2, BLOCK_IP, HAS_W, HAS_IP, DOT_PREC)
+        keep = (offs_m >= Q0) & (offs_m < Q1)
+        _store_map(S, b, s_sb, s_sq, total1, w1, offs_m, keep, 0, H, Q0, K0, K1, KT1, HAS_W)
+        if KT2 > 0:
+            _store_map(S, b, s_sb, s_sq, total2, w2, offs_m, keep, KT1, H, Q0, K0, K1, KT2_, HAS_W)
+    elif STORE:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < N_Q
         # Phase 1: every head in turn, its output and its rows' log-sum-exp (a tiny scratch).
@@ -226,7 +357,6 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
             k_end = K0  # no stored query row in this tile (FLUX's text queries): skip phase 2
         for k0 in range(K0, k_end, BLOCK_S):
             offs_s = k0 + tl.arange(0, BLOCK_S)
-            s_mask = offs_s < K1
             # Clamped key rows instead of a load mask: rows past K1 repeat the last key and are
             # never written (the store's mask), so the loads need no [BS, D] mask.
             rows_k = tl.minimum(offs_s, K1 - 1) * (s_kn * SU)  # [BS]
@@ -247,12 +377,8 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
                     qk += tl.dot(q2, k2, input_precision=DOT_PREC)
                 lse = tl.load(LSE + (b * H + h) * N_Q + offs_m, mask=m_mask, other=0.0)  # [BM]
                 total += tl.math.exp2(qk * qk_scale - lse[:, None])
-            total = total / H
-            if HAS_W:  # the weight is per key, so it factors out of the head mean
-                w = tl.load(Wb + offs_s * s_wn, mask=s_mask, other=0.0).to(tl.float32)
-                total = total * w[None, :]
-            tl.store(S + b * s_sb + (offs_m - Q0)[:, None] * s_sq + (offs_s - K0)[None, :],
-                     total.to(S.dtype.element_ty), mask=keep[:, None] & s_mask[None, :])
+            w = _key_weights(Wb, s_wn, k0, N_K, BLOCK_S, HAS_W)  # [BS]
+            _store_map(S, b, s_sb, s_sq, total, w, offs_m, keep, k0, H, Q0, K0, K1, BLOCK_S, HAS_W)
     else:
         h = (pid % H).to(tl.int64)
         _head(Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob, h * (s_oh * SU),
@@ -263,7 +389,7 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
 
 _attn_fwd_tuned = triton.autotune(
     configs=configs.autotune_configs(),
-    key=["N_Q", "N_K", "N_IP", "H", "HEAD_DIM", "HAS_W", "HAS_IP", "STORE", "BLOCK_S"],
+    key=["N_Q", "N_K", "N_IP", "H", "HEAD_DIM", "HAS_W", "HAS_IP", "STORE", "BLOCK_S", "KT1", "KT2"],
     prune_configs_by={"early_config_prune": configs.prune})(_attn_fwd)
 
 
@@ -301,7 +427,9 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
     w = token_weights if token_weights is not None else dummy
     s_w = token_weights.stride() if token_weights is not None else (0, 0)
     q0, q1, k0, k1 = store_span(n_q, n_k, store_queries, store_keys)
-    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32) if store is not None else dummy
+    one = configs.store_pieces(q, n_k, ip is not None) if store is not None else (0, 0)  # (0, 0): two-phase
+    two_phase = store is not None and not one[0]
+    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32) if two_phase else dummy  # phase 1 -> 2
     s_s = (store.stride(0), store.stride(1)) if store is not None else (0, 0)
     tensors = (q, k, v, out, ki, vi)
     strided = [s for t in tensors for s in t.stride()[:3]]
@@ -318,7 +446,8 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
                  BLOCK_S=min(configs.STORE_TILE, max(16, triton.next_power_of_2(k1 - k0))) if store is not None else 16,
                  HAS_QF=q_from is not None, HAS_KF=k_from is not None, HAS_VF=v_from is not None,
                  HAS_W=token_weights is not None, HAS_IP=ip is not None, IP_PER_ROW=per_row,
-                 STORE=store is not None, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                 STORE=store is not None, KT1=one[0], KT2=one[1],
+                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     return args, flags, out
 
 

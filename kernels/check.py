@@ -2,10 +2,10 @@
 
     python -m kernels.check [--quick] [--all-configs] [-j N] [--json FILE]
 
-Every variant the engine launches (plain, inject, store, IP-Adapter, all at once; fp16 and
-bf16; head dims 40/64/80/128/160 at the SD1.5 / SDXL / FLUX shapes) is compiled with
-``triton.compile`` for an A100 and an H100 target, with the ptxas that ships with the
-installed triton.  Arguments are built by the launcher itself (``launch_args``) from
+Every variant the engine launches (plain, inject, store -- one-pass "(1p)" or two-phase
+"(2p)" --, IP-Adapter, all at once; fp16 and bf16; head dims 40/64/80/128/160 at the
+SD1.5 / SDXL / FLUX shapes) is compiled with ``triton.compile`` for an A100 and an H100
+target, with the ptxas that ships with the installed triton.  Arguments are built by the launcher itself (``launch_args``) from
 tensors in the engine's layout (views of [B, N, H·D] projections, the output written into
 [B, N, H·D]) and specialised the way the JIT does at launch (a value of 1 becomes a
 constant; an integer or an address divisible by 16 gets the divisibility hint; others,
@@ -92,7 +92,7 @@ def jobs(quick=False, all_configs=False):
     dims = (40,) if quick else (40, 64, 80, 128, 160)
     for D in dims:
         for dtype in (("fp16",) if quick else ("fp16", "bf16")):
-            variants = ("plain", "store", "all") if quick else VARIANTS if dtype == "fp16" else ("plain", "all")
+            variants = ("plain", "store", "all") if quick else VARIANTS if dtype == "fp16" else ("plain", "store", "all")
             for variant in variants:
                 cfgs = [None]
                 if all_configs and variant == "plain":
@@ -107,8 +107,7 @@ def build(variant, dtype, D, cfg):
     q, k, v, kw = engine_inputs(D, dtype, variant)
     args, flags, _ = KA.launch_args(q, k, v, **kw)
     if cfg is None:
-        cfg = configs.heuristic(q.shape[2], k.shape[2], flags["D1"] + flags["D2"], store=flags["STORE"],
-                                ip=flags["HAS_IP"])
+        cfg = configs.heuristic_for(q.shape[2], k.shape[2], flags)
     fn = KA._attn_fwd
     names = [n for n in fn.arg_names if n not in flags and n not in ("BLOCK_M", "BLOCK_N")]
     assert len(names) == len(args), (names, len(args))
@@ -158,7 +157,8 @@ def compile_one(job):
     variant, dtype, D, cfg, arch = job
     sig, consts, attrs, cfg = build(variant, dtype, D, cfg)
     d1, d2 = consts["D1"], consts["D2"]
-    row = dict(kernel=f"fwd/{variant}", dtype=dtype, D=f"{D}={d1}+{d2}" if d2 else str(D),
+    store = "(1p)" if consts["KT1"] else "(2p)" if consts["STORE"] else ""  # one-pass / two-phase store
+    row = dict(kernel=f"fwd/{variant}{store}", dtype=dtype, D=f"{D}={d1}+{d2}" if d2 else str(D),
                blocks=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}",
                arch=f"sm_{arch}", triton=triton.__version__)
     t0 = time.time()
@@ -213,13 +213,13 @@ def main(argv=None):
     with ProcessPoolExecutor(max_workers=max(1, args.j)) as pool:
         rows = list(pool.map(compile_one, todo))
     print(f"triton {triton.__version__}; engine layout; CTAs = per SM; ld/st = widest global access in bytes")
-    head = f"{'kernel':<12} {'dtype':<5} {'D':<10} {'blocks':<15} {'arch':<6} {'regs':>4} {'spills':>6} " \
+    head = f"{'kernel':<14} {'dtype':<5} {'D':<10} {'blocks':<15} {'arch':<6} {'regs':>4} {'spills':>6} " \
            f"{'smem':>7} {'CTAs':>4} {'ld':>3} {'st':>3} {'tensor-cores':<15} {'secs':>5}"
     print(head)
     print("-" * len(head))
     bad = 0
     for r in rows:
-        pre = f"{r['kernel']:<12} {r['dtype']:<5} {r['D']:<10} {r['blocks']:<15} {r['arch']:<6}"
+        pre = f"{r['kernel']:<14} {r['dtype']:<5} {r['D']:<10} {r['blocks']:<15} {r['arch']:<6}"
         if not r["ok"]:
             bad += 1
             print(f"{pre} FAILED {r['error']}")

@@ -13,12 +13,40 @@ Three sources, in order:
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import triton
 
 TABLES = Path(__file__).resolve().parent / "tables"
-STORE_TILE = 32  # widest stored key tile: its [BLOCK_M, STORE_TILE] head sum stays in registers
+STORE_TILE = 32  # widest stored key tile of the two-phase store: its [BLOCK_M, 32] head sum stays in registers
+# The one-pass store keeps [BLOCK_M, keys] fp32 head sums beside a whole head's attention in registers;
+# `kernels.check`'s sweep (README) found it spill-free on sm_80 and sm_90 up to 80 keys (SD's
+# 77-token prompt as 64 + 16) at head dims <= 64 (SD1.5's 40, SDXL's and SD2's 64) without
+# IP-Adapter keys; wider calls (FLUX's joint attention, D = 80 / 160) take the two-phase store.
+ONE_PASS_KEYS = 80
+ONE_PASS_WIDTH = 64
+STORE_ONE_PASS = os.environ.get("OVERPAINT_STORE_ONE_PASS", "1") != "0"  # 0: always two-phase (benchmarks)
+
+
+def one_tile(n_k: int, head_dim: int, ip: bool = False) -> tuple[int, int]:
+    """The key pieces (KT1, KT2) of the one-pass store: all Nk keys in power-of-two pieces as the
+    head dims (77 -> 64 + 16), or (0, 0) for the two-phase store (see ONE_PASS_KEYS)."""
+    kt1, kt2 = split_head_dim(n_k)
+    d1, d2 = split_head_dim(head_dim)
+    if not STORE_ONE_PASS or ip or kt1 + kt2 > ONE_PASS_KEYS or d1 + d2 > ONE_PASS_WIDTH:
+        return 0, 0
+    return kt1, kt2
+
+
+def store_pieces(q, n_k: int, ip: bool = False) -> tuple[int, int]:
+    """:func:`one_tile` unless this GPU's measured table says the two-phase store was faster here."""
+    pieces = one_tile(n_k, q.shape[-1], ip)
+    if pieces[0] and q.is_cuda:
+        entry = lookup(device_name(q.device), q.dtype, q.shape[-1], q.shape[2], n_k, "store")
+        if entry is not None and entry.get("store_path") == "two-phase":
+            return 0, 0
+    return pieces
 
 
 def split_head_dim(D: int) -> tuple[int, int]:
@@ -47,6 +75,8 @@ def prune(configs, named_args, **kwargs):
     width = kwargs["D1"] + kwargs["D2"]
     n_q, n_k = named_args["N_Q"], named_args["N_K"]
     store = kwargs.get("STORE", False)
+    if store and kwargs.get("KT1", 0):  # one-pass store: BLOCK_N is unused; warps x 16 rows (no replication)
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=s) for s in (1, 2)]
     keep = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -60,13 +90,16 @@ def prune(configs, named_args, **kwargs):
     return keep or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
 
 
-def heuristic(n_q: int, n_k: int, width: int, *, store=False, ip=False, interpret=False, elem_bytes=2) -> dict:
+def heuristic(n_q: int, n_k: int, width: int, *, store=False, ip=False, one_pass=False, interpret=False,
+              elem_bytes=2) -> dict:
     """Block sizes without a measurement (``width`` = D1 + D2). Every choice compiles without
     spills for sm_80 and sm_90 (``python -m kernels.check``; the sweep behind them is in the README)."""
     if interpret:  # big numpy tiles are what makes the interpreter bearable
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if elem_bytes > 2:  # fp32 (not a fast path): halve the shared-memory footprint
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4 if width <= 128 else 8, num_stages=2)
+    if store and one_pass:  # two stages: the next head's k/v arrive by cp.async, not through registers
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if store:  # the head loop keeps phase 2's [BM, 32] sum and the scratch reads beside the q tile
         if width <= 96:
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -94,10 +127,16 @@ def default_config(q, n_k: int, flags: dict, interpret=False) -> dict:
     """The block sizes a non-autotuned launch uses: the measured table's, else :func:`heuristic`."""
     if not interpret and q.is_cuda:
         entry = lookup(device_name(q.device), q.dtype, flags["HEAD_DIM"], q.shape[2], n_k, variant(flags))
-        if entry is not None and entry.get("config"):
+        path = ("one-pass" if flags.get("KT1") else "two-phase") if flags["STORE"] else None
+        if entry is not None and entry.get("config") and entry.get("store_path") == path:
             return dict(entry["config"])
-    return heuristic(q.shape[2], n_k, flags["D1"] + flags["D2"], store=flags["STORE"], ip=flags["HAS_IP"],
-                     interpret=interpret, elem_bytes=q.element_size())
+    return heuristic_for(q.shape[2], n_k, flags, interpret=interpret, elem_bytes=q.element_size())
+
+
+def heuristic_for(n_q: int, n_k: int, flags: dict, **kw) -> dict:
+    """:func:`heuristic` for a launch's constexpr flags."""
+    return heuristic(n_q, n_k, flags["D1"] + flags["D2"], store=flags["STORE"], ip=flags["HAS_IP"],
+                     one_pass=flags.get("KT1", 0) > 0, **kw)
 
 
 # ------------------------------------------------------------------ the measured table

@@ -3,6 +3,7 @@ without a GPU (the timings themselves need one: `python -m benchmarks.gpu_sessio
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +15,9 @@ from benchmarks import attention as bench  # noqa: E402
 from kernels import configs, dispatch  # noqa: E402
 
 
-def _row(impl, ms, variant="plain", status="ok", config=None, n_k=77):
+def _row(impl, ms, variant="plain", status="ok", config=None, n_k=77, **extra):
     return dict(shape="sd15-cross-64x64", B=2, H=8, Nq=4096, Nk=n_k, D=40, dtype="float16", impl=impl,
-                variant=variant, status=status, median_ms=ms, config=config)
+                variant=variant, status=status, median_ms=ms, config=config, **extra)
 
 
 def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
@@ -25,7 +26,8 @@ def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
             _row("sdpa-flash", 0.04), _row("sdpa-cudnn", 0.01, status="FAILED"),  # wrong: never chosen
             _row("sdpa-efficient", None, status="unavailable"),
             _row("inject-p2p", 0.06, variant="inject-p2p"), _row("inject-masactrl", 0.07, variant="inject-masactrl"),
-            _row("store", 0.08, variant="store", config=cfg),
+            _row("store", 0.09, variant="store", config=dict(cfg, num_stages=2), store_path="one-pass"),
+            _row("store-2p", 0.08, variant="store-2p", config=cfg, store_path="two-phase"),
             _row("ours", 0.2, n_k=4096), _row("sdpa-flash", 0.3, n_k=4096)]
     meta = dict(date="2026-12-01T00:00:00+00:00", git_commit="abc", torch="2.11", triton="3.6")
     table = bench.build_table(rows, "NVIDIA Test GPU", meta)
@@ -33,7 +35,9 @@ def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
     assert by[("plain", 77)]["backend"] == "flash" and by[("plain", 77)]["config"]["BLOCK_M"] == 128
     assert by[("plain", 4096)]["backend"] == "ours"
     assert by[("inject", 77)]["median_ms"] == 0.06  # one inject entry (P2P's, the first)
+    # the faster store path wins, with its block sizes
     assert by[("store", 77)]["config"] == cfg and by[("store", 77)]["backend"] == "ours"
+    assert by[("store", 77)]["store_path"] == "two-phase" and len(table["entries"]) == 4
     # the file it writes is what dispatch and configs read
     (tmp_path / f"{configs.slug('NVIDIA Test GPU')}.json").write_text(json.dumps(table))
     monkeypatch.setattr(configs, "TABLES", tmp_path)
@@ -42,6 +46,15 @@ def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
         assert dispatch.choose("NVIDIA Test GPU", torch.float16, 40, 4096, 77) == "flash"
         assert dispatch.choose("NVIDIA Test GPU", torch.float16, 40, 4096, 4096) == "ours"
         assert configs.lookup("NVIDIA Test GPU", torch.float16, 40, 4096, 77, "store")["config"] == cfg
+        # the launcher then takes the measured-faster two-phase store there, with the table's blocks
+        monkeypatch.setattr(configs, "device_name", lambda device: "NVIDIA Test GPU")
+        fake = SimpleNamespace(shape=(2, 8, 4096, 40), dtype=torch.float16, device="cuda:0", is_cuda=True,
+                               element_size=lambda: 2)
+        assert configs.one_tile(77, 40) == (64, 16) and configs.store_pieces(fake, 77) == (0, 0)
+        flags = dict(HEAD_DIM=40, D1=32, D2=16, STORE=True, KT1=0, HAS_IP=False)
+        assert configs.default_config(fake, 77, flags) == cfg
+        one_pass = dict(flags, KT1=64)  # a one-pass launch never takes the two-phase path's blocks
+        assert configs.default_config(fake, 77, one_pass) == configs.heuristic_for(4096, 77, one_pass)
     finally:
         dispatch.clear_cache()
 
@@ -80,5 +93,8 @@ def test_variants_are_checked_before_timing_interpreter():
     for shape in ("sd-cross", "flux-joint"):
         for impl in ("dispatch", "ours", "inject-p2p", "inject-masactrl", "store"):
             assert status[(shape, impl)] == "ok", (shape, impl, rows)
-    assert status[("sd-cross", "ip")] == "ok"
+    assert status[("sd-cross", "ip")] == "ok" and status[("sd-cross", "store-2p")] == "ok"  # both store paths
+    paths = {(r["shape"], r["impl"]): r.get("store_path") for r in rows if r["impl"].startswith("store")}
+    assert paths == {("sd-cross", "store"): "one-pass", ("sd-cross", "store-2p"): "two-phase",
+                     ("flux-joint", "store"): "one-pass"}  # 48 keys here (4608 in FLUX: two-phase)
     assert all(s in ("ok", "unavailable") for s in status.values()), rows  # nothing FAILED

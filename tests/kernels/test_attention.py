@@ -179,6 +179,41 @@ def test_interp_store_key_range_inside_long_keys(interp):
     check(q, k, v, kw, path="triton")
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-phase"])
+@pytest.mark.parametrize("D", [40, 64])
+def test_interp_store_paths(interp, monkeypatch, one_pass, D):
+    # SD's cross-attention maps (77 keys) by the one-pass store (keys as 64 + 16, no log-sum-exp
+    # scratch) and by the two-phase store: both equal the float64 head mean.
+    from kernels import configs
+    monkeypatch.setattr(configs, "STORE_ONE_PASS", one_pass)
+    q, k, v, kw = make(B=3, H=3, Nq=70, Nk=77, D=D, inject="qk", weights=True, store=True)
+    args, flags, _ = KA.launch_args(q, k, v, **kw)
+    assert (flags["KT1"], flags["KT2"]) == ((64, 16) if one_pass else (0, 0))
+    assert (args[KA._attn_fwd.arg_names.index("LSE")] is q) == one_pass  # q stands in for an absent scratch
+    check(q, k, v, kw, path="triton")
+
+
+@pytest.mark.parametrize("Nk", [1, 20, 64])
+def test_interp_store_one_pass_key_pieces(interp, Nk):
+    # one piece (KT2 = 0), two 16-wide pieces, a full 64-key piece; a stored key sub-range
+    from kernels import configs
+    assert configs.one_tile(Nk, 40)[0] > 0
+    q, k, v, kw = make(B=2, Nq=40, Nk=Nk, D=40, weights=True)
+    k1 = max(1, Nk - 3)
+    kw.update(store=torch.full((2, 40, k1 - Nk // 4), float("nan")), store_keys=(Nk // 4, k1))
+    check(q, k, v, kw, path="triton")
+
+
+def test_one_pass_store_rule():
+    # measured by kernels.check's sweep: spill-free up to 80 keys at head dims <= 64, no IP-Adapter
+    from kernels import configs
+    assert configs.one_tile(77, 40) == (64, 16) and configs.one_tile(77, 64) == (64, 16)
+    assert configs.one_tile(64, 64) == (64, 0) and configs.one_tile(1, 40) == (16, 0)
+    assert configs.one_tile(77, 80) == (0, 0) and configs.one_tile(77, 160) == (0, 0)  # SD1.5's wider heads
+    assert configs.one_tile(154, 40) == (0, 0) and configs.one_tile(512, 128) == (0, 0)
+    assert configs.one_tile(77, 40, ip=True) == (0, 0)
+
+
 def test_interp_store_bit_identical(interp):
     q, k, v, kw = make(dtype=torch.float16, inject="k", weights=True, store=True)
     kernels.attention(q, k, v, **kw)
