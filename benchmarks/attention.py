@@ -153,13 +153,13 @@ def time_it(fn, rep, graphs):
     return eager, graph_ms, graph_error
 
 
-def _two_phase(fn):
-    """Run ``fn`` with the one-pass store turned off (the two-phase store, for comparison)."""
-    saved, configs.STORE_ONE_PASS = configs.STORE_ONE_PASS, False
+def _store_path(path, fn):
+    """Run ``fn`` with the store path forced ("one-pass" where it applies, or "two-phase")."""
+    saved, configs.STORE_PATH = configs.STORE_PATH, path
     try:
         return fn()
     finally:
-        configs.STORE_ONE_PASS = saved
+        configs.STORE_PATH = saved
 
 
 class StickyCudaError(RuntimeError):
@@ -178,16 +178,15 @@ def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
     for vname, kw in cases.items():
         fl = flops + (4.0 * B2 * H * n_q * N_IP * D if "ip" in kw else 0)
         runs[vname] = ((lambda kw=kw: kmod.attention_triton(q, k, v, **kw)), fl, kw)
-        if vname == "store-2p":
-            runs[vname] = (lambda kw=kw: _two_phase(lambda: kmod.attention_triton(q, k, v, **kw)), fl, kw)
+        if vname.startswith("store"):  # each store row runs its path whatever a table says
+            path = "two-phase" if vname == "store-2p" else "one-pass"
+            runs[vname] = (lambda kw=kw, p=path: _store_path(p, lambda: kmod.attention_triton(q, k, v, **kw)), fl, kw)
     for bname in SDPA_BACKENDS:
         runs[f"sdpa-{bname}"] = ((lambda b=bname: dispatch.sdpa(b, q, k, v)), flops, {})
     rows = []
     for impl, (fn, fl, kw) in runs.items():
         row = dict(shape=name, B=B2, H=H, Nq=n_q, Nk=n_k, D=D, dtype=str(dtype).split(".")[-1], impl=impl,
                    variant=impl if impl in cases else "plain")
-        if impl.startswith("store"):
-            row["store_path"] = "one-pass" if impl == "store" and configs.one_tile(n_k, D)[0] else "two-phase"
         try:
             err = check_variant(q, k, v, kw, fn)
             if err is None:
@@ -205,6 +204,8 @@ def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
             rows.append(row)
             continue
         row.update(status="ok", median_ms=eager, graph_median_ms=graph_ms, tflops=fl / eager * 1e-9)
+        if impl.startswith("store"):  # the path the timed launches took (where one pass applies, the forced one)
+            row["store_path"] = "one-pass" if kmod.LAST_FLAGS["KT1"] else "two-phase"
         if graph_error:
             row["graph_error"] = graph_error
         if impl in cases and kmod.AUTOTUNE:
@@ -249,10 +250,12 @@ def build_table(rows, device, meta):
             if any(e["variant"] == variant and (e["dtype"], e["D"], e["n_q"], e["n_k"]) == (dtype, D, n_q, n_k)
                    for e in entries):
                 continue  # inject-p2p and inject-masactrl share the "inject" entry (first wins)
+            extra = {}
+            if "store_path" in r:  # compared: both paths timed here, so the launcher may follow the winner
+                extra = dict(store_path=r["store_path"], store_compared=len({s["store_path"] for s in stores}) == 2)
             entries.append(dict(dtype=dtype, D=D, n_q=n_q, n_k=n_k, variant=variant,
                                 backend=backend if variant == "plain" else "ours", config=r.get("config"),
-                                median_ms=r["median_ms"],
-                                **({"store_path": r["store_path"]} if "store_path" in r else {})))
+                                median_ms=r["median_ms"], **extra))
     return dict(device=device, measured=meta["date"], git_commit=meta["git_commit"], torch=meta["torch"],
                 triton=meta["triton"], entries=entries)
 

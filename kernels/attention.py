@@ -243,7 +243,8 @@ def _head_one_tile(total1, total2, w1, w2, Qb, hq, Kh, Vh, Ob, ho, KIh, VIh, s_q
     inv_l = 1.0 / l_i
     total1 += p1 * inv_l[:, None]
     acc1, acc2 = _accumulators(BLOCK_M, D1, D2)
-    # token weights scale v's rows (p·w @ v = p @ (w·v)): no weighted copy of p beside the totals
+    # token weights scale v's rows (p·w @ v = p @ (w·v); w·v rounded once to v's dtype, as p·w
+    # would be): no weighted copy of p beside the totals
     acc1, acc2 = _values_w(acc1, acc2, p1, Vh, s_vn, rows1, rows1, w1, HEAD_DIM, D1, D2, False, HAS_W, DOT_PREC)
     if KT2 > 0:
         total2 += p2 * inv_l[:, None]
@@ -465,6 +466,8 @@ def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=No
     args, flags, res = launch_args(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
                                    token_weights=token_weights, store=store, ip=ip, out=out,
                                    store_queries=store_queries, store_keys=store_keys)
+    global LAST_FLAGS
+    LAST_FLAGS = flags
     interpret = _interpreting()
     _check_interpreter(interpret)
     rows = B if store is not None else B * H  # the store variant loops over heads in one program
@@ -502,6 +505,7 @@ def _check_interpreter(interpret):
 
 
 LAST_PATH = None  # "triton", "sdpa-<backend>", "torch" or "torch-autograd": the last call's path (for tests)
+LAST_FLAGS = None  # the last Triton launch's constexpr flags (tests and the benchmark read its store path)
 
 
 def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,

@@ -26,25 +26,33 @@ STORE_TILE = 32  # widest stored key tile of the two-phase store: its [BLOCK_M, 
 # IP-Adapter keys; wider calls (FLUX's joint attention, D = 80 / 160) take the two-phase store.
 ONE_PASS_KEYS = 80
 ONE_PASS_WIDTH = 64
-STORE_ONE_PASS = os.environ.get("OVERPAINT_STORE_ONE_PASS", "1") != "0"  # 0: always two-phase (benchmarks)
+# "auto": the rule below, unless this GPU's table measured the two-phase store faster at the shape;
+# "one-pass" / "two-phase": forced (the benchmark times both; OVERPAINT_STORE_PATH for users).
+STORE_PATH = os.environ.get("OVERPAINT_STORE_PATH", "auto")
 
 
 def one_tile(n_k: int, head_dim: int, ip: bool = False) -> tuple[int, int]:
     """The key pieces (KT1, KT2) of the one-pass store: all Nk keys in power-of-two pieces as the
-    head dims (77 -> 64 + 16), or (0, 0) for the two-phase store (see ONE_PASS_KEYS)."""
+    head dims (77 -> 64 + 16), or (0, 0) where only the two-phase store applies (ONE_PASS_KEYS)."""
     kt1, kt2 = split_head_dim(n_k)
     d1, d2 = split_head_dim(head_dim)
-    if not STORE_ONE_PASS or ip or kt1 + kt2 > ONE_PASS_KEYS or d1 + d2 > ONE_PASS_WIDTH:
+    if ip or kt1 + kt2 > ONE_PASS_KEYS or d1 + d2 > ONE_PASS_WIDTH:
         return 0, 0
     return kt1, kt2
 
 
 def store_pieces(q, n_k: int, ip: bool = False) -> tuple[int, int]:
-    """:func:`one_tile` unless this GPU's measured table says the two-phase store was faster here."""
+    """The store path a launch takes: :func:`one_tile`'s pieces, or (0, 0) for two phases when
+    forced (STORE_PATH) or when this GPU's table compared both paths at a shape where one pass
+    applies and found two phases faster."""
+    if STORE_PATH == "two-phase":
+        return 0, 0
     pieces = one_tile(n_k, q.shape[-1], ip)
-    if pieces[0] and q.is_cuda:
-        entry = lookup(device_name(q.device), q.dtype, q.shape[-1], q.shape[2], n_k, "store")
-        if entry is not None and entry.get("store_path") == "two-phase":
+    if pieces[0] and q.is_cuda and STORE_PATH == "auto":
+        D = q.shape[-1]
+        entry = lookup(device_name(q.device), q.dtype, D, q.shape[2], n_k, "store")
+        if entry is not None and entry.get("store_compared") and entry.get("store_path") == "two-phase" \
+                and one_tile(entry["n_k"], D)[0]:
             return 0, 0
     return pieces
 
@@ -75,8 +83,8 @@ def prune(configs, named_args, **kwargs):
     width = kwargs["D1"] + kwargs["D2"]
     n_q, n_k = named_args["N_Q"], named_args["N_K"]
     store = kwargs.get("STORE", False)
-    if store and kwargs.get("KT1", 0):  # one-pass store: BLOCK_N is unused; warps x 16 rows (no replication)
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=s) for s in (1, 2)]
+    if store and kwargs.get("KT1", 0):  # one-pass store: BLOCK_N is unused; warps x 16 rows (no replication),
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)]  # 1 stage spills (D=64)
     keep = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
@@ -128,7 +136,8 @@ def default_config(q, n_k: int, flags: dict, interpret=False) -> dict:
     if not interpret and q.is_cuda:
         entry = lookup(device_name(q.device), q.dtype, flags["HEAD_DIM"], q.shape[2], n_k, variant(flags))
         path = ("one-pass" if flags.get("KT1") else "two-phase") if flags["STORE"] else None
-        if entry is not None and entry.get("config") and entry.get("store_path") == path:
+        # a store entry's blocks only serve the path they were measured on (older tables: two-phase)
+        if entry is not None and entry.get("config") and entry.get("store_path", path and "two-phase") == path:
             return dict(entry["config"])
     return heuristic_for(q.shape[2], n_k, flags, interpret=interpret, elem_bytes=q.element_size())
 

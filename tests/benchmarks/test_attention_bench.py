@@ -26,8 +26,7 @@ def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
             _row("sdpa-flash", 0.04), _row("sdpa-cudnn", 0.01, status="FAILED"),  # wrong: never chosen
             _row("sdpa-efficient", None, status="unavailable"),
             _row("inject-p2p", 0.06, variant="inject-p2p"), _row("inject-masactrl", 0.07, variant="inject-masactrl"),
-            _row("store", 0.09, variant="store", config=dict(cfg, num_stages=2), store_path="one-pass"),
-            _row("store-2p", 0.08, variant="store-2p", config=cfg, store_path="two-phase"),
+            *_stores(0.09, 0.08, cfg),
             _row("ours", 0.2, n_k=4096), _row("sdpa-flash", 0.3, n_k=4096)]
     meta = dict(date="2026-12-01T00:00:00+00:00", git_commit="abc", torch="2.11", triton="3.6")
     table = bench.build_table(rows, "NVIDIA Test GPU", meta)
@@ -37,7 +36,8 @@ def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
     assert by[("inject", 77)]["median_ms"] == 0.06  # one inject entry (P2P's, the first)
     # the faster store path wins, with its block sizes
     assert by[("store", 77)]["config"] == cfg and by[("store", 77)]["backend"] == "ours"
-    assert by[("store", 77)]["store_path"] == "two-phase" and len(table["entries"]) == 4
+    assert by[("store", 77)]["store_path"] == "two-phase" and by[("store", 77)]["store_compared"]
+    assert len(table["entries"]) == 4
     # the file it writes is what dispatch and configs read
     (tmp_path / f"{configs.slug('NVIDIA Test GPU')}.json").write_text(json.dumps(table))
     monkeypatch.setattr(configs, "TABLES", tmp_path)
@@ -55,6 +55,41 @@ def test_table_picks_the_fastest_correct_backend(tmp_path, monkeypatch):
         assert configs.default_config(fake, 77, flags) == cfg
         one_pass = dict(flags, KT1=64)  # a one-pass launch never takes the two-phase path's blocks
         assert configs.default_config(fake, 77, one_pass) == configs.heuristic_for(4096, 77, one_pass)
+        monkeypatch.setattr(configs, "STORE_PATH", "one-pass")  # forced: the table is not read
+        assert configs.store_pieces(fake, 77) == (64, 16)
+    finally:
+        dispatch.clear_cache()
+
+
+def _stores(one_pass_ms, two_phase_ms, cfg, two_phase_status="ok"):
+    return [_row("store", one_pass_ms, variant="store", config=dict(cfg, num_stages=2), store_path="one-pass"),
+            _row("store-2p", two_phase_ms, variant="store-2p", config=cfg, store_path="two-phase",
+                 status=two_phase_status)]
+
+
+@pytest.mark.parametrize("case", ["one-pass wins", "two-phase failed", "not compared nearby"])
+def test_table_store_path(tmp_path, monkeypatch, case):
+    # The launcher leaves the one-pass store only where the table timed both paths at a shape where
+    # one pass applies and two phases won; otherwise the entry keeps the path that was measured.
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    meta = dict(date="2026-12-01T00:00:00+00:00", git_commit="abc", torch="2.11", triton="3.6")
+    if case == "not compared nearby":  # only a 154-key entry (two phases only), nearest to a 77-key call
+        rows = [_row("store", 0.05, variant="store", config=cfg, store_path="two-phase", n_k=154)]
+    else:
+        rows = _stores(0.07, 0.08, cfg, two_phase_status="FAILED" if case == "two-phase failed" else "ok")
+    n_k = rows[0]["Nk"]
+    table = bench.build_table(rows + [_row("ours", 0.04, n_k=n_k)], "NVIDIA Test GPU", meta)
+    (entry,) = [e for e in table["entries"] if e["variant"] == "store"]
+    assert entry["store_path"] == ("two-phase" if case == "not compared nearby" else "one-pass")
+    assert entry["store_compared"] == (case == "one-pass wins")
+    (tmp_path / f"{configs.slug('NVIDIA Test GPU')}.json").write_text(json.dumps(table))
+    monkeypatch.setattr(configs, "TABLES", tmp_path)
+    monkeypatch.setattr(configs, "device_name", lambda device: "NVIDIA Test GPU")
+    dispatch.clear_cache()
+    try:
+        fake = SimpleNamespace(shape=(2, 8, 1024, 40), dtype=torch.float16, device="cuda:0", is_cuda=True,
+                               element_size=lambda: 2)
+        assert configs.store_pieces(fake, 77) == (64, 16)
     finally:
         dispatch.clear_cache()
 
@@ -94,6 +129,7 @@ def test_variants_are_checked_before_timing_interpreter():
         for impl in ("dispatch", "ours", "inject-p2p", "inject-masactrl", "store"):
             assert status[(shape, impl)] == "ok", (shape, impl, rows)
     assert status[("sd-cross", "ip")] == "ok" and status[("sd-cross", "store-2p")] == "ok"  # both store paths
+    # the path each store row's launches took (the kernel's flags), forced per row
     paths = {(r["shape"], r["impl"]): r.get("store_path") for r in rows if r["impl"].startswith("store")}
     assert paths == {("sd-cross", "store"): "one-pass", ("sd-cross", "store-2p"): "two-phase",
                      ("flux-joint", "store"): "one-pass"}  # 48 keys here (4608 in FLUX: two-phase)

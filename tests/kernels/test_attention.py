@@ -185,12 +185,13 @@ def test_interp_store_paths(interp, monkeypatch, one_pass, D):
     # SD's cross-attention maps (77 keys) by the one-pass store (keys as 64 + 16, no log-sum-exp
     # scratch) and by the two-phase store: both equal the float64 head mean.
     from kernels import configs
-    monkeypatch.setattr(configs, "STORE_ONE_PASS", one_pass)
+    monkeypatch.setattr(configs, "STORE_PATH", "auto" if one_pass else "two-phase")
     q, k, v, kw = make(B=3, H=3, Nq=70, Nk=77, D=D, inject="qk", weights=True, store=True)
     args, flags, _ = KA.launch_args(q, k, v, **kw)
     assert (flags["KT1"], flags["KT2"]) == ((64, 16) if one_pass else (0, 0))
     assert (args[KA._attn_fwd.arg_names.index("LSE")] is q) == one_pass  # q stands in for an absent scratch
     check(q, k, v, kw, path="triton")
+    assert KA.LAST_FLAGS["KT1"] == (64 if one_pass else 0)  # the launch that ran took that path
 
 
 @pytest.mark.parametrize("Nk", [1, 20, 64])
