@@ -13,6 +13,8 @@ reported as FAILED and never timed -- then times:
   inject-p2p      Prompt-to-Prompt's rows [src, edit] x [uncond, cond]: edit rows read the
                   source rows' queries and keys (the source's maps drive the edit)
   inject-masactrl MasaCtrl's mutual self-attention: edit rows read the source rows' keys and values
+  inject-masactrl-mask  its mask-guided reads (self-attention shapes): foreground queries read
+                  the source's foreground keys, background ones its background (key / query classes)
   store           cross-attention maps stored (head mean, fp32 buffer) with token weights;
                   FLUX: image queries x text keys of the joint attention
   store-2p        the same with the one-pass store turned off (where it applies): the
@@ -32,6 +34,7 @@ correct backend per plain shape, the autotuner's block sizes per variant) that
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -81,6 +84,14 @@ def variants(B, H, n_q, n_k, D, text, dtype, g):
     src = torch.arange(B2, device=DEVICE) // 2 * 2  # row 2i+1 (edit) reads row 2i (source)
     out["inject-p2p"] = dict(q_from=src, k_from=src)
     out["inject-masactrl"] = dict(k_from=src, v_from=src)
+    if n_k == n_q and not text:  # mask-guided MasaCtrl: edit rows read the source's foreground by class
+        side = math.isqrt(n_q)
+        yy, xx = torch.meshgrid(torch.arange(side, device=DEVICE), torch.arange(side, device=DEVICE), indexing="ij")
+        fg = ((yy - side / 2).abs() < side * 0.3) & ((xx - side / 2).abs() < side * 0.3)  # a centred object
+        key_class = torch.zeros(B2, n_k, dtype=torch.int8, device=DEVICE)
+        query_class = torch.full((B2, n_q), -1, dtype=torch.int8, device=DEVICE)  # source rows read all
+        key_class[1::2], query_class[1::2] = fg.flatten(), fg.flatten()
+        out["inject-masactrl-mask"] = dict(k_from=src, v_from=src, key_class=key_class, query_class=query_class)
     if text:
         out["store"] = dict(store=torch.empty(B2, n_q - text, text, device=DEVICE), store_queries=(text, n_q),
                             store_keys=(0, text))
@@ -115,6 +126,8 @@ def check_variant(q, k, v, kw, run):
         ref_store = None
         if store is not None:
             ref_store = torch.zeros(store.shape[0], r, k1 - k0, dtype=torch.float64, device=DEVICE)
+        if "query_class" in kw:
+            ref_kw["query_class"] = kw["query_class"][:, rows]
         ref = kernels.attention_reference(q[:, :, rows], k, v, **ref_kw,
                                           **({} if ref_store is None else dict(store=ref_store, store_keys=(k0, k1))))
         try:

@@ -101,17 +101,23 @@ def _values_w(acc1, acc2, p, Vh, s_vn, offs_n, n_mask, w, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
-def _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start, end,
+def _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start, end, qc, KCb,
             HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
-            HAS_W: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online softmax over keys [start, end): full tiles unmasked (MASK_N=False), or the ragged tail."""
+            HAS_W: tl.constexpr, MASK_N: tl.constexpr, HAS_CLS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over keys [start, end): full tiles unmasked (MASK_N=False), or the ragged tail.
+    With HAS_CLS a query of class qc >= 0 only reads keys of that class (``KCb``: [Nk] int8)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         qk = _scores(q1, q2, Kh, s_kn, offs_n, n_mask, HEAD_DIM, D1, D2, MASK_N, DOT_PREC)  # [BM, BN]
         if MASK_N:
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        if HAS_CLS:
+            kc = tl.load(KCb + offs_n, mask=n_mask, other=-2).to(tl.int32)  # [BN]
+            qk = tl.where((qc[:, None] < 0) | (kc[None, :] == qc[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if HAS_CLS:  # a query may have met none of its keys yet: keep exp2(-inf - -inf) from NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score (log2 units)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # denominator uses unweighted p
@@ -127,14 +133,28 @@ def _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale
 
 
 @triton.jit
-def _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start, end,
+def _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start, end, qc, KCb,
                   HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_W: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HAS_W: tl.constexpr, HAS_CLS: tl.constexpr, DOT_PREC: tl.constexpr):
     full = start + ((end - start) // BLOCK_N) * BLOCK_N
     acc1, acc2, l_i, m_i = _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, start,
-                                   full, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, False, DOT_PREC)
-    return _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, full, end,
-                   HEAD_DIM, D1, D2, BLOCK_N, HAS_W, True, DOT_PREC)
+                                   full, qc, KCb, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, False, HAS_CLS, DOT_PREC)
+    return _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale, full, end, qc, KCb,
+                   HEAD_DIM, D1, D2, BLOCK_N, HAS_W, True, HAS_CLS, DOT_PREC)
+
+
+@triton.jit
+def _query_classes(QCb, KCb, offs_m, m_mask, N_K, BLOCK_K: tl.constexpr):
+    """The rows' query classes [BM] as read: a class no key of the row has becomes -1 (every key)."""
+    qc = tl.load(QCb + offs_m, mask=m_mask, other=-1).to(tl.int32)  # [BM]
+    has0 = 0
+    has1 = 0
+    for k0 in range(0, N_K, BLOCK_K):  # N_K bytes, once per program
+        offs = k0 + tl.arange(0, BLOCK_K)
+        kc = tl.load(KCb + offs, mask=offs < N_K, other=-1).to(tl.int32)
+        has0 = tl.maximum(has0, tl.max((kc == 0).to(tl.int32), 0))
+        has1 = tl.maximum(has1, tl.max((kc == 1).to(tl.int32), 0))
+    return tl.where(((qc == 0) & (has0 == 0)) | ((qc == 1) & (has1 == 0)), -1, qc)
 
 
 @triton.jit
@@ -164,7 +184,7 @@ def _finish(acc1, acc2, l_i, q1, q2, KIh, VIh, Ob, ho, s_on, s_kin, s_vin, qk_sc
         l2 = tl.zeros([BLOCK_M], tl.float32)
         m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         i1, i2, l2, m2 = _stream(i1, i2, l2, m2, q1, q2, KIh, VIh, KIh, s_kin, s_vin, 0, qk_scale, 0, N_IP,
-                                 HEAD_DIM, D1, D2, BLOCK_IP, False, True, DOT_PREC)
+                                 m_mask, KIh, HEAD_DIM, D1, D2, BLOCK_IP, False, True, False, DOT_PREC)
         out1 += (ip_s / l2)[:, None] * i1
         if D2 > 0:
             out2 += (ip_s / l2)[:, None] * i2
@@ -186,22 +206,25 @@ def _accumulators(BLOCK_M: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
 
 
 @triton.jit
-def _head(Qb, hq, Kh, Vh, Ob, ho, Wb, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_wn, s_kin, s_vin, qk_scale, ip_s,
-          pid_m, N_Q, N_K, N_IP,
+def _head(Qb, hq, Kh, Vh, Ob, ho, Wb, KIh, VIh, QCb, KCb, s_qn, s_kn, s_vn, s_on, s_wn, s_kin, s_vin, qk_scale,
+          ip_s, pid_m, N_Q, N_K, N_IP,
           HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, HAS_W: tl.constexpr, HAS_IP: tl.constexpr,
-          DOT_PREC: tl.constexpr):
+          HAS_CLS: tl.constexpr, DOT_PREC: tl.constexpr):
     """One (row, head, query tile), streaming the keys: writes the output, returns the rows'
     log2-sum-exp [BLOCK_M].  q and o are addressed as base + (row offset, head offset + d) so the
     store variant's head loop can pass the head as an offset."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N_Q
     q1, q2 = _load_q(Qb, hq, s_qn, offs_m, m_mask, HEAD_DIM, D1, D2)
+    qc = offs_m  # placeholder; used only with HAS_CLS
+    if HAS_CLS:
+        qc = _query_classes(QCb, KCb, offs_m, m_mask, N_K, 1024)
     acc1, acc2 = _accumulators(BLOCK_M, D1, D2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1, acc2, l_i, m_i = _stream_range(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale,
-                                         0, N_K, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, DOT_PREC)
+                                         0, N_K, qc, KCb, HEAD_DIM, D1, D2, BLOCK_N, HAS_W, HAS_CLS, DOT_PREC)
     _finish(acc1, acc2, l_i, q1, q2, KIh, VIh, Ob, ho, s_on, s_kin, s_vin, qk_scale, ip_s, offs_m, m_mask, N_IP,
             HEAD_DIM, D1, D2, BLOCK_M, BLOCK_IP, HAS_IP, DOT_PREC)
     return m_i + tl.math.log2(l_i)
@@ -279,15 +302,15 @@ def _store_map(S, b, s_sb, s_sq, total, w, offs_m, keep, start, H, Q0, K0, K_END
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
+def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE, QC, KC,
               s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
-              s_kib, s_kih, s_kin, s_vib, s_vih, s_vin, s_wb, s_wn, s_sb, s_sq,
+              s_kib, s_kih, s_kin, s_vib, s_vih, s_vin, s_wb, s_wn, s_sb, s_sq, s_qcb, s_kcb,
               sm_scale, ip_scale, H, N_Q, N_K, N_IP, Q0, Q1, K0, K1,
               HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, SU: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_IP: tl.constexpr, BLOCK_S: tl.constexpr,
               HAS_QF: tl.constexpr, HAS_KF: tl.constexpr, HAS_VF: tl.constexpr, HAS_W: tl.constexpr,
-              HAS_IP: tl.constexpr, IP_PER_ROW: tl.constexpr, STORE: tl.constexpr, KT1: tl.constexpr, KT2: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              HAS_IP: tl.constexpr, IP_PER_ROW: tl.constexpr, STORE: tl.constexpr, KT1: tl.constexpr,
+              KT2: tl.constexpr, HAS_CLS: tl.constexpr, DOT_PREC: tl.constexpr):
     # Grid: (query tiles, B * H); with STORE (query tiles, B) and the heads looped here.
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -317,6 +340,8 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
     KIb = KI + b * (s_kib * SU)
     VIb = VI + b * (s_vib * SU)
     Wb = W + b * s_wb
+    QCb = QC + b * s_qcb  # classes belong to the reading row b (its mask of the keys it reads)
+    KCb = KC + b * s_kcb
     if STORE and KT1 > 0:
         # Every key fits one tile (SD's 77-token prompt): the softmax is exact in one pass, so each
         # head's probabilities are summed in registers in a fixed head order as they are computed
@@ -344,9 +369,9 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
         # Phase 1: every head in turn, its output and its rows' log-sum-exp (a tiny scratch).
         for h in range(0, H):
             lse = _head(Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob, h * (s_oh * SU),
-                        Wb, KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), s_qn * SU, s_kn * SU, s_vn * SU,
-                        s_on * SU, s_wn, s_kin * SU, s_vin * SU, qk_scale, ip_s, pid_m, N_Q, N_K, N_IP,
-                        HEAD_DIM, D1, D2, BLOCK_M, BLOCK_N, BLOCK_IP, HAS_W, HAS_IP, DOT_PREC)
+                        Wb, KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), QCb, KCb, s_qn * SU, s_kn * SU,
+                        s_vn * SU, s_on * SU, s_wn, s_kin * SU, s_vin * SU, qk_scale, ip_s, pid_m, N_Q, N_K, N_IP,
+                        HEAD_DIM, D1, D2, BLOCK_M, BLOCK_N, BLOCK_IP, HAS_W, HAS_IP, False, DOT_PREC)
             tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=m_mask)
         tl.debug_barrier()  # the scratch rows were written by other threads of this program
         # Phase 2: per stored key tile, the exact probabilities exp2(s - lse) summed over the heads
@@ -383,14 +408,14 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE,
     else:
         h = (pid % H).to(tl.int64)
         _head(Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob, h * (s_oh * SU),
-              Wb, KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), s_qn * SU, s_kn * SU, s_vn * SU,
+              Wb, KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), QCb, KCb, s_qn * SU, s_kn * SU, s_vn * SU,
               s_on * SU, s_wn, s_kin * SU, s_vin * SU, qk_scale, ip_s, pid_m, N_Q, N_K, N_IP,
-              HEAD_DIM, D1, D2, BLOCK_M, BLOCK_N, BLOCK_IP, HAS_W, HAS_IP, DOT_PREC)
+              HEAD_DIM, D1, D2, BLOCK_M, BLOCK_N, BLOCK_IP, HAS_W, HAS_IP, HAS_CLS, DOT_PREC)
 
 
 _attn_fwd_tuned = triton.autotune(
     configs=configs.autotune_configs(),
-    key=["N_Q", "N_K", "N_IP", "H", "HEAD_DIM", "HAS_W", "HAS_IP", "STORE", "BLOCK_S", "KT1", "KT2"],
+    key=["N_Q", "N_K", "N_IP", "H", "HEAD_DIM", "HAS_W", "HAS_IP", "STORE", "BLOCK_S", "KT1", "KT2", "HAS_CLS"],
     prune_configs_by={"early_config_prune": configs.prune})(_attn_fwd)
 
 
@@ -407,7 +432,7 @@ def _unit_last(t):
 
 
 def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                store=None, ip=None, out=None, store_queries=None, store_keys=None):
+                store=None, ip=None, out=None, store_queries=None, store_keys=None, key_class=None, query_class=None):
     """(args, constexprs, out): the kernel's arguments for one call (also used by ``kernels.check``,
     which specialises them exactly as the JIT launcher would)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -432,6 +457,9 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
     two_phase = store is not None and not one[0]
     lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32) if two_phase else dummy  # phase 1 -> 2
     s_s = (store.stride(0), store.stride(1)) if store is not None else (0, 0)
+    qc = kc = dummy
+    if key_class is not None:  # int8 rows of classes, unit element stride (B·N bytes: a cheap copy if needed)
+        qc, kc = (t.to(torch.int8).contiguous() for t in (query_class, key_class))
     tensors = (q, k, v, out, ki, vi)
     strided = [s for t in tensors for s in t.stride()[:3]]
     su = 8 if all(s % 8 == 0 for s in strided) else 1  # every engine view: D and H·D are multiples of 8
@@ -439,7 +467,8 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
     args = (q, k, v, out,
             q_from if q_from is not None else dummy, k_from if k_from is not None else dummy,
             v_from if v_from is not None else dummy, w, ki, vi, ips_t, store if store is not None else dummy, lse,
-            *strides, *s_w, *s_s,
+            qc, kc, *strides, *s_w, *s_s, qc.stride(0) if key_class is not None else 0,
+            kc.stride(0) if key_class is not None else 0,
             D ** -0.5 if scale is None else float(scale), ip_scale, H, n_q, n_k, n_ip, q0, q1, k0, k1)
     d1, d2 = configs.split_head_dim(D)
     flags = dict(HEAD_DIM=D, D1=d1, D2=d2, SU=su,
@@ -447,13 +476,14 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
                  BLOCK_S=min(configs.STORE_TILE, max(16, triton.next_power_of_2(k1 - k0))) if store is not None else 16,
                  HAS_QF=q_from is not None, HAS_KF=k_from is not None, HAS_VF=v_from is not None,
                  HAS_W=token_weights is not None, HAS_IP=ip is not None, IP_PER_ROW=per_row,
-                 STORE=store is not None, KT1=one[0], KT2=one[1],
+                 STORE=store is not None, KT1=one[0], KT2=one[1], HAS_CLS=key_class is not None,
                  DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     return args, flags, out
 
 
 def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                     store=None, ip=None, out=None, config=None, store_rows=None, store_queries=None, store_keys=None):
+                     store=None, ip=None, out=None, config=None, store_rows=None, store_queries=None, store_keys=None,
+                     key_class=None, query_class=None):
     """Launch the Triton kernel.  Inputs must already be validated (see ``attention``).
     ``store_rows`` is accepted and ignored: the kernel stores every row's map in the same pass,
     and no row's output depends on whether its maps are stored."""
@@ -465,7 +495,8 @@ def attention_triton(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=No
         store = torch.empty(store.shape, dtype=store.dtype, device=store.device)  # the kernel writes rows of keys
     args, flags, res = launch_args(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
                                    token_weights=token_weights, store=store, ip=ip, out=out,
-                                   store_queries=store_queries, store_keys=store_keys)
+                                   store_queries=store_queries, store_keys=store_keys, key_class=key_class,
+                                   query_class=query_class)
     global LAST_FLAGS
     LAST_FLAGS = flags
     interpret = _interpreting()
@@ -509,7 +540,8 @@ LAST_FLAGS = None  # the last Triton launch's constexpr flags (tests and the ben
 
 
 def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-              store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None):
+              store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None,
+              key_class=None, query_class=None):
     """Attention over [B, H, N, D] tensors with injection, reweighting, map store and IP-Adapter.
 
     q: [B, H, Nq, D]; k, v: [B, H, Nk, D]; returns [B, H, Nq, D] in q's dtype (on CUDA a view of
@@ -520,12 +552,15 @@ def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, tok
     block of them (FLUX's image queries x text keys; store is then [B, nq, nk]); ``store_rows``
     ((start, stop), ...) says which rows' maps are wanted (None: all; the others may skip the
     explicit path).  ip: (k_img, v_img, scale) adds scale·softmax(q k_imgᵀ)v_img.
+    key_class [B, Nk] (0 / 1) and query_class [B, Nq] (-1 / 0 / 1), integer or bool: query i of
+    row b reads only the keys of its class (a class of -1, or one no key of the row has, reads
+    every key): MasaCtrl's mask-guided reads in one launch (not with store).
     ``out`` (internal): preallocated [B, H, Nq, D] output, any strides.
     Plain CUDA calls (no instruction) go to the backend measured fastest for the shape on this
     device (``kernels.dispatch``); calls with instructions always run our kernel.
     """
     global LAST_PATH
-    span = dict(store_queries=store_queries, store_keys=store_keys)
+    span = dict(store_queries=store_queries, store_keys=store_keys, key_class=key_class, query_class=query_class)
     check_inputs(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from,
                  token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)
     if needs_grad(q, k, v, token_weights, ip):  # the Triton kernel has no backward: the differentiable torch path
@@ -534,7 +569,7 @@ def attention(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, tok
                                token_weights=token_weights, store=store, ip=ip, out=out, store_rows=store_rows, **span)
     if q.is_cuda or _interpreting():
         plain = q_from is None and k_from is None and v_from is None and token_weights is None \
-            and store is None and ip is None
+            and store is None and ip is None and key_class is None
         backend = dispatch.backend(q, k) if plain and q.is_cuda else "ours"
         if backend != "ours":
             LAST_PATH = f"sdpa-{backend}"

@@ -3,7 +3,7 @@
     python -m kernels.check [--quick] [--all-configs] [-j N] [--json FILE]
 
 Every variant the engine launches (plain, inject, store -- one-pass "(1p)" or two-phase
-"(2p)" --, IP-Adapter, all at once; fp16 and bf16; head dims 40/64/80/128/160 at the
+"(2p)" --, IP-Adapter, all at once, MasaCtrl's masked reads; fp16 and bf16; head dims 40/64/80/128/160 at the
 SD1.5 / SDXL / FLUX shapes) is compiled with ``triton.compile`` for an A100 and an H100
 target, with the ptxas that ships with the installed triton.  Arguments are built by the
 launcher itself (``launch_args``) from tensors in the engine's layout (views of [B, N, H·D]
@@ -42,7 +42,7 @@ ARCHS = (80, 90)
 # D -> (model, B, H, Nq, Nk, text): the engine's shapes per head dim (text > 0: FLUX joint attention).
 SHAPES = {40: ("SD1.5", 2, 8, 4096, 77, 0), 64: ("SDXL", 2, 10, 4096, 77, 0), 80: ("SD1.5", 2, 8, 1024, 77, 0),
           128: ("FLUX", 1, 24, 4608, 4608, 512), 160: ("SD1.5", 2, 8, 256, 77, 0)}
-VARIANTS = ("plain", "inject", "store", "ip", "all")
+VARIANTS = ("plain", "inject", "store", "ip", "all", "masked")  # masked: MasaCtrl's mask-guided reads
 # (variant, D) that may spill: every flag at once at D = 160 (inject + weights + store + IP-Adapter)
 # spills 8 bytes (triton 3.9) / 16 bytes (3.6) on sm_80 in the best configuration found (64x16,
 # 8 warps, 1 stage, of 12 tried); sm_90 is clean.
@@ -57,6 +57,8 @@ def engine_inputs(D, dtype, variant):
     _, B, H, n_q, n_k, text = SHAPES[D]
     t = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype])
     proj = lambda n: torch.empty(B, n, H * D, dtype=t).view(B, n, H, D).transpose(1, 2)  # noqa: E731
+    if variant == "masked":
+        n_k = n_q  # self-attention
     q, k, v = proj(n_q), proj(n_k), proj(n_k)  # [B, H, N, D] views of [B, N, H·D]
     kw = {}
     if variant in ("inject", "all"):
@@ -69,6 +71,9 @@ def engine_inputs(D, dtype, variant):
             kw.update(store=torch.empty(B, n_q, n_k), token_weights=torch.empty(B, n_k))
     if variant in ("ip", "all"):
         kw["ip"] = (proj(16), proj(16), torch.empty(B))  # the "plus" adapter's 16 tokens, per-row scales
+    if variant == "masked":  # the edit row reads the source's keys / values, by foreground class
+        kw.update(k_from=torch.zeros(B, dtype=torch.int64), v_from=torch.zeros(B, dtype=torch.int64),
+                  key_class=torch.zeros(B, n_k, dtype=torch.int8), query_class=torch.zeros(B, n_q, dtype=torch.int8))
     return q, k, v, kw
 
 
@@ -76,7 +81,7 @@ def specialise(value):
     """(type, divisible by 16, constant) as Triton's JIT specialises a launch argument."""
     if isinstance(value, torch.Tensor):
         ty = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64",
-              torch.int32: "*i32"}[value.dtype]
+              torch.int32: "*i32", torch.int8: "*i8"}[value.dtype]
         return ty, value.data_ptr() % 16 == 0, None
     if isinstance(value, bool):
         return "i1", False, None

@@ -126,7 +126,7 @@ def variant(flags: dict) -> str:
         return "store"
     if flags.get("HAS_IP"):
         return "ip"
-    if flags.get("HAS_QF") or flags.get("HAS_KF") or flags.get("HAS_VF") or flags.get("HAS_W"):
+    if flags.get("HAS_QF") or flags.get("HAS_KF") or flags.get("HAS_VF") or flags.get("HAS_W") or flags.get("HAS_CLS"):
         return "inject"
     return "plain"
 

@@ -27,7 +27,8 @@ def store_span(n_q: int, n_k: int, store_queries=None, store_keys=None) -> tuple
 
 
 def check_inputs(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                 store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None):
+                 store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None,
+                 key_class=None, query_class=None):
     """Validate shapes/dtypes/devices; every message says what to change."""
     for name, span, n in (("store_queries", store_queries, q.shape[2] if q.dim() == 4 else 0),
                           ("store_keys", store_keys, k.shape[2] if k.dim() == 4 else 0)):
@@ -119,6 +120,21 @@ def check_inputs(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, 
                       f"got {s.dtype} {tuple(s.shape)} on {s.device}")
         elif not isinstance(s, (int, float)):
             _fail(f"ip scale must be a python float or a tensor [B], got {type(s).__name__}")
+    if (key_class is None) != (query_class is None):
+        _fail("key_class and query_class go together: give both ([B, Nk] and [B, Nq]) or neither")
+    if key_class is not None:
+        if store is not None:
+            _fail("key_class cannot be combined with store: classes restrict self-attention reads, maps are "
+                  "stored from cross-attention layers")
+        for name, t, n, low in (("key_class", key_class, n_k, 0), ("query_class", query_class, n_q, -1)):
+            if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex():
+                _fail(f"{name} must be an integer or bool tensor [B, N], got {getattr(t, 'dtype', type(t).__name__)}")
+            if t.shape != (B, n):
+                _fail(f"{name} must have shape [{B}, {n}], got {tuple(t.shape)}")
+            if t.device != q.device:
+                _fail(f"{name} is on {t.device} but q is on {q.device}; move it with .to(q.device)")
+            if t.device.type == "cpu" and t.numel() and (int(t.min()) < low or int(t.max()) > 1):
+                _fail(f"{name} values must be in [{low}, 1] (key classes 0 / 1; query class -1 reads every key)")
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
             _fail(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
@@ -139,11 +155,26 @@ def _rows(t, idx):
     return t if idx is None else t.index_select(0, idx.long())
 
 
-def _explicit(q, k, v, scale, token_weights, store, ip, dtype, span=None):
+def class_mask(key_class, query_class):
+    """[B, 1, Nq, Nk] bool: which keys each query reads. Query i of row b reads the keys j with
+    key_class[b, j] == query_class[b, i]; a query class of -1, or one no key of the row has,
+    reads every key (MasaCtrl's mask-guided reads: foreground queries read the foreground)."""
+    kc, qc = key_class.long(), query_class.long()
+    present = torch.stack([(kc == c).any(1) for c in (0, 1)], 1)  # [B, 2]
+    absent = (qc >= 0) & ~present.gather(1, qc.clamp_min(0))  # [B, Nq]
+    qc = torch.where(absent, -1, qc)
+    return ((kc[:, None, :] == qc[:, :, None]) | (qc[:, :, None] < 0))[:, None]  # [B, 1, Nq, Nk]
+
+
+def _explicit(q, k, v, scale, token_weights, store, ip, dtype, span=None, mask=None):
     """softmax(q kᵀ·scale)·w then @ v, in `dtype`; fills `store` with the head mean (of the block
-    ``span`` = (q0, q1, k0, k1) of the probabilities, all of them when None)."""
+    ``span`` = (q0, q1, k0, k1) of the probabilities, all of them when None). ``mask``
+    ([B, 1, Nq, Nk] bool, :func:`class_mask`) restricts each query's softmax to its keys."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p = torch.softmax((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale, dim=-1)  # [B, H, Nq, Nk]
+    s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, Nq, Nk]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)  # [B, H, Nq, Nk]
     if token_weights is not None:
         p = p * token_weights.to(dtype)[:, None, None, :]
     if store is not None:
@@ -159,7 +190,8 @@ def _explicit(q, k, v, scale, token_weights, store, ip, dtype, span=None):
 
 
 def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                    store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None):
+                    store=None, ip=None, out=None, store_rows=None, store_queries=None, store_keys=None,
+                    key_class=None, query_class=None):
     """Torch execution path (CPU); SDPA when no probabilities are needed explicitly.
 
     ``store_rows``: ((start, stop), ...), the only rows whose maps are wanted: the others take
@@ -177,8 +209,9 @@ def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=Non
             return out
         return o
     q, k, v = _rows(q, q_from), _rows(k, k_from), _rows(v, v_from)
+    mask = None if key_class is None else class_mask(key_class, query_class)  # [B, 1, Nq, Nk]
     if store is None and token_weights is None:
-        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         if ip is not None:
             ki, vi, s = ip
             oi = F.scaled_dot_product_attention(q, ki, vi, scale=scale)
@@ -186,7 +219,7 @@ def attention_torch(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=Non
             o = o + s * oi
     else:
         span = store_span(q.shape[2], k.shape[2], store_queries, store_keys)
-        o = _explicit(q, k, v, scale, token_weights, store, ip, torch.float32, span).to(q.dtype)
+        o = _explicit(q, k, v, scale, token_weights, store, ip, torch.float32, span, mask).to(q.dtype)
     if out is not None:
         out.copy_(o)
         return out
@@ -205,11 +238,13 @@ def _ip_rows(ip, s: int, e: int):
 
 
 def attention_reference(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, token_weights=None,
-                        store=None, ip=None, compute_dtype=torch.float64, store_queries=None, store_keys=None):
+                        store=None, ip=None, compute_dtype=torch.float64, store_queries=None, store_keys=None,
+                        key_class=None, query_class=None):
     """Ground truth: explicit math in `compute_dtype` (float64 by default), output in that dtype.
 
     ``store`` may be any floating dtype (the tests pass float64); it is filled by copy.
     """
     q, k, v = _rows(q, q_from), _rows(k, k_from), _rows(v, v_from)
     span = store_span(q.shape[2], k.shape[2], store_queries, store_keys)
-    return _explicit(q, k, v, scale, token_weights, store, ip, compute_dtype, span)
+    mask = None if key_class is None else class_mask(key_class, query_class)
+    return _explicit(q, k, v, scale, token_weights, store, ip, compute_dtype, span, mask)

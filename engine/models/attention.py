@@ -66,9 +66,9 @@ class CrossMix:
 @dataclass(frozen=True)
 class KeyMask:
     """Mask-guided mutual self-attention (MasaCtrl, Cao et al. 2023, Sec. 4.3): rows
-    [start, stop) read the keys/values their injection names (``k_from``/``v_from``) twice,
-    once restricted to the keys inside ``key_fg`` and once to those outside, and each query
-    takes the first where ``query_fg`` is 1, the second where it is 0. Masks are at the
+    [start, stop) read the keys/values their injection names (``k_from``/``v_from``); a query
+    where ``query_fg`` is 1 reads only the keys inside ``key_fg``, one where it is 0 only
+    those outside (the kernel's key / query classes, one call). Masks are at the
     latent's resolution, resized (nearest) to each layer's grid; the program may overwrite
     them in place between steps (the plan keeps the tensors, not copies)."""
 
@@ -197,27 +197,19 @@ def joint_attention(q, k, v, text: int, args: dict):
     return kernels.attention(q, k, v, **args)
 
 
-def masked_attention(q, k, v, masks, *, scale=None, q_from=None, k_from=None, v_from=None, **rest):
-    """Run :class:`KeyMask` s (one, or a tuple over row ranges): one ordinary call for every
-    row, then per masked range the foreground and background reads as kernel calls with
-    0/1 token weights, renormalised by the weights' probability mass (a third call on unit
-    values): softmax restricted to a key set S is Σ_{j∈S} p_j v_j / Σ_{j∈S} p_j. A range
-    with no foreground (or no background) keys keeps the ordinary read there."""
-    out = kernels.attention(q, k, v, scale=scale, q_from=q_from, k_from=k_from, v_from=v_from, **rest)  # [B, H, Nq, D]
+def masked_attention(q, k, v, masks, **args):
+    """Run :class:`KeyMask` s (one, or a tuple over row ranges) as one kernel call: the masks become
+    the kernel's key / query classes (1 = foreground), so a foreground query's softmax covers only
+    the foreground keys it reads and a background query's only the background ones (as MasaCtrl's
+    masked fill); rows outside every range, and a class with no key in the row, read every key."""
+    B, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
+    key_class = torch.zeros(B, n_k, dtype=torch.int8, device=q.device)  # [B, Nk]
+    query_class = torch.full((B, n_q), -1, dtype=torch.int8, device=q.device)  # [B, Nq]: -1 reads every key
     for m in masks if isinstance(masks, tuple) else (masks,):
         s, e = m.rows
-        pick = lambda t, idx: t[s:e] if idx is None else t.index_select(0, idx[s:e])  # noqa: E731
-        qs, ks, vs = pick(q, q_from), pick(k, k_from), pick(v, v_from)  # [n, H, N, D]
-        kf = _resized(m.key_fg, ks.shape[2]).to(torch.float32)  # [n, Nk]
-        qf = _resized(m.query_fg, qs.shape[2])[:, None, :, None].to(torch.float32)  # [n, 1, Nq, 1]
-        num_fg = kernels.attention(qs, ks, vs, scale=scale, token_weights=kf).float()  # Σ_fg p v
-        num_bg = kernels.attention(qs, ks, vs, scale=scale, token_weights=1 - kf).float()  # Σ_bg p v
-        z = kernels.attention(qs, ks, torch.ones_like(vs), scale=scale, token_weights=kf).float()  # Σ_fg p
-        full = out[s:e].float()
-        fg = torch.where(z > 1e-6, num_fg / z.clamp_min(1e-6), full)
-        bg = torch.where(z < 1 - 1e-6, num_bg / (1 - z).clamp_min(1e-6), full)
-        out[s:e] = (fg * qf + bg * (1 - qf)).to(out.dtype)
-    return out
+        key_class[s:e] = _resized(m.key_fg, n_k) > 0.5
+        query_class[s:e] = _resized(m.query_fg, n_q) > 0.5
+    return kernels.attention(q, k, v, key_class=key_class, query_class=query_class, **args)
 
 
 def _resized(mask, n: int):

@@ -108,7 +108,8 @@ from benchmarks import attention as bench
 bench.DEVICE = "cpu"
 bench.time_it = lambda fn, rep, graphs: (1.0, None, None)  # do_bench needs CUDA; the checks before it do not
 rows = []
-for shape in [("sd-cross", 2, 2, 40, 77, 40, 0), ("flux-joint", 1, 2, 48, 48, 64, 12)]:
+for shape in [("sd-cross", 2, 2, 40, 77, 40, 0), ("sd-self", 2, 2, 64, 64, 40, 0),
+              ("flux-joint", 1, 2, 48, 48, 64, 12)]:
     rows += bench.bench_shape(*shape, torch.float16, 10, False)
 print(json.dumps(rows))
 """
@@ -129,8 +130,10 @@ def test_variants_are_checked_before_timing_interpreter():
         for impl in ("dispatch", "ours", "inject-p2p", "inject-masactrl", "store"):
             assert status[(shape, impl)] == "ok", (shape, impl, rows)
     assert status[("sd-cross", "ip")] == "ok" and status[("sd-cross", "store-2p")] == "ok"  # both store paths
+    assert status[("sd-self", "inject-masactrl-mask")] == "ok"  # checked against the float64 class read
     # the path each store row's launches took (the kernel's flags), forced per row
     paths = {(r["shape"], r["impl"]): r.get("store_path") for r in rows if r["impl"].startswith("store")}
     assert paths == {("sd-cross", "store"): "one-pass", ("sd-cross", "store-2p"): "two-phase",
+                     ("sd-self", "store"): "one-pass", ("sd-self", "store-2p"): "two-phase",
                      ("flux-joint", "store"): "one-pass"}  # 48 keys here (4608 in FLUX: two-phase)
     assert all(s in ("ok", "unavailable") for s in status.values()), rows  # nothing FAILED

@@ -47,7 +47,7 @@ def torch_path(monkeypatch):
 
 
 def make(B=3, H=2, Nq=70, Nk=77, D=40, dtype=torch.float32, seed=0, *, inject="", weights=False, store=False,
-         ip=None, Nip=4, store_dtype=torch.float32):
+         ip=None, Nip=4, store_dtype=torch.float32, classes=False):
     """Random inputs plus the kwargs for one feature combination; `inject` is a subset of "qkv"."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
@@ -63,6 +63,10 @@ def make(B=3, H=2, Nq=70, Nk=77, D=40, dtype=torch.float32, seed=0, *, inject=""
     if ip is not None:
         scale = torch.rand(B, generator=g) if ip == "tensor" else 0.6
         kw["ip"] = (r(B, H, Nip, D), r(B, H, Nip, D), scale)
+    if classes:  # MasaCtrl-like masks; row 0's keys are all background (its foreground queries read all)
+        kw["key_class"] = (torch.rand(B, Nk, generator=g) > 0.6).to(torch.int8)
+        kw["key_class"][0] = 0
+        kw["query_class"] = torch.randint(-1, 2, (B, Nq), generator=g)
     return q, k, v, kw
 
 
@@ -92,6 +96,8 @@ FEATURES = {
     "ip": dict(ip="float"),
     "ip_per_row": dict(ip="tensor"),
     "all": dict(inject="qkv", weights=True, store=True, ip="tensor"),
+    "classes": dict(classes=True),
+    "masked": dict(inject="kv", weights=True, ip="tensor", classes=True),  # everything but store
 }
 
 
@@ -213,6 +219,41 @@ def test_one_pass_store_rule():
     assert configs.one_tile(77, 80) == (0, 0) and configs.one_tile(77, 160) == (0, 0)  # SD1.5's wider heads
     assert configs.one_tile(154, 40) == (0, 0) and configs.one_tile(512, 128) == (0, 0)
     assert configs.one_tile(77, 40, ip=True) == (0, 0)
+
+
+def _class_read_by_loop(q, k, v, key_class, query_class):
+    """Float64, one query at a time: the softmax over the keys of the query's class (all keys for
+    class -1 or for a class the row's keys lack): the semantics written out independently."""
+    B, H, n_q, D = q.shape
+    out = torch.zeros(B, H, n_q, D, dtype=torch.float64)
+    for b in range(B):
+        for i in range(n_q):
+            c = int(query_class[b, i])
+            keys = (key_class[b] == c).nonzero().flatten() if c >= 0 else torch.arange(k.shape[2])
+            keys = keys if len(keys) else torch.arange(k.shape[2])
+            s = q[b, :, i, None].double() @ k[b][:, keys].double().transpose(-1, -2) * D ** -0.5  # [H, 1, n]
+            out[b, :, i] = (torch.softmax(s, -1) @ v[b][:, keys].double())[:, 0]
+    return out
+
+
+def test_class_semantics_written_out(torch_path):
+    q, k, v, kw = make(B=3, Nq=20, Nk=30, D=32, classes=True)
+    want = _class_read_by_loop(q, k, v, kw["key_class"], kw["query_class"])
+    torch.testing.assert_close(kernels.attention_reference(q, k, v, **kw), want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(kernels.attention(q, k, v, **kw).double(), want, **TOL[torch.float32])
+
+
+def test_interp_classes_with_no_key_of_the_class_in_early_tiles(interp):
+    # Class-1 keys only in the last key tile (64-wide tiles in the interpreter): class-1 queries
+    # meet only -inf scores in the first tiles, which must not turn into NaN.
+    q, k, v, kw = make(B=2, Nq=50, Nk=200, D=64, classes=True, inject="kv")
+    kw["key_class"][:] = 0
+    kw["key_class"][:, 190:] = 1
+    kw["query_class"][:, :25] = 1
+    want = _class_read_by_loop(q, k.index_select(0, kw["k_from"]), v.index_select(0, kw["v_from"]),
+                               kw["key_class"], kw["query_class"])
+    got = check(q, k, v, kw, path="triton")
+    torch.testing.assert_close(got.double(), want, **TOL[torch.float32])
 
 
 def test_interp_store_bit_identical(interp):
@@ -373,6 +414,12 @@ def test_errors(torch_path):
     _err("ip k_img has shape", ip=(torch.zeros(2, 2, 4, 32), torch.zeros(2, 2, 4, 32), 1.0))
     _err("ip scale tensor", ip=(torch.zeros(2, 2, 4, 64), torch.zeros(2, 2, 4, 64), torch.ones(3)))
     _err("out must be", out=torch.empty(2, 2, 8, 32))
+    kc, qc = torch.zeros(2, 8, dtype=torch.int8), torch.zeros(2, 8, dtype=torch.int8)
+    _err("go together", key_class=kc)
+    _err("cannot be combined with store", key_class=kc, query_class=qc, store=torch.zeros(2, 8, 8))
+    _err("integer or bool", key_class=kc.float(), query_class=qc)
+    _err("query_class must have shape \\[2, 8\\]", key_class=kc, query_class=torch.zeros(2, 9, dtype=torch.int8))
+    _err("values must be in \\[0, 1\\]", key_class=kc - 1, query_class=qc)
     if torch.cuda.is_available():
         _err("move all tensors", k=torch.randn(2, 2, 8, 64, device="cuda"))
 
@@ -384,7 +431,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", [40, 64, 80, 128, 160])
-@pytest.mark.parametrize("feature", ["plain", "all"])
+@pytest.mark.parametrize("feature", ["plain", "all", "masked"])
 def test_cuda_kernel(torch_path, feature, D, dtype):
     # bf16 is only checked here: the Triton 3.9 interpreter's tl.dot returns garbage for bf16.
     q, k, v, kw = make(B=3, Nq=300, Nk=77, D=D, dtype=dtype, **FEATURES[feature])
