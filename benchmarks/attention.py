@@ -84,8 +84,8 @@ def variants(B, H, n_q, n_k, D, text, dtype, g):
     src = torch.arange(B2, device=DEVICE) // 2 * 2  # row 2i+1 (edit) reads row 2i (source)
     out["inject-p2p"] = dict(q_from=src, k_from=src)
     out["inject-masactrl"] = dict(k_from=src, v_from=src)
-    if n_k == n_q and not text:  # mask-guided MasaCtrl: edit rows read the source's foreground by class
-        side = math.isqrt(n_q)
+    side = math.isqrt(n_q)
+    if n_k == n_q and not text and side * side == n_q:  # mask-guided MasaCtrl: edit rows read by class
         yy, xx = torch.meshgrid(torch.arange(side, device=DEVICE), torch.arange(side, device=DEVICE), indexing="ij")
         fg = ((yy - side / 2).abs() < side * 0.3) & ((xx - side / 2).abs() < side * 0.3)  # a centred object
         key_class = torch.zeros(B2, n_k, dtype=torch.int8, device=DEVICE)

@@ -116,10 +116,12 @@ def _stream(acc1, acc2, l_i, m_i, q1, q2, Kh, Vh, Wb, s_kn, s_vn, s_wn, qk_scale
             kc = tl.load(KCb + offs_n, mask=n_mask, other=-2).to(tl.int32)  # [BN]
             qk = tl.where((qc[:, None] < 0) | (kc[None, :] == qc[:, None]), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if HAS_CLS:  # a query may have met none of its keys yet: keep exp2(-inf - -inf) from NaN
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score (log2 units)
-        alpha = tl.math.exp2(m_i - m_new)
+        m_use = m_new
+        if HAS_CLS:  # a query may have met none of its keys yet: exp2(-inf - -inf) would be NaN.
+            # Only the exponents use 0 then; the running max stays -inf, so it never floors later tiles.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])  # one FMA per score (log2 units)
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)  # denominator uses unweighted p
         if HAS_W:
             w = tl.load(Wb + offs_n * s_wn, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
@@ -154,7 +156,8 @@ def _query_classes(QCb, KCb, offs_m, m_mask, N_K, BLOCK_K: tl.constexpr):
         kc = tl.load(KCb + offs, mask=offs < N_K, other=-1).to(tl.int32)
         has0 = tl.maximum(has0, tl.max((kc == 0).to(tl.int32), 0))
         has1 = tl.maximum(has1, tl.max((kc == 1).to(tl.int32), 0))
-    return tl.where(((qc == 0) & (has0 == 0)) | ((qc == 1) & (has1 == 0)), -1, qc)
+    # only a class the row has keeps its value: -1, absent classes and invalid values read every key
+    return tl.where(((qc == 0) & (has0 > 0)) | ((qc == 1) & (has1 > 0)), qc, -1)
 
 
 @triton.jit
@@ -458,6 +461,7 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
     lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32) if two_phase else dummy  # phase 1 -> 2
     s_s = (store.stride(0), store.stride(1)) if store is not None else (0, 0)
     qc = kc = dummy
+    assert store is None or key_class is None, "kernels.attention: key_class cannot be combined with store"
     if key_class is not None:  # int8 rows of classes, unit element stride (B·N bytes: a cheap copy if needed)
         qc, kc = (t.to(torch.int8).contiguous() for t in (query_class, key_class))
     tensors = (q, k, v, out, ki, vi)

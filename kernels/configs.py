@@ -90,7 +90,8 @@ def prune(configs, named_args, **kwargs):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if width > 128 and (bm > 64 or c.num_warps < 8):  # [64, 160] fp32 accumulators need 8 warps
             continue
-        if bm > 64 and (n_q <= 64 or store):  # small Nq: more programs win; store keeps a [BM, BS] sum
+        if bm > 64 and (n_q <= 64 or store or (kwargs.get("HAS_CLS") and width >= 128)):
+            # small Nq: more programs win; store keeps a [BM, BS] sum; classes at D >= 128 spill
             continue
         if bn > n_k and bn > 32:  # Nk = 77 gets 32- and 64-wide key tiles, never 128
             continue
@@ -98,8 +99,8 @@ def prune(configs, named_args, **kwargs):
     return keep or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)]
 
 
-def heuristic(n_q: int, n_k: int, width: int, *, store=False, ip=False, one_pass=False, interpret=False,
-              elem_bytes=2) -> dict:
+def heuristic(n_q: int, n_k: int, width: int, *, store=False, ip=False, one_pass=False, classes=False,
+              interpret=False, elem_bytes=2) -> dict:
     """Block sizes without a measurement (``width`` = D1 + D2). Every choice compiles without
     spills for sm_80 and sm_90 (``python -m kernels.check``; the sweep behind them is in the README)."""
     if interpret:  # big numpy tiles are what makes the interpreter bearable
@@ -112,7 +113,9 @@ def heuristic(n_q: int, n_k: int, width: int, *, store=False, ip=False, one_pass
         if width <= 96:
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
         return dict(BLOCK_M=64, BLOCK_N=16 if ip and width > 128 else 32, num_warps=8, num_stages=1)
-    if width > 128 or (ip and width >= 128):  # 8 warps keep [64, 160] fp32 accumulators (x2 with IP) in registers
+    if classes and width > 128:  # the class compare tiles beside [64, 160] accumulators: narrower key tiles
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    if width > 128 or ((ip or classes) and width >= 128):  # 8 warps keep [64, 160] fp32 accumulators in registers
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     bn = 32 if n_k < 64 or width == 48 else 64  # D = 40 carries two accumulators (32 + 16): narrower key tiles
     if n_q <= 64:
@@ -145,7 +148,7 @@ def default_config(q, n_k: int, flags: dict, interpret=False) -> dict:
 def heuristic_for(n_q: int, n_k: int, flags: dict, **kw) -> dict:
     """:func:`heuristic` for a launch's constexpr flags."""
     return heuristic(n_q, n_k, flags["D1"] + flags["D2"], store=flags["STORE"], ip=flags["HAS_IP"],
-                     one_pass=flags.get("KT1", 0) > 0, **kw)
+                     one_pass=flags.get("KT1", 0) > 0, classes=flags.get("HAS_CLS", False), **kw)
 
 
 # ------------------------------------------------------------------ the measured table

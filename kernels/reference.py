@@ -160,9 +160,9 @@ def class_mask(key_class, query_class):
     key_class[b, j] == query_class[b, i]; a query class of -1, or one no key of the row has,
     reads every key (MasaCtrl's mask-guided reads: foreground queries read the foreground)."""
     kc, qc = key_class.long(), query_class.long()
-    present = torch.stack([(kc == c).any(1) for c in (0, 1)], 1)  # [B, 2]
-    absent = (qc >= 0) & ~present.gather(1, qc.clamp_min(0))  # [B, Nq]
-    qc = torch.where(absent, -1, qc)
+    has0, has1 = (kc == 0).any(1, keepdim=True), (kc == 1).any(1, keepdim=True)  # [B, 1]
+    keep = ((qc == 0) & has0) | ((qc == 1) & has1)  # [B, Nq]: other values read every key (no device assert)
+    qc = torch.where(keep, qc, -1)
     return ((kc[:, None, :] == qc[:, :, None]) | (qc[:, :, None] < 0))[:, None]  # [B, 1, Nq, Nk]
 
 

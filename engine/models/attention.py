@@ -93,7 +93,7 @@ class AttentionPlan:
     ``features`` maps a :class:`~engine.models.features.FeatureSite` index to rows [B]:
     row b takes the features of row ``rows[b]`` there (Plug-and-Play's ResNet features).
     ``key_masks`` maps a self-attention layer index to a :class:`KeyMask` (mask-guided
-    MasaCtrl): that layer runs the composite instead of one kernel call.
+    MasaCtrl): that layer's call carries the masks as the kernel's key / query classes.
     """
 
     self_inject: dict | None = None
@@ -201,7 +201,9 @@ def masked_attention(q, k, v, masks, **args):
     """Run :class:`KeyMask` s (one, or a tuple over row ranges) as one kernel call: the masks become
     the kernel's key / query classes (1 = foreground), so a foreground query's softmax covers only
     the foreground keys it reads and a background query's only the background ones (as MasaCtrl's
-    masked fill); rows outside every range, and a class with no key in the row, read every key."""
+    masked fill). Rows outside every range read every key; so does a class with no key in the
+    row (a foreground that nearest downsampling erased), where the official fill of every score
+    with the dtype's minimum would average v uniformly instead."""
     B, n_q, n_k = q.shape[0], q.shape[2], k.shape[2]
     key_class = torch.zeros(B, n_k, dtype=torch.int8, device=q.device)  # [B, Nk]
     query_class = torch.full((B, n_q), -1, dtype=torch.int8, device=q.device)  # [B, Nq]: -1 reads every key

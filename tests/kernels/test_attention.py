@@ -243,6 +243,31 @@ def test_class_semantics_written_out(torch_path):
     torch.testing.assert_close(kernels.attention(q, k, v, **kw).double(), want, **TOL[torch.float32])
 
 
+def _late_class_keys(dtype, s, Nk=256, D=64, device="cpu"):
+    """Queries of class 1 whose only class-1 keys are the last 64, all scoring about -s: the running
+    max must start at their tile (a max floored at 0 would underflow them: wrong fp16, NaN fp32)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.ones(2, 2, 40, D)  # |q|^2 = D
+    k = torch.randn(2, 2, Nk, D, generator=g)
+    k[:, :, -64:] = -s / (D * D ** -0.5) + 0.05 * torch.randn(2, 2, 64, D, generator=g)  # scores ~ -s
+    v = torch.randn(2, 2, Nk, D, generator=g)
+    key_class = torch.zeros(2, Nk, dtype=torch.int8)
+    key_class[:, -64:] = 1
+    query_class = torch.ones(2, 40, dtype=torch.int8)
+    want = _class_read_by_loop(q.to(dtype), k.to(dtype), v.to(dtype), key_class, query_class)
+    to = lambda t: t.to(device)  # noqa: E731
+    return (to(q.to(dtype)), to(k.to(dtype)), to(v.to(dtype)), dict(key_class=to(key_class),
+                                                                     query_class=to(query_class)), want)
+
+
+@pytest.mark.parametrize("dtype,s", [(torch.float16, 20.0), (torch.float32, 120.0)], ids=["fp16", "fp32"])
+def test_interp_classes_whose_keys_come_late_and_score_low(interp, dtype, s):
+    q, k, v, kw, want = _late_class_keys(dtype, s)
+    got = kernels.attention(q, k, v, **kw)
+    assert KA.LAST_PATH == "triton" and not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
+
+
 def test_interp_classes_with_no_key_of_the_class_in_early_tiles(interp):
     # Class-1 keys only in the last key tile (64-wide tiles in the interpreter): class-1 queries
     # meet only -inf scores in the first tiles, which must not turn into NaN.
@@ -445,6 +470,16 @@ def test_cuda_kernel(torch_path, feature, D, dtype):
     torch.testing.assert_close(got.double().cpu(), ref, **TOL[dtype])
     if ref_store is not None:
         torch.testing.assert_close(kw["store"].double().cpu(), ref_store, atol=1e-3, rtol=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("dtype,s", [(torch.float16, 20.0), (torch.bfloat16, 20.0), (torch.float32, 120.0)],
+                         ids=["fp16", "bf16", "fp32"])
+def test_cuda_classes_whose_keys_come_late(torch_path, dtype, s):
+    q, k, v, kw, want = _late_class_keys(dtype, s, device="cuda")
+    got = kernels.attention(q, k, v, **kw)
+    assert KA.LAST_PATH == "triton"
+    torch.testing.assert_close(got.double().cpu(), want, **TOL[dtype])
 
 
 @cuda
