@@ -117,7 +117,8 @@ def heuristic(n_q: int, n_k: int, width: int, *, store=False, ip=False, one_pass
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
     if width > 128 or ((ip or classes) and width >= 128):  # 8 warps keep [64, 160] fp32 accumulators in registers
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    bn = 32 if n_k < 64 or width == 48 else 64  # D = 40 carries two accumulators (32 + 16): narrower key tiles
+    # D = 40 carries two accumulators (32 + 16): narrower key tiles; so do split dims with classes (D = 80)
+    bn = 32 if n_k < 64 or width == 48 or (classes and width & (width - 1)) else 64
     if n_q <= 64:
         return dict(BLOCK_M=64, BLOCK_N=bn, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=bn, num_warps=8, num_stages=3)
