@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from kernels import configs  # noqa: E402
 
 # name, B, H, Nq, Nk, D, text (FLUX joint attention: its first `text` keys are the prompt's)
 SHAPES = [
@@ -79,6 +78,7 @@ def engine_qkv(B, H, n_q, n_k, D, dtype, g):
 
 def variants(B, H, n_q, n_k, D, text, dtype, g):
     """name -> kwargs of kernels.attention; rows come in [src, edit] pairs for the injections."""
+    from kernels import configs
     B2 = max(B, 4) if B % 2 else B  # pairs need an even batch
     out = {"ours": {}}
     src = torch.arange(B2, device=DEVICE) // 2 * 2  # row 2i+1 (edit) reads row 2i (source)
@@ -168,6 +168,7 @@ def time_it(fn, rep, graphs):
 
 def _store_path(path, fn):
     """Run ``fn`` with the store path forced ("one-pass" where it applies, or "two-phase")."""
+    from kernels import configs
     saved, configs.STORE_PATH = configs.STORE_PATH, path
     try:
         return fn()
@@ -240,6 +241,9 @@ def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
     return rows
 
 
+TABLE_VARIANT = {"ours": "plain", "inject-masactrl-mask": "masked"}
+
+
 def build_table(rows, device, meta):
     """The launch table: per (dtype, D, shape) the fastest correct plain backend, and our block sizes."""
     entries = []
@@ -259,7 +263,7 @@ def build_table(rows, device, meta):
             if r["impl"].startswith("store"):
                 if r is not min(stores, key=lambda s: s["median_ms"]):
                     continue  # the faster store path (one-pass / two-phase) and its block sizes
-            variant = "plain" if r["impl"] == "ours" else r["variant"].split("-")[0]
+            variant = TABLE_VARIANT.get(r["impl"], r["variant"].split("-")[0])  # as configs.variant names them
             if any(e["variant"] == variant and (e["dtype"], e["D"], e["n_q"], e["n_k"]) == (dtype, D, n_q, n_k)
                    for e in entries):
                 continue  # inject-p2p and inject-masactrl share the "inject" entry (first wins)

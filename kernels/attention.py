@@ -9,7 +9,10 @@ the accumulator, so no Nq×Nk matrix ever exists in memory.  On top of that:
 * inject   -- row b reads q/k/v of rows ``q_from[b]``/``k_from[b]``/``v_from[b]``
               by offsetting the batch pointer with the loaded index (no copies);
 * reweight -- probabilities are multiplied by ``token_weights[b]`` before they
-              meet v; the softmax denominator stays unweighted (no renormalising);
+              meet v (the one-pass store scales v's rows instead: p·w @ v = p @ (w·v));
+              the softmax denominator stays unweighted (no renormalising);
+* classes  -- ``key_class[b]`` / ``query_class[b]``: a query reads only the keys of its
+              class (MasaCtrl's mask-guided reads; -1 or an absent class reads every key);
 * ip       -- a second online-softmax accumulator over IP-Adapter image keys,
               added as ``ip_scale · softmax(q k_imgᵀ) v_img`` in the same pass;
 * store    -- in the same launch, with one program per (row, query tile) running every head
@@ -186,6 +189,7 @@ def _finish(acc1, acc2, l_i, q1, q2, KIh, VIh, Ob, ho, s_on, s_kin, s_vin, qk_sc
         i2 = tl.zeros_like(acc2)
         l2 = tl.zeros([BLOCK_M], tl.float32)
         m2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        # no weights and no classes on image keys: KIh / m_mask only fill those unused slots
         i1, i2, l2, m2 = _stream(i1, i2, l2, m2, q1, q2, KIh, VIh, KIh, s_kin, s_vin, 0, qk_scale, 0, N_IP,
                                  m_mask, KIh, HEAD_DIM, D1, D2, BLOCK_IP, False, True, False, DOT_PREC)
         out1 += (ip_s / l2)[:, None] * i1
@@ -361,7 +365,7 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE, QC, KC,
                 total1, total2, w1, w2, Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob,
                 h * (s_oh * SU), KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), s_qn * SU, s_kn * SU, s_vn * SU,
                 s_on * SU, s_kin * SU, s_vin * SU, qk_scale, ip_s, offs_m, m_mask, N_K, N_IP,
-                HEAD_DIM, D1, D2, BLOCK_M, KT1, KT2, BLOCK_IP, HAS_W, HAS_IP, DOT_PREC)
+                HEAD_DIM, D1, D2, BLOCK_M, KT1, KT2, BLOCK_IP, HAS_W, False, DOT_PREC)  # one_tile admits no IP
         keep = (offs_m >= Q0) & (offs_m < Q1)
         _store_map(S, b, s_sb, s_sq, total1, w1, offs_m, keep, 0, H, Q0, K0, K1, KT1, HAS_W)
         if KT2 > 0:
@@ -463,7 +467,8 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
     qc = kc = dummy
     assert store is None or key_class is None, "kernels.attention: key_class cannot be combined with store"
     if key_class is not None:  # int8 rows of classes, unit element stride (B·N bytes: a cheap copy if needed)
-        qc, kc = (t.to(torch.int8).contiguous() for t in (query_class, key_class))
+        # clamped first so out-of-range values stay invalid (read every key) instead of wrapping
+        qc, kc = (t.clamp(-2, 2).to(torch.int8).contiguous() for t in (query_class, key_class))
     tensors = (q, k, v, out, ki, vi)
     strided = [s for t in tensors for s in t.stride()[:3]]
     su = 8 if all(s % 8 == 0 for s in strided) else 1  # every engine view: D and H·D are multiples of 8

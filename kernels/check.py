@@ -42,7 +42,8 @@ ARCHS = (80, 90)
 # D -> (model, B, H, Nq, Nk, text): the engine's shapes per head dim (text > 0: FLUX joint attention).
 SHAPES = {40: ("SD1.5", 2, 8, 4096, 77, 0), 64: ("SDXL", 2, 10, 4096, 77, 0), 80: ("SD1.5", 2, 8, 1024, 77, 0),
           128: ("FLUX", 1, 24, 4608, 4608, 512), 160: ("SD1.5", 2, 8, 256, 77, 0)}
-VARIANTS = ("plain", "inject", "store", "ip", "all", "masked")  # masked: MasaCtrl's mask-guided reads
+# store-2p: the two-phase store where the one-pass one is the default; masked: MasaCtrl's mask-guided reads
+VARIANTS = ("plain", "inject", "store", "store-2p", "ip", "all", "masked")
 # (variant, D) that may spill: every flag at once at D = 160 (inject + weights + store + IP-Adapter)
 # spills 8 bytes (triton 3.9) / 16 bytes (3.6) on sm_80 in the best configuration found (64x16,
 # 8 warps, 1 stage, of 12 tried); sm_90 is clean.
@@ -64,7 +65,7 @@ def engine_inputs(D, dtype, variant):
     if variant in ("inject", "all"):
         kw.update(q_from=torch.zeros(B, dtype=torch.int64), k_from=torch.zeros(B, dtype=torch.int64),
                   v_from=torch.zeros(B, dtype=torch.int64))
-    if variant in ("store", "all"):
+    if variant in ("store", "store-2p", "all"):
         if text:  # FLUX: image queries x text keys of the joint attention
             kw.update(store=torch.empty(B, n_q - text, text), store_queries=(text, n_q), store_keys=(0, text))
         else:
@@ -100,6 +101,8 @@ def jobs(quick=False, all_configs=False):
         for dtype in (("fp16",) if quick else ("fp16", "bf16")):
             variants = VARIANTS if dtype == "fp16" and not quick else ("plain", "store", "all")
             for variant in variants:
+                if variant == "store-2p" and not configs.one_tile(SHAPES[D][4], D)[0]:
+                    continue  # the store is two-phase there anyway
                 cfgs = [None]
                 if all_configs and variant == "plain":
                     cfgs += [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -111,7 +114,12 @@ def jobs(quick=False, all_configs=False):
 def build(variant, dtype, D, cfg):
     """(signature, constexprs, attrs, config) of the launch the engine would make."""
     q, k, v, kw = engine_inputs(D, dtype, variant)
-    args, flags, _ = KA.launch_args(q, k, v, **kw)
+    saved = configs.STORE_PATH
+    configs.STORE_PATH = "two-phase" if variant == "store-2p" else "auto"
+    try:
+        args, flags, _ = KA.launch_args(q, k, v, **kw)
+    finally:
+        configs.STORE_PATH = saved
     if cfg is None:
         cfg = configs.heuristic_for(q.shape[2], k.shape[2], flags)
     fn = KA._attn_fwd
@@ -164,7 +172,7 @@ def compile_one(job):
     sig, consts, attrs, cfg = build(variant, dtype, D, cfg)
     d1, d2 = consts["D1"], consts["D2"]
     store = "(1p)" if consts["KT1"] else "(2p)" if consts["STORE"] else ""  # one-pass / two-phase store
-    row = dict(kernel=f"fwd/{variant}{store}", dtype=dtype, D=f"{D}={d1}+{d2}" if d2 else str(D),
+    row = dict(kernel=f"fwd/{variant.split('-')[0]}{store}", dtype=dtype, D=f"{D}={d1}+{d2}" if d2 else str(D),
                blocks=f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}",
                arch=f"sm_{arch}", triton=triton.__version__)
     t0 = time.time()

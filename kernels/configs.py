@@ -29,6 +29,7 @@ ONE_PASS_WIDTH = 64
 # "auto": the rule below, unless this GPU's table measured the two-phase store faster at the shape;
 # "one-pass" / "two-phase": forced (the benchmark times both; OVERPAINT_STORE_PATH for users).
 STORE_PATH = os.environ.get("OVERPAINT_STORE_PATH", "auto")
+STORE_PATHS = ("auto", "one-pass", "two-phase")
 
 
 def one_tile(n_k: int, head_dim: int, ip: bool = False) -> tuple[int, int]:
@@ -45,6 +46,8 @@ def store_pieces(q, n_k: int, ip: bool = False) -> tuple[int, int]:
     """The store path a launch takes: :func:`one_tile`'s pieces, or (0, 0) for two phases when
     forced (STORE_PATH) or when this GPU's table compared both paths at a shape where one pass
     applies and found two phases faster."""
+    if STORE_PATH not in STORE_PATHS:
+        raise ValueError(f"OVERPAINT_STORE_PATH={STORE_PATH!r}: use one of {', '.join(STORE_PATHS)}")
     if STORE_PATH == "two-phase":
         return 0, 0
     pieces = one_tile(n_k, q.shape[-1], ip)
@@ -130,7 +133,9 @@ def variant(flags: dict) -> str:
         return "store"
     if flags.get("HAS_IP"):
         return "ip"
-    if flags.get("HAS_QF") or flags.get("HAS_KF") or flags.get("HAS_VF") or flags.get("HAS_W") or flags.get("HAS_CLS"):
+    if flags.get("HAS_CLS"):
+        return "masked"
+    if flags.get("HAS_QF") or flags.get("HAS_KF") or flags.get("HAS_VF") or flags.get("HAS_W"):
         return "inject"
     return "plain"
 

@@ -182,10 +182,10 @@ def _explicit(q, k, v, scale, token_weights, store, ip, dtype, span=None, mask=N
         store.copy_(p[:, :, q0:q1, k0:k1].mean(dim=1))
     o = p @ v.to(dtype)  # [B, H, Nq, D]
     if ip is not None:
-        ki, vi, s = ip
+        ki, vi, ip_s = ip
         pi = torch.softmax((q.to(dtype) @ ki.to(dtype).transpose(-1, -2)) * scale, dim=-1)
-        s = s.to(dtype)[:, None, None, None] if isinstance(s, torch.Tensor) else s
-        o = o + s * (pi @ vi.to(dtype))
+        ip_s = ip_s.to(dtype)[:, None, None, None] if isinstance(ip_s, torch.Tensor) else ip_s
+        o = o + ip_s * (pi @ vi.to(dtype))
     return o
 
 

@@ -99,6 +99,7 @@ FEATURES = {
     "classes": dict(classes=True),
     "masked": dict(inject="kv", weights=True, ip="tensor", classes=True),  # everything but store
 }
+CUDA_FEATURES = {**FEATURES, "store_w": dict(inject="qk", weights=True, store=True)}  # + P2P's cross-attention
 
 
 # ------------------------------------------------------------------ Triton kernel, interpreter
@@ -180,13 +181,12 @@ def test_interp_store_key_range_inside_long_keys(interp):
     # A stored key block in the middle of 600 keys (the other keys stream first), a query block,
     # weights and mixed injection: the single launch's maps equal the float64 softmax block.
     # (query tiles of 64: the first and the third hold no stored row and skip phase 2)
-    q, k, v, kw = make(B=3, H=3, Nq=140, Nk=600, D=80, inject="qk", weights=True)
-    kw.update(store=torch.full((3, 50, 77), float("nan")), store_queries=(70, 120), store_keys=(300, 377))
+    q, k, v, kw = make(B=2, H=2, Nq=140, Nk=600, D=80, inject="qk", weights=True)
+    kw.update(store=torch.full((2, 50, 77), float("nan")), store_queries=(70, 120), store_keys=(300, 377))
     check(q, k, v, kw, path="triton")
 
 
-@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-phase"])
-@pytest.mark.parametrize("D", [40, 64])
+@pytest.mark.parametrize("D,one_pass", [(40, True), (40, False), (64, True)])  # D=64 two-phase: key_lengths
 def test_interp_store_paths(interp, monkeypatch, one_pass, D):
     # SD's cross-attention maps (77 keys) by the one-pass store (keys as 64 + 16, no log-sum-exp
     # scratch) and by the two-phase store: both equal the float64 head mean.
@@ -209,6 +209,14 @@ def test_interp_store_one_pass_key_pieces(interp, Nk):
     k1 = max(1, Nk - 3)
     kw.update(store=torch.full((2, 40, k1 - Nk // 4), float("nan")), store_keys=(Nk // 4, k1))
     check(q, k, v, kw, path="triton")
+    assert (KA.LAST_FLAGS["KT1"], KA.LAST_FLAGS["KT2"]) == configs.one_tile(Nk, 40)
+
+
+def test_store_path_setting_is_checked(monkeypatch):
+    from kernels import configs
+    monkeypatch.setattr(configs, "STORE_PATH", "two_phase")
+    with pytest.raises(ValueError, match="use one of auto, one-pass, two-phase"):
+        configs.store_pieces(torch.zeros(1, 1, 4, 40), 77)
 
 
 def test_one_pass_store_rule():
@@ -456,10 +464,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("D", [40, 64, 80, 128, 160])
-@pytest.mark.parametrize("feature", ["plain", "all", "masked"])
+@pytest.mark.parametrize("feature", ["plain", "all", "masked", "store_w"])
 def test_cuda_kernel(torch_path, feature, D, dtype):
     # bf16 is only checked here: the Triton 3.9 interpreter's tl.dot returns garbage for bf16.
-    q, k, v, kw = make(B=3, Nq=300, Nk=77, D=D, dtype=dtype, **FEATURES[feature])
+    q, k, v, kw = make(B=3, Nq=300, Nk=77, D=D, dtype=dtype, **CUDA_FEATURES[feature])
     ref_store = torch.zeros(3, 300, 77, dtype=torch.float64) if "store" in kw else None
     ref = kernels.attention_reference(q, k, v, **{**kw, "store": ref_store})
     kw = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
@@ -467,6 +475,9 @@ def test_cuda_kernel(torch_path, feature, D, dtype):
         kw["ip"] = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in kw["ip"])
     got = kernels.attention(q.cuda(), k.cuda(), v.cuda(), **kw)
     assert KA.LAST_PATH == "triton"
+    if feature == "store_w":  # the path the engine's default takes at this head dim
+        from kernels import configs
+        assert KA.LAST_FLAGS["KT1"] == configs.one_tile(77, D)[0]
     torch.testing.assert_close(got.double().cpu(), ref, **TOL[dtype])
     if ref_store is not None:
         torch.testing.assert_close(kw["store"].double().cpu(), ref_store, atol=1e-3, rtol=1e-2)
