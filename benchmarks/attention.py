@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py [--dtypes fp16,bf16] [--shapes sd15,sdxl,flux] [--rep 100]
                                    [--no-autotune] [--no-graphs] [--write-table [PATH]] [--out FILE]
+                                   [--compile-workers N] [--compile-budget-s S]
 
 For the SD1.5 / SDXL / FLUX attention shapes, with q/k/v as views of [B, N, H·D] projections
 (what the executor passes), it first checks every variant against the float64 reference on a
@@ -27,6 +28,10 @@ from a CUDA graph (our kernel with its default / table block sizes, no autotunin
 Columns: ``vs best`` = fastest SDPA backend's time / this time (plain rows), ``vs plain`` = our
 plain time / this time (instruction rows: the cost of the instruction). Results go to
 benchmarks/results/attention-<device>.json with device, date, commit, versions and settings.
+Every kernel is compiled first by ``--compile-workers`` processes in parallel (one per shape and
+dtype, launching each variant once; default min(8, CPUs), at most ``--compile-budget-s``, 60 s):
+Triton compiles one kernel at a time per process, about 90 of them here, and its on-disk cache is
+shared, so the timed run loads binaries.
 ``--write-table`` also writes the launch table ``kernels/tables/<device>.json`` (the fastest
 correct backend per plain shape, the autotuner's block sizes per variant) that
 ``kernels.dispatch`` and ``kernels.configs`` read. Needs CUDA: exits with a message otherwise.
@@ -38,6 +43,7 @@ import math
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -180,7 +186,8 @@ class StickyCudaError(RuntimeError):
     """A CUDA error that poisons the context (illegal address): nothing after it can be trusted."""
 
 
-def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
+def shape_runs(B, H, n_q, n_k, D, text, dtype):
+    """(B2, cases, q, k, v, runs) for one shape: runs[impl] = (callable, flops, kwargs)."""
     import kernels
     from kernels import dispatch
     kmod = sys.modules["kernels.attention"]
@@ -197,6 +204,61 @@ def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
             runs[vname] = (lambda kw=kw, p=path: _store_path(p, lambda: kmod.attention_triton(q, k, v, **kw)), fl, kw)
     for bname in SDPA_BACKENDS:
         runs[f"sdpa-{bname}"] = ((lambda b=bname: dispatch.sdpa(b, q, k, v)), flops, {})
+    return B2, cases, q, k, v, runs
+
+
+def compile_shape(name, B, H, n_q, n_k, D, text, dtype, graphs):
+    """Launch every variant of one shape once (and once more with the graphs' block sizes), so
+    Triton's on-disk cache holds their binaries: what the parallel warm-up workers run. Errors
+    are left for the timed run to report."""
+    kmod = sys.modules["kernels.attention"]
+    runs = shape_runs(B, H, n_q, n_k, D, text, dtype)[-1]
+    for fn, _, _ in runs.values():
+        for auto in (kmod.AUTOTUNE, False) if graphs else (kmod.AUTOTUNE,):
+            saved, kmod.AUTOTUNE = kmod.AUTOTUNE, auto
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - the timed run reports it
+                pass
+            finally:
+                kmod.AUTOTUNE = saved
+
+
+def warm_jobs(shapes, dtypes, *, autotune, graphs):
+    """One compile-only command per (dtype, shape): the workers of ``--compile-workers``."""
+    flags = ([] if autotune else ["--no-autotune"]) + ([] if graphs else ["--no-graphs"])
+    return [[sys.executable, str(Path(__file__).resolve()), "--compile-only", "--shapes", s[0], "--dtypes", d, *flags]
+            for d in dtypes for s in shapes]
+
+
+def warm(jobs, workers, budget_s=60.0):
+    """Run the compile-only commands ``workers`` at a time (Triton compiles one kernel at a time per
+    process; its disk cache is shared, so the timed run then loads binaries instead of compiling),
+    for at most ``budget_s`` in all: what is not compiled by then compiles inline, as without
+    workers. Returns (seconds, failed or unfinished commands)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    deadline = time.perf_counter() + budget_s
+
+    def one(cmd):
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return False
+        try:
+            return subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=left).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        ok = list(pool.map(one, jobs))
+    return time.perf_counter() - t0, [" ".join(c[-4:]) for c, good in zip(jobs, ok) if not good]
+
+
+def bench_shape(name, B, H, n_q, n_k, D, text, dtype, rep, graphs):
+    from kernels import dispatch
+    kmod = sys.modules["kernels.attention"]
+    B2, cases, q, k, v, runs = shape_runs(B, H, n_q, n_k, D, text, dtype)
     rows = []
     for impl, (fn, fl, kw) in runs.items():
         row = dict(shape=name, B=B2, H=H, Nq=n_q, Nk=n_k, D=D, dtype=str(dtype).split(".")[-1], impl=impl,
@@ -304,6 +366,10 @@ def main(argv=None):
     ap.add_argument("--write-table", nargs="?", const="default", default=None,
                     help="write the launch table (default kernels/tables/<device>.json)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention-<device>.json)")
+    ap.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="processes that compile every kernel first, in parallel (0/1: compile inline)")
+    ap.add_argument("--compile-budget-s", type=float, default=60.0, help="the most the parallel compile may take")
+    ap.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)  # a warm-up worker
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to do.")
@@ -321,6 +387,18 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     filters = [f for f in args.shapes.split(",") if f]
     shapes = [s for s in SHAPES if not filters or any(f in s[0] for f in filters)]
+    dtypes = args.dtypes.split(",")
+    if args.compile_only:
+        for dname in dtypes:
+            for shape in shapes:
+                compile_shape(*shape, DTYPES[dname], not args.no_graphs)
+        return 0
+    warm_s, warm_failed = None, []
+    if args.compile_workers > 1:
+        warm_s, warm_failed = warm(warm_jobs(shapes, dtypes, autotune=not args.no_autotune, graphs=not args.no_graphs),
+                                   args.compile_workers, args.compile_budget_s)
+        note = f"; workers that failed (the timed run reports why): {warm_failed}" if warm_failed else ""
+        print(f"compiled in {args.compile_workers} processes: {warm_s:.0f} s{note}", flush=True)
     meta = dict(device=device, capability=".".join(map(str, torch.cuda.get_device_capability())),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 git_commit=common.git_commit(), torch=torch.__version__, triton=triton.__version__,
@@ -329,7 +407,8 @@ def main(argv=None):
                               graphs=not args.no_graphs, check_rows=CHECK_ROWS,
                               timer="triton.testing.do_bench(return_mode='median')",
                               flops="the two matmuls (4 B H Nq Nk D), not the store's recomputed q k^T",
-                              layout="engine: [B, H, N, D] views of [B, N, H*D]"))
+                              layout="engine: [B, H, N, D] views of [B, N, H*D]",
+                              compile_workers=args.compile_workers, compile_s=warm_s))
     slug = common.slug(device)
     path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"attention-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,9 +425,9 @@ def main(argv=None):
         if tpath is not None:
             tpath.write_text(json.dumps(build_table(rows, device, meta), indent=1))
 
-    total, done = len(shapes) * len(args.dtypes.split(",")), 0
+    total, done = len(shapes) * len(dtypes), 0
     print_header()
-    for dname in args.dtypes.split(","):
+    for dname in dtypes:
         for shape in shapes:
             try:
                 new = bench_shape(*shape, DTYPES[dname], args.rep, not args.no_graphs)

@@ -137,3 +137,31 @@ def test_variants_are_checked_before_timing_interpreter():
                      ("sd-self", "store"): "one-pass", ("sd-self", "store-2p"): "two-phase",
                      ("flux-joint", "store"): "one-pass"}  # 48 keys here (4608 in FLUX: two-phase)
     assert all(s in ("ok", "unavailable") for s in status.values()), rows  # nothing FAILED
+
+
+def test_compile_workers_plan_and_run(monkeypatch):
+    # One compile-only command per (dtype, shape), with the run's autotune / graph flags; the pool
+    # reports the commands that failed or ran past their time; a compile-only pass launches every
+    # variant (twice with graphs: autotuned and with the graphs' fixed blocks) and survives errors.
+    shapes = bench.SHAPES[:2]
+    jobs = bench.warm_jobs(shapes, ["fp16", "bf16"], autotune=False, graphs=True)
+    assert len(jobs) == 4 and all("--compile-only" in j and "--no-autotune" in j for j in jobs)
+    assert [j[j.index("--shapes") + 1] for j in jobs] == [shapes[0][0], shapes[1][0]] * 2
+    py = sys.executable
+    sleep = [py, "-c", "import time; time.sleep(30)"]
+    secs, failed = bench.warm([[py, "-c", "pass"], [py, "-c", "raise SystemExit(1)"], sleep, sleep,
+                               [py, "-c", "pass"]], 2, budget_s=4)
+    assert len(failed) == 4 and secs < 25  # the last one found no worker before the budget ran out
+    kmod = sys.modules["kernels.attention"]
+    calls = []
+
+    def run(name):
+        calls.append((name, kmod.AUTOTUNE))
+        if name == "bad":
+            raise RuntimeError("a variant that fails")
+
+    fake = {n: ((lambda n=n: run(n)), 0.0, {}) for n in ("ours", "bad", "store")}
+    monkeypatch.setattr(bench, "shape_runs", lambda *a: (2, {}, None, None, None, fake))
+    monkeypatch.setattr(kmod, "AUTOTUNE", True)
+    bench.compile_shape("x", 2, 2, 64, 64, 40, 0, torch.float16, True)
+    assert calls == [(n, a) for n in ("ours", "bad", "store") for a in (True, False)] and kmod.AUTOTUNE is True

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,23 @@ def test_env_part_and_bad_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         G.main(["--dry-run", "--only", "nope"])
     assert "unknown parts" in capsys.readouterr().err
+
+
+def test_a_part_at_its_cap_takes_its_workers_with_it(tmp_path):
+    # The part's own subprocess (say, a compile worker) must not outlive the cap: it would hold the
+    # GPU during the next part and keep the output pipe open (run_part would hang on it).
+    pidfile = tmp_path / "worker.pid"
+    code = ("import subprocess, sys, time; "
+            "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pidfile)!r}, 'w').write(str(w.pid)); time.sleep(60)")
+    p = G.Part("spawns", 2, 1, [sys.executable, "-c", code])
+    t0 = time.perf_counter()
+    G.run_part(p, 2, {}, tmp_path / "spawns.log")
+    assert p.status == "timeout" and time.perf_counter() - t0 < 20
+    stat = Path(f"/proc/{int(pidfile.read_text())}/stat")
+    for _ in range(50):  # gone, or a zombie waiting for its reaper
+        if not stat.exists() or stat.read_text().split(") ")[1].startswith("Z"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the part's worker outlived the part's cap")
