@@ -250,11 +250,9 @@ def _key_piece(q1, q2, Kh, s_kn, start, N_K, qk_scale, HEAD_DIM: tl.constexpr, D
 
 
 @triton.jit
-def _head_one_tile(total1, total2, w1, w2, Qb, hq, Kh, Vh, Ob, ho, KIh, VIh, s_qn, s_kn, s_vn, s_on, s_kin, s_vin,
-                   qk_scale, ip_s, offs_m, m_mask, N_K, N_IP,
-                   HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
-                   KT1: tl.constexpr, KT2: tl.constexpr, BLOCK_IP: tl.constexpr, HAS_W: tl.constexpr,
-                   HAS_IP: tl.constexpr, DOT_PREC: tl.constexpr):
+def _head_one_tile(total1, total2, w1, w2, Qb, hq, Kh, Vh, Ob, ho, s_qn, s_kn, s_vn, s_on, qk_scale, offs_m,
+                   m_mask, N_K, HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, BLOCK_M: tl.constexpr,
+                   KT1: tl.constexpr, KT2: tl.constexpr, HAS_W: tl.constexpr, DOT_PREC: tl.constexpr):
     """One (row, head, query tile) when every key fits one tile: the softmax is exact in one pass.
     The keys come in two power-of-two pieces KT1 + KT2 (77 = 64 + 16, as the head dims), so the
     tile's padding stays small and no [BM, 128] tensor is live.  Writes the output and returns
@@ -280,8 +278,9 @@ def _head_one_tile(total1, total2, w1, w2, Qb, hq, Kh, Vh, Ob, ho, KIh, VIh, s_q
         total2 += p2 * inv_l[:, None]
         acc1, acc2 = _values_w(acc1, acc2, p2, Vh, s_vn, rows2, rows2, w2, HEAD_DIM, D1, D2, False, HAS_W,
                                DOT_PREC)
-    _finish(acc1, acc2, l_i, q1, q2, KIh, VIh, Ob, ho, s_on, s_kin, s_vin, qk_scale, ip_s, offs_m, m_mask, N_IP,
-            HEAD_DIM, D1, D2, BLOCK_M, BLOCK_IP, HAS_IP, DOT_PREC)
+    # no IP-Adapter keys here (configs.one_tile admits none): Kh / 0 fill _finish's unused IP slots
+    _finish(acc1, acc2, l_i, q1, q2, Kh, Kh, Ob, ho, s_on, 0, 0, qk_scale, 0.0, offs_m, m_mask, 0,
+            HEAD_DIM, D1, D2, BLOCK_M, 16, False, DOT_PREC)
     return total1, total2
 
 
@@ -363,9 +362,8 @@ def _attn_fwd(Q, K, V, O, QF, KF, VF, W, KI, VI, IPS, S, LSE, QC, KC,
         for h in range(0, H):
             total1, total2 = _head_one_tile(
                 total1, total2, w1, w2, Qb, h * (s_qh * SU), Kb + h * (s_kh * SU), Vb + h * (s_vh * SU), Ob,
-                h * (s_oh * SU), KIb + h * (s_kih * SU), VIb + h * (s_vih * SU), s_qn * SU, s_kn * SU, s_vn * SU,
-                s_on * SU, s_kin * SU, s_vin * SU, qk_scale, ip_s, offs_m, m_mask, N_K, N_IP,
-                HEAD_DIM, D1, D2, BLOCK_M, KT1, KT2, BLOCK_IP, HAS_W, False, DOT_PREC)  # one_tile admits no IP
+                h * (s_oh * SU), s_qn * SU, s_kn * SU, s_vn * SU, s_on * SU, qk_scale, offs_m, m_mask, N_K,
+                HEAD_DIM, D1, D2, BLOCK_M, KT1, KT2, HAS_W, DOT_PREC)
         keep = (offs_m >= Q0) & (offs_m < Q1)
         _store_map(S, b, s_sb, s_sq, total1, w1, offs_m, keep, 0, H, Q0, K0, K1, KT1, HAS_W)
         if KT2 > 0:
@@ -467,8 +465,10 @@ def launch_args(q, k, v, *, scale=None, q_from=None, k_from=None, v_from=None, t
     qc = kc = dummy
     assert store is None or key_class is None, "kernels.attention: key_class cannot be combined with store"
     if key_class is not None:  # int8 rows of classes, unit element stride (B·N bytes: a cheap copy if needed)
-        # clamped first so out-of-range values stay invalid (read every key) instead of wrapping
-        qc, kc = (t.clamp(-2, 2).to(torch.int8).contiguous() for t in (query_class, key_class))
+        # wider dtypes clamped first so out-of-range values stay invalid (read every key) instead of
+        # wrapping; the engine's int8 classes pass as they are (no copy per call)
+        qc, kc = (t if t.dtype == torch.int8 else t.clamp(-2, 2).to(torch.int8) for t in (query_class, key_class))
+        qc, kc = qc.contiguous(), kc.contiguous()
     tensors = (q, k, v, out, ki, vi)
     strided = [s for t in tensors for s in t.stride()[:3]]
     su = 8 if all(s % 8 == 0 for s in strided) else 1  # every engine view: D and H·D are multiples of 8
