@@ -8,6 +8,9 @@ DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddp
                      "masactrl": "ddim", "null-text": "null-text", "pix2pix-zero": "pix2pix-zero", "imagic": "imagic",
                      "flow": "flow", "rf-inversion": "rf-inversion", "renoise": "renoise"}
 
+# Inversions that draw no noise: an edit from one of them is the same whatever the seed.
+UNSEEDED_INVERSIONS = frozenset({"ddim", "null-text"})
+
 # The model family each method runs on ("unet": SD / SDXL; "flux": FLUX.1 and the Shapes DiT).
 FLUX_METHODS = frozenset({"flow", "rf-inversion"})
 
@@ -18,6 +21,8 @@ def family(method: str) -> str:
 
 def check_family(method: str, model_family: str, what: str = "edit") -> None:
     """A clear error for a method of another model family (before any work is done)."""
+    if not isinstance(method, str):
+        raise TypeError(f"{what} method must be a string such as 'ddim', got {type(method).__name__}")
     if method in DEFAULT_INVERSION and family(method) != model_family:
         names = sorted(m for m in DEFAULT_INVERSION if family(m) == model_family)
         kinds = {"flux": "FLUX", "unet": "UNet (SD, SDXL)"}

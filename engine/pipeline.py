@@ -11,14 +11,15 @@ request run with it (:meth:`Pipeline.edit_many`, :meth:`Pipeline.invert_many`).
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from tqdm.auto import tqdm
 
 from . import params as checks
-from .editing import edit_program, inversion_program
+from .editing import Inversion, edit_program, inversion_program
 from .methods import IMAGE_EDITS, IMAGE_INVERSIONS, check_family
-from .images import fit_size, load_image, to_output
+from .images import OUTPUT_TYPES, fit_size, load_image, to_output
 from .matte import chroma_matte, key_rgb
 from .loading.card import ModelCard
 from .prompts import Conditioning, as_list, encode
@@ -253,7 +254,7 @@ class Pipeline:
         if h % f or w % f:
             fh, fw = max(f, round(h / f) * f), max(f, round(w / f) * f)
             raise ValueError(f"image is {w}x{h}; this model needs sides that are multiples of {f}: "
-                             f"resize or crop it (e.g. pass height={fh}, width={fw})")
+                             f"resize or crop it (e.g. height={fh}, width={fw}; the CLI's --height {fh} --width {fw})")
         if fit_size(h, w, self.default_size, f) is not None:
             n = self.default_size
             log.warning("the image is %dx%d but this model works at about %dx%d; far from it results are usually "
@@ -318,6 +319,9 @@ class Pipeline:
         """
         reqs = [dict(r) for r in _requests(requests)]
         types = [r.pop("output_type", output_type) for r in reqs]
+        for t in types:  # before any work, not after every step has run
+            if t not in OUTPUT_TYPES:
+                raise ValueError(f"unknown output_type {t!r}; use one of {', '.join(OUTPUT_TYPES)}")
         kinds = ["edit" if "inv" in r else "generate" for r in reqs]
         progs = [self.program(k, r) for k, r in zip(kinds, reqs)]
         latents = self._run(progs, progress, cuda_graphs, batch_invariant, bucket_rows,
@@ -370,6 +374,7 @@ class Pipeline:
         ip = self._tight(method, r.pop("image_condition", None), r.pop("image_scale", None), r["image"])
         if ip is not None:
             r["image_prompt"] = ip
+        _check_keywords(build, r, f"the {method!r} inversion")
         prog = build(self, r.pop("image"), r.pop("prompt", ""), **r)
         prog.image_prompt = ip  # what ``finish`` records in the Inversion
         return prog
@@ -390,13 +395,25 @@ class Pipeline:
             raise ValueError(f"image_condition needs {self.ADAPTER_HINT} first")
         return self.image_prompt(image, self.TIGHT_SCALE if scale is None else scale, tight=True)
 
+    @staticmethod
+    def _as_inversion(inv):
+        """An Inversion, or the path of a saved one (loaded)."""
+        if isinstance(inv, (str, os.PathLike)):
+            return Inversion.load(inv)
+        if not isinstance(inv, Inversion):
+            raise TypeError(f"edit takes an Inversion (from pipe.invert) or the path of a saved one, "
+                            f"not {type(inv).__name__}")
+        return inv
+
     def _edit(self, r: dict):
         r.pop("progress", None)
-        inv = r.pop("inv")
+        inv = self._as_inversion(r.pop("inv"))
         method = r.pop("method", None) or inv.method
         check_family(method, self.denoiser.family, "edit")
         build = edit_program(method)
         inv.check_model(self.identity, self.name)
+        if inv.x0.device != torch.device(self.device):  # e.g. loaded from a file, or sent from another process
+            inv = inv.to(self.device)
         if inv.x0.shape[1] != self.latent_channels:
             raise ValueError(f"this inversion has {inv.x0.shape[1]}-channel latents and this model takes "
                              f"{self.latent_channels}: invert the image again with this model")
@@ -417,6 +434,7 @@ class Pipeline:
             else:
                 log.info("the %s edit does not read this inversion's image condition (methods that do: %s)",
                          method, ", ".join(sorted(IMAGE_EDITS)))
+        _check_keywords(build, r, f"the {method!r} edit")
         return build(self, inv, r.pop("target_prompt", None), **r)
 
     # Other names some methods accept for the same thing (diffusers' names; a generator instead
@@ -573,3 +591,16 @@ def _requests(requests) -> list[dict]:
     if isinstance(requests, dict) or not all(isinstance(r, dict) for r in requests):
         raise TypeError("requests must be a list of dicts of keyword arguments, one per request")
     return list(requests)
+
+
+def _check_keywords(build, request: dict, what: str) -> None:
+    """A one-line ValueError naming a parameter ``build`` does not take (not Python's TypeError)."""
+    import inspect
+
+    sig = inspect.signature(build)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    takes = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(k for k in request if k not in sig.parameters)
+    if unknown:
+        raise ValueError(f"{what} takes no {unknown[0]!r}; it takes {', '.join(takes)}")

@@ -98,6 +98,8 @@ def as_list(prompt, n: int | None = None, what: str = "prompt") -> list[str]:
     if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
         raise TypeError(f"{what} must be a string or a list of strings, got {type(prompt).__name__}")
     prompt = list(prompt)
+    if not prompt:
+        raise ValueError(f"{what} is an empty list; give a string, or a list with one per image")
     if n is not None and len(prompt) == 1 and n > 1:
         prompt = prompt * n
     if n is not None and len(prompt) != n:

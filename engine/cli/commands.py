@@ -3,6 +3,8 @@ model or computing, then runs the engine and writes its outputs atomically."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -57,7 +59,8 @@ def cmd_generate(args) -> None:
     control = {}
     if args.control_image is not None:
         control = dict(control_image=load_image(args.control_image), controlnet_conditioning_scale=args.control_scale)
-    outputs = output_paths(args.output, args.num_images, [] if args.control_image is None else [Path(args.control_image)])
+    inputs = [Path(f) for f in (args.control_image, args.ip_image) if f is not None]
+    outputs = output_paths(args.output, args.num_images, inputs, args.overwrite)
     _check_device(args.device)
     pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
     if args.controlnet is not None:
@@ -67,10 +70,11 @@ def cmd_generate(args) -> None:
         control.update(ip_adapter_image=load_image(args.ip_image), ip_adapter_scale=args.ip_scale)
     chroma = {} if args.chroma_key is None else dict(chroma_key=args.chroma_key, chroma_shift=args.chroma_shift,
                                                      chroma_std=args.chroma_std, alpha=args.alpha)
-    given = {k: v for k, v in (("guidance_scale", args.guidance), ("guidance_rescale", args.guidance_rescale),
+    given = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance),
+                               ("guidance_rescale", args.guidance_rescale),
                                ("embedded_guidance", args.embedded_guidance), ("sampler", args.sampler)) if v is not None}
     images = pipe.generate(
-        args.prompt, args.negative_prompt, steps=args.steps, height=args.height, width=args.width, seed=args.seed,
+        args.prompt, args.negative_prompt, height=args.height, width=args.width, seed=args.seed,
         num_images=args.num_images, progress=not args.no_progress, cuda_graphs=args.cuda_graphs or None,
         **given, **chroma, **control,
     )
@@ -113,7 +117,8 @@ def method_params(args, inv_method: str) -> tuple[dict, dict]:
         applies = method in o.methods or (o.stage == "invert" and inv_method in o.methods)  # the inversion made takes it
         if not applies:
             users = ", ".join(o.methods)
-            raise UserError(f"{o.flags[0]} applies to --method {users}, not {method}")
+            via = f" (whose edit here inverts with {inv_method})" if o.stage == "invert" and inv_method != method else ""
+            raise UserError(f"{o.flags[0]} applies to --method {users}, not {method}{via}")
         if o.per_concept:
             value = _per_concept(value, len(concepts), o.flags[0])
         elif o.param == "equalizer":
@@ -172,6 +177,30 @@ def _image_size(pipe, x, args) -> tuple[int, int] | None:
     return size
 
 
+def _invert_request(args, image_sha: str, inv_method: str, inv_params: dict) -> dict:
+    """What this command asks of the inversion (recorded with a saved one, checked on reuse)."""
+    request = {"image_sha256": image_sha, "method": inv_method,
+               "prompt": inversion_prompt(args.method, args.source_prompt, args.target_prompt),
+               "height": args.height, "width": args.width, "keep_size": args.keep_size, **inv_params}
+    return json.loads(json.dumps(request, default=str))  # as it reads back from the file
+
+
+def _check_loaded(inv, inv_file: Path, image: Path, asked: dict) -> None:
+    """An existing --inversion FILE is edited as it is: it must come from IMAGE, made the way
+    this command would make it (else the options would be silently ignored)."""
+    made = inv.settings.get("cli_request")
+    if made is None:
+        log.warning("%s does not record how it was made; editing it as the inversion of %s", inv_file, image)
+        return
+    if made.get("image_sha256") != asked["image_sha256"]:
+        raise UserError(f"--inversion {str(inv_file)!r} was made from another image than {str(image)!r}; give that "
+                        f"image, or a new --inversion path to invert this one")
+    for k in sorted(set(made) | set(asked)):
+        if made.get(k) != asked.get(k):
+            raise UserError(f"--inversion {str(inv_file)!r} was made with {k}={made.get(k)!r} and this command asks "
+                            f"for {asked.get(k)!r}; match it, or give a new --inversion path")
+
+
 def cmd_edit(args) -> None:
     import engine
     from engine.editing import Inversion
@@ -181,7 +210,8 @@ def cmd_edit(args) -> None:
 
     image = Path(args.image)
     inv_file = Path(args.inversion) if args.inversion else None
-    out = check_output(args.output, [image] + ([inv_file] if inv_file else []))
+    inputs = [image] + [Path(f) for f in (args.inversion, getattr(args, "mask", None)) if f]
+    out = check_output(args.output, inputs, overwrite=args.overwrite)
     if inv_file is not None and not inv_file.exists():
         check_output(args.inversion, [image, out], suffixes=(".safetensors",), what="--inversion")
     try:
@@ -195,6 +225,9 @@ def cmd_edit(args) -> None:
     card = ModelCard.read(resolve(args.model))
     inv_method = inv.method if inv is not None else _inversion_method(args, card)
     inv_params, edit_params = method_params(args, inv_method)
+    asked = _invert_request(args, hashlib.sha256(image.read_bytes()).hexdigest(), inv_method, inv_params)
+    if inv is not None:
+        _check_loaded(inv, inv_file, image, asked)
     _check_device(args.device)
     pipe = engine.load(args.model, device=args.device, dtype=args.dtype)
     progress = not args.no_progress
@@ -210,6 +243,7 @@ def cmd_edit(args) -> None:
             x = resize(x, *size)
         prompt = inversion_prompt(args.method, args.source_prompt, args.target_prompt)
         inv = pipe.invert(x, prompt, method=inv_method, progress=progress, cuda_graphs=graphs, **inv_params)
+        inv.settings["cli_request"] = asked  # a later --inversion FILE is checked against it
         if inv_file is not None:
             inv.save(inv_file)
             print(f"saved inversion to {inv_file}")

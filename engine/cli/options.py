@@ -26,8 +26,8 @@ RENOISE = ("renoise",)
 TIGHT_INV, TIGHT_EDIT = tuple(sorted(IMAGE_INVERSIONS)), tuple(sorted(IMAGE_EDITS))
 
 
-def _number(kind, lo=None, positive=False):
-    """An argparse type: a finite int/float, optionally positive or at least ``lo``."""
+def _number(kind, lo=None, positive=False, hi=None):
+    """An argparse type: a finite int/float, optionally positive, at least ``lo``, at most ``hi``."""
     import math
 
     def parse(s):
@@ -41,6 +41,8 @@ def _number(kind, lo=None, positive=False):
             raise argparse.ArgumentTypeError(f"must be positive, got {s}")
         if lo is not None and v < lo:
             raise argparse.ArgumentTypeError(f"must be at least {lo}, got {s}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi}, got {s}")
         return v
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -114,7 +116,7 @@ EDIT_OPTIONS = [
     # inversion
     Opt(("--source-guidance",), "guidance_scale", INVERTED_GUIDED + LEDITS, "invert",
         kw=dict(type=finite, help="classifier-free guidance of the inversion (default: the recipe's or method's)")),
-    Opt(("--skip",), "skip", ("ddpm", "ledits++", "p2p"), "invert",
+    Opt(("--skip",), "skip", ("ddpm", "ledits++"), "invert",  # p2p too when it inverts with ddpm
         kw=dict(type=_fraction, help="noise-map inversions: fraction of the noisiest steps skipped")),
     Opt(("--inversion-sampler",), "sampler", LEDITS, "invert",
         kw=dict(choices=("dpmpp_2m_sde", "ddim"), help="ledits++: the inversion's sampler (default dpmpp_2m_sde)")),
@@ -335,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None, help="what to steer away from")
     g.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp, .bmp); with "
                                                          "--num-images N, NAME_0.png ... NAME_{N-1}.png")
-    g.add_argument("--steps", type=positive_int, default=30, help="denoising steps")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    g.add_argument("--steps", type=positive_int, default=None,
+                   help="denoising steps (default: the model card's, else the API's: 50 for SD, 28 for FLUX)")
     g.add_argument("--guidance", type=finite, default=None, help="classifier-free guidance scale (<= 1 disables it; "
                                                                  "default: the model's, 7.5 for SD)")
     g.add_argument("--embedded-guidance", type=finite, default=None,
@@ -375,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target-prompt", default=None,
                    help="the caption of the edited image (ledits++: used as the concept when no --edit-prompt)")
     e.add_argument("-o", "--output", required=True, help="output image (.png, .jpg, .webp, .bmp)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
     e.add_argument("--steps", type=positive_int, default=None, help="inversion steps (default: the recipe's or "
                                                                      "the method's: 50, ledits++ 30)")
     e.add_argument("--seed", type=seed_type, default=0, help="seed of the noise maps (ddpm, ledits++)")
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "an inversion cache, /metrics, and a web page at /.", **fmt)
     s.add_argument("--model", default="shapes", help=MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback needs --api-key)")
-    s.add_argument("--port", type=_number(int, lo=0), default=8000, help="port (0: any free one)")
+    s.add_argument("--port", type=_number(int, lo=0, hi=65535), default=8000, help="port (0: any free one)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also from OVERPAINT_API_KEY)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     s.add_argument("--max-batch-rows", type=positive_int, default=64, help="cap on model rows per step")

@@ -38,8 +38,10 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(path: str, inputs: list[Path], suffixes=IMAGE_SUFFIXES, what: str = "output") -> Path:
-    """A checked output path: right suffix, a writable folder, not a folder itself, not an input."""
+def check_output(path: str, inputs: list[Path], suffixes=IMAGE_SUFFIXES, what: str = "output",
+                 overwrite: bool = False) -> Path:
+    """A checked output path: right suffix, a writable folder, not a folder itself, not an input,
+    and not an existing file unless ``overwrite``."""
     out = Path(path)
     if suffixes and out.suffix.lower() not in suffixes:
         raise UserError(f"{what} {path!r} must end in one of {', '.join(suffixes)}")
@@ -50,15 +52,18 @@ def check_output(path: str, inputs: list[Path], suffixes=IMAGE_SUFFIXES, what: s
         if out.resolve() == i.resolve() or same_file(out, i):
             raise UserError(f"{what} {path!r} is the input {str(i)!r} (or a link to it); choose another path "
                             f"so the input is kept")
+    if out.exists() and not overwrite:
+        raise UserError(f"{what} {path!r} exists; choose another name, or pass --overwrite to replace it")
     return out
 
 
-def output_paths(path: str, n: int, inputs: list[Path]) -> list[Path]:
+def output_paths(path: str, n: int, inputs: list[Path], overwrite: bool = False) -> list[Path]:
     """``n`` checked image outputs: ``path`` itself, or ``stem_0.png``, ``stem_1.png``, ..."""
-    out = check_output(path, inputs)
     if n == 1:
-        return [out]
-    return [check_output(str(out.with_name(f"{out.stem}_{i}{out.suffix}")), inputs) for i in range(n)]
+        return [check_output(path, inputs, overwrite=overwrite)]
+    out = check_output(path, inputs, overwrite=True)  # only its numbered siblings are written
+    return [check_output(str(out.with_name(f"{out.stem}_{i}{out.suffix}")), inputs, overwrite=overwrite)
+            for i in range(n)]
 
 
 def check_output_folder(path: str, inputs: list[Path]) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..prompts import as_list
 from ..step import run
 
 
@@ -15,8 +16,9 @@ def image_size(pipe, x0) -> tuple[int, int]:
 def guidance_for(pipe, prompt, negative_prompt, scale, height, width, rows: int, image=None):
     """Guidance for ``rows`` images: one prompt for all of them, or one prompt per image;
     ``image``: an :class:`~engine.image_prompt.ImagePrompt` the rows also read (Tight Inversion)."""
-    n = 1 if isinstance(prompt, str) else len(prompt)
-    if rows % n:
+    prompt = as_list("" if prompt is None else prompt)  # None: unconditional
+    n = len(prompt)
+    if n not in (1, rows):
         raise ValueError(f"{n} prompts for {rows} images; give one prompt, or one per image")
     return pipe.guidance(prompt, negative_prompt, scale, height, width, num_images=rows // n).with_image(image)
 

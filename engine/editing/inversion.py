@@ -217,6 +217,11 @@ class Inversion:
             settings = json.loads(meta.get("settings", "{}"))
         except ValueError:
             raise ValueError(f"inversion {str(path)!r} is corrupted: its settings are not valid JSON") from None
+        missing = [k for k in ("x0", "latents", "timesteps", "source.context") if k not in t]
+        missing += [] if meta.get("method") else ["method"]
+        if missing or not isinstance(settings, dict):
+            raise ValueError(f"inversion {str(path)!r} is incomplete (no {', '.join(missing) or 'settings'}); "
+                             f"invert the image again")
         uncond = _conditioning(t, "uncond") if "uncond.context" in t else None
         return cls(
             method=meta["method"], x0=t["x0"], latents=t["latents"], timesteps=t["timesteps"],

@@ -222,8 +222,11 @@ def read_state_dict(component_dir: Path, weights_name: str, variant: str | None 
 def read_json(path: Path, what: str) -> dict:
     """A JSON file of the model folder; a missing or broken one is a LoadError naming it."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise LoadError(f"{what}: missing {path}; the model folder is incomplete") from None
     except (OSError, ValueError) as e:
         raise LoadError(f"{what}: cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise LoadError(f"{what}: {path} holds a JSON {type(data).__name__}, not an object; the file is damaged")
+    return data

@@ -76,8 +76,12 @@ def load_module(name: str, build, state_dict: dict[str, Tensor], device: torch.d
     state_dict = {k: v for k, v in state_dict.items() if k not in buffers - persistent}
     try:
         result = module.load_state_dict(state_dict, assign=True, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise LoadError(f"{name}: the weights do not fit the config: {e}") from e
+    except RuntimeError as e:  # shape mismatches: torch lists every one; name the count and the first few
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        shown = "; ".join(lines[:3]) if lines else str(e).splitlines()[0]
+        more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
+        raise LoadError(f"{name}: the weights do not fit its config.json: {shown}{more}; check that config.json "
+                        f"and the weights belong together") from e
     if result.missing_keys or result.unexpected_keys:
         raise LoadError(
             f"{name}: the weights do not match the model built from its config.json: "

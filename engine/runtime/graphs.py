@@ -132,7 +132,7 @@ class GraphRunner:
             out = self._call(entry, body)
         else:
             if entry.graph is None and not self._capture(entry, body):
-                self.cache[key] = None
+                self.cache[key] = None  # this structure runs eagerly from now on
                 return body(inputs, consts)
             entry.graph.replay()
             out = entry.outputs
@@ -181,8 +181,10 @@ class GraphRunner:
             self.captures += 1
             return True
         except Exception as e:  # an uncapturable op (host sync, CPU tensor, ...): eager from now on
-            log_once(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             entry.outputs = entry.graph = None
+            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                raise  # a passing shortage, not a property of the step: the caller frees memory, a later call captures
+            log_once(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             return False
 
     def clear(self) -> None:

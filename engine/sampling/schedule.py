@@ -253,7 +253,9 @@ class NoiseSchedule:
 
     def _in_range(self, ts: torch.Tensor) -> torch.Tensor:
         if len(ts) and int(ts.max()) >= self.num_train_timesteps:
-            raise ValueError(f"timestep {int(ts.max())} >= num_train_timesteps (steps_offset too large for this step count)")
+            raise ValueError(f"steps={len(ts)} puts a timestep at {int(ts.max())} with this scheduler's steps_offset "
+                             f"{self.config.steps_offset}, past its {self.num_train_timesteps} training timesteps; "
+                             f"use fewer steps")
         return ts
 
     def inverse_timesteps(self, num_steps: int) -> torch.Tensor:

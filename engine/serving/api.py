@@ -26,7 +26,7 @@ from .jobs import ApiError, Job, bad_request
 from .limits import BodyTooLarge, Guard
 from .metrics import Metrics
 from .requests import (INVERT_FIELDS, b64_image, edit_job, generation_job, integer, inversion_stage, method_params,
-                       size, text)
+                       openai_options, seeded, size, text)
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -112,13 +112,18 @@ class Server:
                 self.stopped = True
 
 
-def png_b64(image, size_hw=None) -> str:
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # OpenAI's output_format -> PIL's
+
+
+def png_b64(image, size_hw=None, output_format: str = "png", quality: int | None = None) -> str:
+    """An image as base64 (PNG unless ``output_format`` says "jpeg" or "webp", at ``quality``)."""
     if size_hw is not None and image.size != (size_hw[1], size_hw[0]):
         from PIL import Image
 
         image = image.resize((size_hw[1], size_hw[0]), Image.BICUBIC)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    kw = {} if quality is None or output_format == "png" else {"quality": quality}
+    image.save(buf, format=FORMATS[output_format], **kw)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -182,16 +187,24 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
 
     # ---- waiting for jobs -----------------------------------------------------------------
     async def finished(job: Job, request: Request) -> Job:
-        """Wait for the job's terminal event; a client that disconnects cancels it."""
-        queue = job.subscribe(asyncio.get_running_loop())
+        """Wait for the job's terminal event. A client that disconnects cancels it (checked at
+        least every half second, events or not) and gets a 499 nobody reads."""
+        loop = asyncio.get_running_loop()
+        queue = job.subscribe(loop)
+        next_check = loop.time() + 0.5
         try:
             while not job.finished:
                 try:
                     await asyncio.wait_for(queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    pass
+                if loop.time() >= next_check and not job.finished:
+                    next_check = loop.time() + 0.5
                     if await request.is_disconnected():
                         server.batcher.cancel(job.id)
-                        break
+                        gone = ApiError(499, "the client disconnected", "invalid_request_error", None, "cancelled")
+                        gone.counted = True  # the job's own cancellation is counted
+                        raise gone
         finally:
             job.unsubscribe(queue)
         return job
@@ -199,36 +212,49 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
     def submit(job: Job) -> Job:
         return server.batcher.submit(job)
 
-    def images(job: Job, size_hw=None) -> list[dict]:
+    def images(job: Job, size_hw=None, output_format: str = "png", quality: int | None = None) -> list[dict]:
         if job.error is not None:
             raise job.error
-        return [{"b64_json": png_b64(im, size_hw)} for im in job.result]
+        return [{"b64_json": png_b64(im, size_hw, output_format, quality)} for im in job.result]
+
+    async def run_jobs(make, n: int, request: Request, out_size=None, fmt=("png", None)) -> dict:
+        """Submit ``n`` jobs (``make(i)``), wait for all, answer with their images; if one fails
+        or the client leaves, the others are cancelled, never left running."""
+        jobs = []
+        try:
+            for i in range(n):  # building a job decodes its image: off the event loop
+                jobs.append(submit(await asyncio.to_thread(make, i)))
+            data = []
+            for job in jobs:
+                data += await asyncio.to_thread(images, await finished(job, request), out_size, *fmt)
+            return {"created": int(time.time()), "data": data}
+        finally:
+            for job in jobs:
+                if not job.finished:
+                    server.batcher.cancel(job.id)
 
     # ---- OpenAI-compatible routes ---------------------------------------------------------
     @app.post("/v1/images/edits")
     async def images_edits(request: Request):
         fields, image = await form_body(request)
-        if fields.get("response_format", "b64_json") != "b64_json":
-            raise bad_request("only response_format=b64_json is served (no URLs)", "response_format")
+        fmt = openai_options(fields, "edits")
         n = integer(fields, "n", 1, 1, 8)
         out_size = size(fields)
-        fields.setdefault("seed", "0")
-        jobs = []
-        for i in range(n):
-            f = dict(fields, seed=str(int(fields["seed"]) + i)) if str(fields["seed"]).lstrip("-").isdigit() else fields
-            jobs.append(submit(edit_job(server, f, image, "images/edits")))
-        data = []
-        for job in jobs:
-            data += images(await finished(job, request), out_size)
-        return {"created": int(time.time()), "data": data}
+        seed = integer(fields, "seed", 0, -(2**63), 2**63 - 1)
+        if n > 1 and not seeded(fields, server.model.card):
+            raise bad_request(f"n={n} asks for variations, but method '{fields.get('method', 'p2p')}' inverts and "
+                              f"edits deterministically: every image would be the same; send n=1, or pick a method "
+                              f"whose inversion draws noise (ddpm, ledits++)", "n")
+        if image is not None:
+            image = bytes(image)
+        return await run_jobs(lambda i: edit_job(server, dict(fields, seed=str(seed + i)), image, "images/edits"),
+                              n, request, out_size, fmt)
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request):
         fields = await json_body(request)
-        if fields.get("response_format", "b64_json") != "b64_json":
-            raise bad_request("only response_format=b64_json is served (no URLs)", "response_format")
-        job = submit(generation_job(server, fields))
-        return {"created": int(time.time()), "data": images(await finished(job, request))}
+        fmt = openai_options(fields, "generations")
+        return await run_jobs(lambda i: generation_job(server, fields), 1, request, None, fmt)
 
     # ---- native routes --------------------------------------------------------------------
     @app.post("/v1/inversions")
@@ -244,13 +270,17 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
             raise bad_request(f"'{k}' is an edit parameter; an inversion takes "
                               f"{', '.join(sorted(INVERT_FIELDS))}", k, "unknown_parameter")
         source = text(fields, "source_prompt", default="")
-        key, inv, stage = inversion_stage(server, image, source, method, params)
+        key, inv, stage = await asyncio.to_thread(inversion_stage, server, image, source, method, params)
         if inv is None:
             job = submit(Job([stage], route="inversions", method=method, timeout=settings.timeout))
-            await finished(job, request)
+            try:
+                await finished(job, request)
+            finally:
+                if not job.finished:
+                    server.batcher.cancel(job.id)
             if job.error is not None:
                 raise job.error
-            inv = job.result
+            inv, job.result, job.result_bytes = job.result, None, 0  # the cache holds it, not the job table
         return {"id": key, "object": "inversion", "cached": stage is None, "method": inv.method, "steps": inv.steps}
 
     @app.post("/v1/edits", status_code=202)
@@ -260,7 +290,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
         params = fields.pop("parameters", {})
         if not isinstance(params, dict):
             raise bad_request("'parameters' must be an object", "parameters")
-        job = submit(edit_job(server, {**fields, **params}, image, "edits"))
+        job = submit(await asyncio.to_thread(edit_job, server, {**fields, **params}, image, "edits"))
         return JSONResponse(job.summary(), status_code=202)
 
     def job_of(job_id: str) -> Job:

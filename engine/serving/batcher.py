@@ -22,7 +22,7 @@ import time
 import torch
 
 from ..step import Loop
-from .jobs import PREVIOUS, ApiError, Job, bad_request, queue_full, timed_out, unavailable
+from .jobs import PREVIOUS, ApiError, Job, bad_request, forget_finished, queue_full, timed_out, unavailable
 
 log = logging.getLogger("overpaint.serving")
 
@@ -35,15 +35,17 @@ class Batcher:
     """Runs jobs on ``pipe`` in a background thread (:meth:`start`); :meth:`submit` from any thread.
 
     max_rows: cap on live model rows per step (None: no cap). max_queue: jobs waiting beyond it
-    are refused with 429. ``loop_kw``: :class:`Loop` options (batch_invariant, bucket_rows).
+    are refused with 429. keep_bytes: finished jobs' results kept (oldest forgotten first; at most
+    4096 jobs). ``loop_kw``: :class:`Loop` options (batch_invariant, bucket_rows).
     ``metrics``: an :class:`engine.serving.metrics.Metrics` (optional)."""
 
     def __init__(self, pipe, *, max_rows: int | None = 64, max_queue: int = 256, cuda_graphs: bool = False,
-                 metrics=None, **loop_kw):
+                 metrics=None, keep_bytes: int = 1 << 30, **loop_kw):
         self.pipe = pipe
         runner = pipe.graphs if cuda_graphs else None
         self.loop = Loop(pipe.denoiser.with_runner(runner), **loop_kw)
         self.max_rows, self.max_queue, self.metrics = max_rows, max_queue, metrics
+        self.keep_bytes = keep_bytes  # finished jobs' results kept for clients that fetch them later
         self.queue: collections.deque[Job] = collections.deque()
         self.programs: dict[int, tuple[Job, object]] = {}  # id(program) -> (job, program) for live ones
         self.ready: list[Job] = []  # jobs between stages, waiting for room
@@ -67,7 +69,7 @@ class Batcher:
                 raise queue_full(retry_after=max(1, len(self.queue) // 4))
             self.queue.append(job)
             self.jobs[job.id] = job
-            self._forget_old()
+            forget_finished(self.jobs, max_bytes=self.keep_bytes)
             job.emit({"type": "queued", "job": job.id, "position": len(self.queue)})
             self.cond.notify()
         return job
@@ -122,8 +124,8 @@ class Batcher:
                     self._step()
             except Exception as e:  # noqa: BLE001 -- a bug must not stop the engine: fail what ran, go on
                 error = self._internal(e)
-                for job in self._active():
-                    self._end(job, error)
+                for job in self._active():  # each its own error: the metrics count every job
+                    self._end(job, ApiError(error.status, error.message, error.type, error.param, error.code))
 
     def _boundary(self) -> None:
         """Cancelled and timed-out jobs leave: their programs are removed before the next step."""
@@ -151,6 +153,7 @@ class Batcher:
         if job in self.ready:
             self.ready.remove(job)
         job.fail(error)
+        job.release()
         if self.metrics is not None and not error.counted:
             self.metrics.error(job, error)
             error.counted = True
@@ -175,14 +178,25 @@ class Batcher:
                 continue
             except Exception as e:  # noqa: BLE001 -- one bad request must not stop the server
                 self._pop(job)
-                self._end(job, self._internal(e))
+                self._free()
+                self._end(job, self._failure(e))
                 continue
             rows = prog.model_rows()
+            if self.loop.max_rows is not None and rows > self.loop.max_rows:  # would never fit a batch
+                self._pop(job)
+                self._end(job, bad_request(f"this request needs {rows} model rows per step and the server's "
+                                           f"batches hold {self.loop.max_rows} (--bucket-rows); send fewer "
+                                           f"images or edit prompts", None, "too_many_rows"))
+                continue
             if self.programs and self.max_rows is not None and self.loop.rows + rows > self.max_rows:
                 return  # wait for room; the head keeps its place (its program is rebuilt then)
             self._pop(job)
             job.status, job.result, job.pending = "running", None, None
-            self.loop.add(prog)
+            try:
+                self.loop.add(prog)
+            except ValueError as e:
+                self._end(job, bad_request(str(e), None))
+                continue
             self.programs[id(prog)] = (job, prog)
             job.stage_steps = prog.steps_left
             job.emit({"type": "stage", "job": job.id, "stage": stage.kind, "steps": prog.steps_left})
@@ -213,9 +227,7 @@ class Batcher:
                         self.loop.step([prog])
                 except Exception as e2:  # noqa: BLE001
                     self._free()
-                    self._end(job, unavailable("the device ran out of memory for this request; retry with a "
-                                               "smaller image or fewer images", "out_of_memory")
-                              if is_oom(e2) else self._internal(e2))
+                    self._end(job, self._failure(e2))
         self.steps += 1
         if self.metrics is not None:
             self.metrics.step(rows, time.perf_counter() - tic, self.pipe.device)
@@ -236,8 +248,7 @@ class Batcher:
                 stage.on_result(result)
         except Exception as e:  # noqa: BLE001
             self._free()
-            self._end(job, unavailable("the device ran out of memory for this request", "out_of_memory")
-                      if is_oom(e) else self._internal(e))
+            self._end(job, self._failure(e))
             return
         job.result = result
         job.stage += 1
@@ -245,6 +256,7 @@ class Batcher:
             self.ready.append(job)
         else:
             job.succeed(result)
+            job.release()
             if self.metrics is not None:
                 self.metrics.done(job)
 
@@ -252,18 +264,18 @@ class Batcher:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _failure(self, e: BaseException) -> ApiError:
+        """What a job that failed alone gets: 503 when the device ran out of memory, else 500."""
+        if is_oom(e):
+            return unavailable("the device ran out of memory for this request; retry with a smaller image or "
+                               "fewer images", "out_of_memory")
+        return self._internal(e)
+
     @staticmethod
     def _internal(e: BaseException) -> ApiError:
         log.exception("request failed", exc_info=e)
         return ApiError(500, f"internal error ({type(e).__name__}); the server keeps serving", "server_error",
                         None, "internal_error")
-
-    def _forget_old(self, keep: int = 4096) -> None:
-        """Keep the job table bounded: finished jobs beyond ``keep`` are forgotten, oldest first."""
-        if len(self.jobs) > keep:
-            for jid in [j.id for j in sorted(self.jobs.values(), key=lambda j: j.order) if j.finished][:len(self.jobs) - keep]:
-                del self.jobs[jid]
-
 
 def _param_of(message: str) -> str | None:
     """The argument an engine error names first ("steps must be an integer ..." -> "steps")."""

@@ -84,6 +84,7 @@ class Job:
     pending: Any = None  # the next stage's program, built while it waits for room
     stage_steps: int = 0  # steps of the running stage's program
     order: int = field(default_factory=lambda: next(_ids))
+    result_bytes: int = 0  # what the finished result holds in memory (the job table's bound counts it)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -98,9 +99,16 @@ class Job:
 
     def emit(self, event: dict) -> None:
         """Record an event and hand it to every subscriber (thread-safe)."""
+        self._emit(event)
+
+    def _emit(self, event: dict, **attrs) -> bool:
+        """Append ``event`` (and set ``attrs``) unless a terminal event came first; atomic, so a
+        job that failed on one thread cannot be marked succeeded by another."""
         with self._lock:
             if self._done.is_set():
-                return  # nothing follows a terminal event
+                return False  # nothing follows a terminal event
+            for k, v in attrs.items():
+                setattr(self, k, v)
             self.events.append(event)
             if event["type"] in ("done", "error"):
                 self._done.set()
@@ -110,17 +118,22 @@ class Job:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
             except RuntimeError:  # that client's event loop is gone
                 pass
+        return True
 
     def succeed(self, result) -> None:
-        self.result, self.status = result, "succeeded"
-        self.emit({"type": "done", "job": self.id})
+        self._emit({"type": "done", "job": self.id}, result=result, status="succeeded",
+                   result_bytes=held_bytes(result))
 
     def fail(self, error: ApiError) -> None:
-        if self.finished:
-            return
-        self.error = error
-        self.status = "cancelled" if error.code == "cancelled" else "failed"
-        self.emit({"type": "error", "job": self.id, "status": error.status, **error.body()})
+        self._emit({"type": "error", "job": self.id, "status": error.status, **error.body()}, error=error,
+                   status="cancelled" if error.code == "cancelled" else "failed")
+
+    def release(self) -> None:
+        """After the job ends: drop what only its stages needed (images, cached inversions, a
+        program waiting for room); the result stays for clients that fetch it."""
+        self.pending = None
+        for st in self.stages:
+            st.request = {}
 
     def subscribe(self, loop):
         """An asyncio.Queue of this job's events, past ones first (call from ``loop``)."""
@@ -147,3 +160,30 @@ class Job:
         if self.error is not None:
             out["error"] = self.error.body()["error"]
         return out
+
+
+def held_bytes(result) -> int:
+    """Bytes a job's result holds: images (PIL), tensors or arrays, an inversion, or a list of them."""
+    n = 0
+    for r in result if isinstance(result, (list, tuple)) else [result]:
+        if hasattr(r, "getbands"):  # a PIL image
+            n += r.width * r.height * len(r.getbands())
+        elif isinstance(getattr(r, "nbytes", None), int):  # a tensor or an array
+            n += r.nbytes
+        elif hasattr(r, "x0") and hasattr(r, "extras"):  # an Inversion
+            from .cache import nbytes
+
+            n += nbytes(r)
+    return n
+
+
+def forget_finished(jobs: dict, keep: int = 4096, max_bytes: int = 1 << 30) -> None:
+    """Bound a job table: finished jobs beyond ``keep`` jobs, or whose results add up past
+    ``max_bytes``, are forgotten, oldest first (running and queued jobs always stay)."""
+    done = sorted((j for j in jobs.values() if j.finished), key=lambda j: j.order)
+    excess, total = len(jobs) - keep, sum(j.result_bytes for j in done)
+    for j in done:
+        if excess <= 0 and total <= max_bytes:
+            return
+        del jobs[j.id]
+        excess, total = excess - 1, total - j.result_bytes

@@ -21,7 +21,8 @@ async def send_error(send, error: ApiError) -> None:
 
 
 class Guard:
-    """For the API routes (/v1/...): 503 while ``state.ready`` is false, 401 without the API key
+    """For the API routes (/v1/...): 503 while ``state.ready`` is false (but a draining server still
+    answers reads and cancellations of its jobs), 401 without the API key
     (``Authorization: Bearer KEY``) when one is set; for every route, Content-Length checked
     against ``max_bytes`` and the streamed body counted too (413 either way, before the whole
     body is read)."""
@@ -33,7 +34,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path.startswith("/v1/") and not self.state.ready:
+        # While draining, clients still read (and cancel) the jobs they were given: only new work is refused.
+        job_read = self.state.draining and path.startswith("/v1/jobs/") and scope.get("method") in ("GET", "DELETE")
+        if path.startswith("/v1/") and not self.state.ready and not job_read:
             why = "draining" if self.state.draining else "loading"
             msg = "the server is shutting down" if self.state.draining else "the model is still loading"
             return await send_error(send, ApiError(503, f"{msg}; retry shortly", "server_error", None, why,

@@ -19,7 +19,7 @@ import logging
 import time
 
 from .api import ServeSettings, create_app
-from .jobs import ApiError, Job, Stage, queue_full, unavailable
+from .jobs import ApiError, Job, Stage, forget_finished, queue_full, unavailable
 
 log = logging.getLogger("overpaint.serving")
 APP = "overpaint"
@@ -56,30 +56,41 @@ class Engine:
         return self._info
 
     async def run(self, stages: list, output_type: str, timeout: float | None):
-        results = []
-        job = Job([Stage(kind, request, on_result=results.append) for kind, request in stages], timeout=timeout,
-                  output_type=output_type)
+        results = []  # results of the stages before the last, for the ingress's on_result (the cache)
+        job = Job([Stage(kind, request, on_result=results.append if i < len(stages) - 1 else None)
+                   for i, (kind, request) in enumerate(stages)], timeout=timeout, output_type=output_type)
         queue = job.subscribe(asyncio.get_running_loop())
         try:
             self.batcher.submit(job)
         except ApiError as e:
-            yield {"type": "error", "status": e.status, **e.body()}
+            yield {"type": "error", "status": e.status, "headers": e.headers, **e.body()}
             return
         try:
             while True:
                 event = await queue.get()
-                while results:  # each finished stage's result, for the ingress's on_result (the cache)
-                    yield {"type": "result", "result": results.pop(0)}
+                while results:
+                    yield {"type": "result", "result": portable(results.pop(0))}
                 if event["type"] == "done":
-                    yield {"type": "done", "result": job.result}
+                    yield {"type": "done", "result": portable(job.result)}
                     return
-                yield event
                 if event["type"] == "error":
+                    yield {**event, "headers": job.error.headers if job.error is not None else {}}
                     return
+                if event["type"] != "queued":  # the ingress reported the job queued
+                    yield event
         finally:
             if not job.finished:  # the ingress cancelled the stream
                 self.batcher.cancel(job.id)
             job.unsubscribe(queue)
+
+
+def portable(result):
+    """A result the ingress (no GPU) can unpickle: inversions and tensors on the CPU."""
+    if isinstance(result, list):
+        return [portable(r) for r in result]
+    if hasattr(result, "to") and (hasattr(result, "extras") or hasattr(result, "is_cuda")):  # an Inversion, a tensor
+        return result.to("cpu")
+    return result
 
 
 class RemoteBatcher:
@@ -104,13 +115,14 @@ class RemoteBatcher:
         if len(self.tasks) >= self.max_queue:
             raise queue_full(retry_after=1)
         self.jobs[job.id] = job
+        forget_finished(self.jobs)
         job.emit({"type": "queued", "job": job.id, "position": len(self.tasks)})
         self.tasks[job.id] = asyncio.run_coroutine_threadsafe(self._run(job), self.loop)
         return job
 
     async def _run(self, job: Job) -> None:
         spec = [(st.kind, st.request) for st in job.stages]
-        stage = 0
+        stage, stream = 0, None
         try:
             stream = self.handle.options(stream=True).run.remote(spec, job.output_type, job.timeout)
             async for event in stream:
@@ -120,23 +132,30 @@ class RemoteBatcher:
                         job.stages[stage].on_result(event["result"])
                     stage += 1
                 elif kind == "done":
+                    last = job.stages[-1].on_result
+                    if last is not None:
+                        last(event["result"])
                     job.succeed(event["result"])
                     if self.metrics is not None:
                         self.metrics.done(job)
                 elif kind == "error":
                     err = event["error"]
-                    job.fail(ApiError(event["status"], err["message"], err["type"], err["param"], err["code"]))
+                    job.fail(ApiError(event["status"], err["message"], err["type"], err["param"], err["code"],
+                                      event.get("headers")))
                 else:
                     if kind in ("stage", "step"):
                         job.status = "running"
-                    job.emit(event)
+                    job.emit({**event, "job": job.id})  # the client's id, not the replica's
         except asyncio.CancelledError:
+            if stream is not None:
+                stream.cancel()  # the replica's generator stops and its batcher drops the job's rows
             job.fail(ApiError(499, "cancelled by the client", "invalid_request_error", None, "cancelled"))
         except Exception as e:  # noqa: BLE001 -- a replica died or refused: this job fails, the server goes on
             log.warning("engine replica failed a job: %s", e)
             job.fail(unavailable(f"an engine replica failed ({type(e).__name__}); retry", "replica_error"))
         finally:
             self.tasks.pop(job.id, None)
+            job.release()
 
     def cancel(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)

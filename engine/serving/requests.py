@@ -7,7 +7,8 @@ import base64
 import binascii
 import json
 
-from ..methods import DEFAULT_INVERSION, inversion_for, inversion_prompt, needs_target, split_params
+from ..methods import (DEFAULT_INVERSION, UNSEEDED_INVERSIONS, inversion_for, inversion_prompt, needs_target,
+                       split_params)
 from .cache import inversion_id
 from .jobs import PREVIOUS, ApiError, Job, Stage, bad_request
 
@@ -133,6 +134,41 @@ def method_params(fields: dict, method: str, extra_ok: set[str]) -> tuple[dict, 
     return split_params(method, inv, edit)
 
 
+def openai_options(fields: dict, route: str) -> tuple[str, int | None]:
+    """OpenAI's output options on the image routes: (output_format, quality for JPEG / WebP);
+    400 for what this server does not do (URLs, streamed partial images, a transparent edit)."""
+    if fields.get("response_format", "b64_json") != "b64_json":
+        raise bad_request("only response_format=b64_json is served (no URLs)", "response_format")
+    if form_value(fields.get("stream", False)) not in (False, None):
+        raise bad_request("streamed responses are not served here; send stream=false (POST /v1/edits and "
+                          "GET /v1/jobs/{id}/events report progress)", "stream")
+    if integer(fields, "partial_images", 0, 0, 3):
+        raise bad_request("partial_images needs a streamed response, which is not served; send 0", "partial_images")
+    fmt = text(fields, "output_format", default="png")
+    if fmt not in ("png", "jpeg", "webp"):
+        raise bad_request(f"'output_format' must be 'png', 'jpeg' or 'webp', got {fmt!r}", "output_format")
+    quality = integer(fields, "output_compression", 100, 0, 100) if fmt != "png" else None
+    background = text(fields, "background", default="auto")
+    if background not in ("auto", "opaque", "transparent"):
+        raise bad_request(f"'background' must be 'transparent', 'opaque' or 'auto', got {background!r}", "background")
+    if background == "transparent" and route == "edits":
+        raise bad_request("an edit keeps the image's own background: send background='auto' (transparent "
+                          "backgrounds are for generations with a chroma_key)", "background")
+    if background == "transparent" and fmt == "jpeg":
+        raise bad_request("JPEG has no alpha channel: use output_format 'png' or 'webp' for a transparent background",
+                          "output_format")
+    return fmt, quality
+
+
+def seeded(fields: dict, card) -> bool:
+    """Whether the seed changes an edit with these fields (its inversion draws noise)."""
+    method = fields.get("method", "p2p")
+    if method not in DEFAULT_INVERSION:
+        return True  # edit_job names the unknown method
+    inv = form_value(fields.get("inversion_method")) or inversion_for(method, card)
+    return inv not in UNSEEDED_INVERSIONS
+
+
 def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:
     """The job of an edit: the inversion (from the cache, or a stage that fills it) and the edit."""
     method = text(fields, "method", default="p2p")
@@ -193,9 +229,7 @@ def generation_job(server, fields: dict) -> Job:
     n = integer(fields, "n", 1, 1, MAX_N)
     hw = size(fields)
     params = {}
-    background = text(fields, "background", default="auto")  # OpenAI's: "transparent" | "opaque" | "auto"
-    if background not in ("auto", "opaque", "transparent"):
-        raise bad_request(f"'background' must be 'transparent', 'opaque' or 'auto', got {background!r}", "background")
+    background = text(fields, "background", default="auto")  # OpenAI's: checked by openai_options
     if background == "transparent":
         if fields.get("chroma_key") is None:
             raise bad_request("background='transparent' keys out a chroma background: also give chroma_key "

@@ -1,8 +1,9 @@
 """Running the API with uvicorn: loopback by default, SIGTERM drains.
 
-On SIGTERM (or Ctrl-C) the server stops accepting (new API requests get 503), uvicorn lets
-the requests in flight finish, the batcher finishes queued and running jobs within the grace
-period and ends any left with a 503 error event, and the process exits 0.
+On SIGTERM (or Ctrl-C) the server stops accepting while it keeps listening (new API requests
+get 503, /ready 503; clients still read and cancel their jobs), the batcher finishes queued and
+running jobs within the grace period and ends any left with a 503 error event, open requests
+get their answers, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 
 from .api import ServeSettings, create_app
 
 LOOPBACK = ("localhost",)
+LINGER_S = 2.0  # after draining, before the socket closes
 log = logging.getLogger("overpaint.serving")
 
 
@@ -43,14 +46,22 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, in
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            # SIGTERM / SIGINT: refuse new work now; the batcher finishes what it holds within the
-            # grace period and ends the rest with error events, so every open request and event
-            # stream gets its answer before uvicorn's own (longer) graceful-shutdown limit.
+            # The first SIGTERM / SIGINT drains: the socket stays open, so new work gets a 503 and
+            # clients still read their jobs; the batcher finishes what it holds within the grace
+            # period and ends the rest with error events; then uvicorn shuts down (exit 0). A
+            # second signal is uvicorn's own shutdown, a third its forced exit.
             if not state.draining:
                 state.begin_drain()
-                threading.Thread(target=state.stop, name="overpaint-drain", daemon=True).start()
+
+                def drain_then_exit():
+                    state.stop()
+                    time.sleep(LINGER_S)  # a client polling its job sees the terminal state
+                    self.should_exit = True
+
+                threading.Thread(target=drain_then_exit, name="overpaint-drain", daemon=True).start()
+                return
             super().handle_exit(sig, frame)
-            self._captured_signals.clear()  # drained on purpose: exit 0, not by re-raising the signal
+            self._captured_signals.clear()  # stopped on purpose: exit 0, not by re-raising the signal
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=settings.grace_s + 10,

@@ -79,6 +79,15 @@ class Loop:
     def remove(self, program: Program) -> None:
         """Leave before the next step (a cancelled or timed-out request); its rows stop running."""
         self.live = [p for p in self.live if p is not program]
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop memo entries made for programs that left: a server's loop outlives its requests,
+        and an entry can hold a request's tuned weights (Imagic) or its plans."""
+        live = {id(p) for p in self.live}
+        for cache in (self._conds, self._plans):
+            for key in [k for k, (_, _, owners) in cache.items() if not owners <= live]:
+                del cache[key]
 
     @property
     def rows(self) -> int:
@@ -105,7 +114,10 @@ class Loop:
             for p in idle:
                 p.advance(None)
         finally:  # a failed call leaves the programs of earlier calls advanced: drop the finished ones
+            n = len(self.live)
             self.live = [p for p in self.live if not p.done]
+            if len(self.live) < n:
+                self._forget()
             self.seconds += time.perf_counter() - tic
 
     def run(self) -> None:
@@ -141,11 +153,12 @@ class Loop:
             off += len(p.cond())
         conds = [p.cond() for p in progs]
         rows = self._memo(self._conds, tuple(id(c) for c in conds) + (total,),
-                          lambda: self._rows(conds, total - n), keep=conds)
+                          lambda: self._rows(conds, total - n), keep=conds, owners=progs)
         plans = [p.plan() for p in progs]
         plan = self._memo(self._plans, tuple((id(q), o, len(c)) for q, o, c in zip(plans, offsets, conds)) + (total,),
                           lambda: merge([(q, o, len(p.cond())) for q, p, o in zip(plans, progs, offsets)], total,
-                                        getattr(self.denoiser, "attn_layers", []), x.device), keep=plans)
+                                        getattr(self.denoiser, "attn_layers", []), x.device), keep=plans,
+                          owners=progs)
         if total > n:  # idle rows: zeros at the first row's timestep; nobody reads their output
             x = torch.cat([x, x.new_zeros(total - n, *x.shape[1:])])
             t = torch.cat([t, t[:1].expand(total - n)])
@@ -156,7 +169,7 @@ class Loop:
         segments = "blocks" if self.batch_invariant else (sizes if len(sizes) > 1 else None)
         if self.before_call is not None:
             self.before_call(progs)
-        out = self._denoiser(progs[0].denoiser)(x, t, rows, plan, segments)  # [R, C, h, w]
+        out = self._denoiser(progs[0].denoiser, progs)(x, t, rows, plan, segments)  # [R, C, h, w]
         if hasattr(plan, "copy_back"):
             plan.copy_back()
         if self.sync_timing and x.is_cuda:
@@ -167,12 +180,13 @@ class Loop:
         for p, o in zip(progs, offsets):
             p.advance(p.combine(out[o:o + len(p.cond())]))
 
-    def _denoiser(self, den):
+    def _denoiser(self, den, progs):
         """The loop's denoiser (its runner: CUDA graphs), with the weights of the group's programs
         when they bring their own (a fine-tune kept apart from the model: Imagic)."""
         if den.key == self.denoiser.key:
             return self.denoiser
-        return self._memo(self._conds, ("weights", den.key), lambda: self.denoiser.with_weights(den.weights), keep=den)
+        return self._memo(self._conds, ("weights", den.key), lambda: self.denoiser.with_weights(den.weights), keep=den,
+                          owners=progs)
 
     @staticmethod
     def _rows(parts: list[RowCond], pad: int) -> RowCond:
@@ -180,12 +194,13 @@ class Loop:
         return rows.pad(pad) if pad else rows
 
     @staticmethod
-    def _memo(cache: OrderedDict, key, make, keep=None):
+    def _memo(cache: OrderedDict, key, make, keep, owners):
         if key in cache:
             cache.move_to_end(key)
             return cache[key][0]
         value = make()
-        cache[key] = (value, keep)  # keep the keyed objects alive: their ids stay theirs
+        # keep the keyed objects alive (their ids stay theirs) while the programs they serve live
+        cache[key] = (value, keep, frozenset(map(id, owners)))
         if len(cache) > _CACHE:
             cache.popitem(last=False)
         return value

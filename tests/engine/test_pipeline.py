@@ -103,6 +103,39 @@ def test_bad_input_errors(sd15):
         ours.generate(3, steps=1, progress=False)
 
 
+def test_bad_requests_fail_before_any_work_with_one_line(sd15_pipe, image, tmp_path, monkeypatch):
+    """Each of these once surfaced as Python's own error (ZeroDivisionError, IndexError, an
+    unhashable list, an unexpected keyword), or only after every step had run."""
+    pipe = sd15_pipe
+    x = image[..., :32, :32]
+    calls = []
+    monkeypatch.setattr(type(pipe), "_run", lambda self, *a, **k: calls.append(1) or [])
+    with pytest.raises(ValueError, match="unknown output_type 'PIL'"):
+        pipe.generate("x", steps=3, output_type="PIL", progress=False)
+    with pytest.raises(ValueError, match="empty list"):
+        pipe.generate([], steps=1, progress=False)
+    with pytest.raises(ValueError, match="empty list"):
+        pipe.invert(x, [], progress=False)
+    with pytest.raises(ValueError, match="2 prompts for 4 images"):
+        pipe.invert(x.repeat(4, 1, 1, 1), ["a", "b"], progress=False)
+    with pytest.raises(TypeError, match="method must be a string"):
+        pipe.invert(x, "a", method=["ddim"], progress=False)
+    with pytest.raises(ValueError, match="the 'ddim' inversion takes no 'skip'"):
+        pipe.invert(x, "a", method="ddim", skip=0.3, progress=False)
+    with pytest.raises(TypeError, match="edit takes an Inversion"):
+        pipe.edit(42, "ddim", "a", progress=False)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got \[11.3, 239\].*x / 255"):
+        pipe.invert(x * 255, "a", progress=False)
+    with pytest.raises(ValueError, match=r"\(x \+ 1\) / 2"):
+        pipe.invert(x * 2 - 1, "a", progress=False)
+    assert not calls  # nothing ran
+    monkeypatch.undo()
+    inv = pipe.invert(x, None, steps=2, progress=False)  # None: the unconditional prompt
+    path = inv.save(tmp_path / "inv.safetensors")
+    torch.testing.assert_close(pipe.edit(str(path), "ddim", "a", output_type="pt", progress=False),
+                               pipe.edit(inv, "ddim", "a", output_type="pt", progress=False), atol=0, rtol=0)
+
+
 def test_encode_prompt_shapes(sdxl):
     ours, _ = sdxl
     cond, uncond = ours.encode_prompt(["a", "b"], num_images=3)

@@ -186,5 +186,5 @@ def test_image_conditioned_edit_and_generation(tiny_sd15_dir, tiny_adapter, phot
                  "--no-progress", "--ip-adapter", str(tiny_adapter)]) == 2
     assert "needs --ip-image" in _err(capsys)
     assert main(["edit", str(photo), "--model", str(tiny_sd15_dir), "--method", "pix2pix-zero", "--direction", "red",
-                 "blue", "--image-scale", "0.5", "-o", str(out), "--steps", "2", "--no-progress"]) == 2
+                 "blue", "--image-scale", "0.5", "-o", str(tmp_path / "h.png"), "--steps", "2", "--no-progress"]) == 2
     assert "--image-scale applies to --method" in _err(capsys)

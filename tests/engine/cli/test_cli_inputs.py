@@ -2,6 +2,7 @@
 before any compute, inputs never touched, notices where the engine adapts what it was given."""
 
 import errno
+import json
 import os
 import shutil
 
@@ -69,14 +70,22 @@ def _broken_models(tiny_sd15_dir, tmp_path):
     corrupt = shutil.copytree(tiny_sd15_dir, tmp_path / "corrupt")
     w = corrupt / "vae" / "diffusion_pytorch_model.safetensors"
     w.write_bytes(b"\xff" * 8 + w.read_bytes()[8:])
+    listed = shutil.copytree(tiny_sd15_dir, tmp_path / "listed")
+    (listed / "model_index.json").write_text("[1, 2]")
+    mismatched = shutil.copytree(tiny_sd15_dir, tmp_path / "mismatched")
+    cfg = json.loads((mismatched / "unet" / "config.json").read_text())
+    cfg["cross_attention_dim"] *= 2  # every cross-attention key/value projection misfits: torch lists each
+    (mismatched / "unet" / "config.json").write_text(json.dumps(cfg))
     return [(empty, "has no model_index.json"), (pickle, "refuses to read"), (truncated, "truncated"),
-            (corrupt, "corrupt")]
+            (corrupt, "corrupt"), (listed, "holds a JSON list, not an object"),
+            (mismatched, "do not fit its config.json")]
 
 
 def test_model_loading_errors_are_one_line(tiny_sd15_dir, tmp_path, photo, capsys):
     for folder, message in _broken_models(tiny_sd15_dir, tmp_path):
         line = run(edit(folder, photo, tmp_path / "o.png"), capsys, [photo])
         assert line.startswith("overpaint: error:") and message in line, (folder, line)
+        assert len(line) < 1000, line  # one readable line, not every mismatch torch found (50 kB once)
         assert not (tmp_path / "o.png").exists()
 
 
@@ -111,6 +120,59 @@ def test_an_output_linked_to_the_input_is_refused(tiny_sd15_dir, tmp_path, photo
     for out in (photo, hard, soft):
         line = run(edit(tiny_sd15_dir, photo, out), capsys, [photo])
         assert "is the input" in line and "(or a link to it)" in line
+
+
+def test_existing_files_are_never_replaced_unless_asked(tiny_sd15_dir, tmp_path, photo, capsys, monkeypatch):
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"keep me")
+    (tmp_path / "many_1.png").write_bytes(b"keep me too")
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    gen = ["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "--steps", "1", "--no-progress"]
+    cases = [
+        (edit(tiny_sd15_dir, photo, taken), "exists; choose another name, or pass --overwrite"),
+        ([*gen, "-o", str(tmp_path / "many.png"), "--num-images", "2"], "many_1.png' exists"),
+        (["edit", str(photo), "--model", str(tiny_sd15_dir), "--method", "ledits++", "--edit-prompt", "x",
+          "--mask", str(mask), "-o", str(mask)], "is the input"),
+        ([*gen, "--ip-image", str(photo), "-o", str(photo)], "is the input"),
+    ]
+    import engine
+
+    real_load = engine.load
+    monkeypatch.setattr(engine, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded a model")))
+    for argv, message in cases:
+        line = run(argv, capsys, [photo, taken, mask, tmp_path / "many_1.png"])
+        assert message in line, (argv, line)
+    monkeypatch.setattr(engine, "load", real_load)
+    run([*gen, "-o", str(taken), "--overwrite"], capsys, [photo], code=0)
+    assert Image.open(taken).size == (32, 32)
+
+
+def test_a_reused_inversion_must_match_the_image_and_the_options(tiny_sd15_dir, tmp_path, photo, capsys):
+    """--inversion FILE that exists is edited as it is: another image, or options that would
+    invert differently, used to be silently ignored."""
+    inv = tmp_path / "inv.safetensors"
+    argv = lambda image, out, *extra: edit(tiny_sd15_dir, image, tmp_path / out, "--method", "ddpm",  # noqa: E731
+                                           "--inversion", str(inv), *extra)
+    run(argv(photo, "a.png"), capsys, [photo], code=0)
+    run(argv(photo, "b.png"), capsys, [photo, inv], code=0)  # the same command again: reused
+    other = tmp_path / "other.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(other)
+    line = run(argv(other, "c.png"), capsys, [photo, inv, other])
+    assert "was made from another image" in line
+    line = run(argv(photo, "c.png", "--seed", "7"), capsys, [photo, inv])
+    assert "was made with seed=0 and this command asks for 7" in line
+    line = run(argv(photo, "c.png", "--skip", "0.5"), capsys, [photo, inv])
+    assert "was made with skip=None and this command asks for 0.5" in line
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_an_inversion_option_its_inversion_does_not_take(tiny_sd15_dir, tmp_path, photo, capsys, no_model_load):
+    line = run(edit(tiny_sd15_dir, photo, tmp_path / "o.png", "--method", "p2p", "--skip", "0.3"), capsys, [photo])
+    assert "--skip applies to --method ddpm, ledits++, not p2p (whose edit here inverts with ddim)" in line
+    with pytest.raises(SystemExit) as exit:  # argparse's own one-line error
+        main(["serve", "--port", "70000"])
+    assert exit.value.code == 2 and "must be at most 65535" in capsys.readouterr().err
 
 
 def test_demo_output_checks(tmp_path, capsys, monkeypatch):
@@ -157,11 +219,11 @@ def test_a_far_off_size_is_resized_with_a_notice(tiny_sd15_dir, tmp_path, capsys
         run(edit(tiny_sd15_dir, big, out), capsys, [big], code=0)
     assert "resizing the 96x128 image to 28x36" in caplog.text  # ~32², aspect kept, sides multiples of 4
     assert Image.open(out).size == (28, 36)
-    run(edit(tiny_sd15_dir, big, out, "--output-size", "input"), capsys, [big], code=0)
+    run(edit(tiny_sd15_dir, big, out, "--output-size", "input", "--overwrite"), capsys, [big], code=0)
     assert Image.open(out).size == (96, 128)
     caplog.clear()
     with caplog.at_level("WARNING", logger="overpaint"):
-        run(edit(tiny_sd15_dir, big, out, "--keep-size"), capsys, [big], code=0)
+        run(edit(tiny_sd15_dir, big, out, "--keep-size", "--overwrite"), capsys, [big], code=0)
     assert Image.open(out).size == (96, 128) and "works at about 32x32" in caplog.text
 
 
@@ -197,7 +259,7 @@ def test_transparent_input_gets_a_notice(tiny_sd15_dir, tmp_path, capsys, caplog
     with caplog.at_level("WARNING", logger="overpaint"):
         run(edit(tiny_sd15_dir, rgba, tmp_path / "o.png", "--background", "black"), capsys, [rgba], code=0)
     assert "transparent pixels: composited over black" in caplog.text
-    line = run(edit(tiny_sd15_dir, rgba, tmp_path / "o.png", "--background", "mauve"), capsys, [rgba])
+    line = run(edit(tiny_sd15_dir, rgba, tmp_path / "p.png", "--background", "mauve"), capsys, [rgba])
     assert line.startswith("overpaint: error: --background: background must be")
 
 
@@ -233,7 +295,7 @@ def test_every_ledits_and_p2p_option_reaches_the_engine(tiny_sd15_dir, tmp_path,
     assert seen["use_intersect_mask"] is False and seen["use_cross_attn_mask"] is True
     assert tuple(seen["user_mask"].shape) == (1, 1, 16, 16) and seen["guidance_rescale"] == 0.1
     seen.clear()
-    run(edit(tiny_sd15_dir, photo, tmp_path / "o.png", "--cross-replace", "0.5", "--self-replace", "0.3",
+    run(edit(tiny_sd15_dir, photo, tmp_path / "p.png", "--cross-replace", "0.5", "--self-replace", "0.3",
              "--reweight", "blue=2", "--blend-words", "red circle", "blue circle", "--blend-threshold", "0.4",
              "--blend-start", "0.1", "--blend-maps", "edited", "--source-branch", "inversion",
              "--source-branch-guidance", "2"), capsys, [photo], code=0)

@@ -189,6 +189,27 @@ def test_too_many_structures_fall_back(sd15_pipe, caplog):
     assert len(runner.cache) == 1 and any("dynamic shapes" in r.getMessage() for r in caplog.records)
 
 
+def test_out_of_memory_during_capture_is_raised_not_made_permanent(monkeypatch):
+    """An uncapturable step runs eagerly from then on; running out of memory while capturing is a
+    passing shortage (a server under load): it is raised, and a later call captures again."""
+    graphs._LOGGED.clear()
+    runner = GraphRunner(mode="auto")
+    monkeypatch.setattr(runner, "resolve", lambda leaves: "cuda")
+    failure = [torch.OutOfMemoryError("CUDA out of memory (injected)")]
+
+    def pool():
+        raise failure[0]
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", pool)
+    body = lambda inp, c: inp["x"] * 2  # noqa: E731
+    with pytest.raises(torch.OutOfMemoryError):
+        runner.run("f", body, dict(x=torch.ones(2)))
+    assert all(entry is not None for entry in runner.cache.values())  # not marked eager
+    failure[0] = RuntimeError("operation not permitted when stream is capturing")
+    torch.testing.assert_close(runner.run("f", body, dict(x=torch.ones(2))), torch.full((2,), 2.0))
+    assert list(runner.cache.values()) == [None]  # this structure runs eagerly from now on
+
+
 def test_bad_mode():
     with pytest.raises(ValueError, match="graph mode"):
         GraphRunner(mode="sometimes")

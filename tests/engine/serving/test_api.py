@@ -49,8 +49,10 @@ def test_routes(server):
     assert r.status_code == 200, r.text
     out = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
     assert out.size == (32, 32)
-    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")}, data=edit_form(size="48x40", n="2"))
-    assert [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size for d in r.json()["data"]] == [(48, 40)] * 2
+    r = c.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")}, data=edit_form(size="48x40", n="2", method="ddpm"))
+    got = [base64.b64decode(d["b64_json"]) for d in r.json()["data"]]
+    assert [Image.open(io.BytesIO(b)).size for b in got] == [(48, 40)] * 2
+    assert got[0] != got[1]  # n variations: seeds seed, seed + 1
     r = c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "n": 2, "size": "32x32"})
     assert r.status_code == 200 and len(r.json()["data"]) == 2
     r = c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "size": "32x32", "chroma_key": [0, 177, 64],
@@ -151,6 +153,12 @@ def test_bad_input_corpus(server):
         (post(img(good), edit_form(cross_replace_steps="0.5")), 400, "cross_replace_steps"),  # not ddim's
         (post(img(good), edit_form(prompt="word " * 90)), 400, None),  # oversized prompt
         (post(img(good), edit_form(response_format="url")), 400, "response_format"),
+        (post(img(good), edit_form(seed="--3")), 400, "seed"),  # passed a digits check, then int() failed: 500
+        (post(img(good), edit_form(n="2")), 400, "n"),  # ddim: n identical images
+        (post(img(good), edit_form(stream="true")), 400, "stream"),
+        (post(img(good), edit_form(partial_images="2")), 400, "partial_images"),
+        (post(img(good), edit_form(output_format="gif")), 400, "output_format"),
+        (post(img(good), edit_form(background="transparent")), 400, "background"),
         (c.post("/v1/images/edits", content=b"--xx\r\nbroken", headers={"content-type": "multipart/form-data; "
                                                                           "boundary=xx"}), 400, None),
         (c.post("/v1/images/edits", json={"prompt": "x"}), 400, None),  # JSON where multipart is expected
@@ -162,6 +170,8 @@ def test_bad_input_corpus(server):
         (c.post("/v1/images/generations", json={"prompt": "x", "background": "transparent"}), 400, "background"),
         (c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "chroma_key": "purple"}), 400, None),
         (c.post("/v1/images/generations", json={"prompt": "x", "frobnicate": 1}), 400, "frobnicate"),
+        (c.post("/v1/images/generations", json={"prompt": "x", "chroma_key": "green", "background": "transparent",
+                                                "output_format": "jpeg"}), 400, "output_format"),
         (c.post("/v1/edits", json={"inversion": "inv_" + "0" * 32, "target_prompt": "y"}), 404, "inversion"),
         (c.post("/v1/edits", json={"inversion": "../../etc/passwd", "target_prompt": "y"}), 404, "inversion"),
         (c.post("/v1/edits", json={"image": "%%%", "target_prompt": "y"}), 400, "image"),
@@ -239,10 +249,13 @@ def test_timeout_is_408(live, sd15_pipe):
 def test_out_of_memory_hits_only_the_request_that_causes_it(server):
     batcher = server.state.batcher
 
+    shared = []
+
     def inject(programs):  # the model "runs out of memory" whenever the poisoned request's rows are in a call
         for p in programs:
             job = batcher.programs[id(p)][0]
             if "POISON" in str(job.stages[-1].request.get("prompt")):
+                shared.append(len(programs))
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     batcher.loop.before_call = inject
@@ -259,12 +272,15 @@ def test_out_of_memory_hits_only_the_request_that_causes_it(server):
         t.join()
     assert results["a"].status_code == 200 and results["b"].status_code == 200
     assert error_of(results["bad"], 503)["code"] == "out_of_memory"
+    assert max(shared) > 1  # it failed a call it shared with the others, and only it failed
     assert 'overpaint_errors_total{reason="out_of_memory"} 1.0' in server.client.get("/metrics").text
 
 
 def test_results_are_identical_alone_and_under_load_when_batch_invariant(live, sd15_pipe):
-    s = live(ServeSettings(batch_invariant=True, bucket_rows=16), sd15_pipe)
+    s = live(ServeSettings(batch_invariant=True, bucket_rows=16, cache_bytes=0), sd15_pipe)  # every edit inverts
     form = edit_form(method="p2p", steps="3")
+    calls = []
+    s.state.batcher.loop.before_call = lambda programs: calls.append(len(programs))
 
     def edit(seed_img=0):
         r = s.client.post("/v1/images/edits", files={"image": ("a.png", png(seed=seed_img), "image/png")}, data=form)
@@ -283,6 +299,68 @@ def test_results_are_identical_alone_and_under_load_when_batch_invariant(live, s
     for t in threads:
         t.join()
     assert out[0] == alone  # the same bytes while three other edits shared its model calls
+    assert max(calls) > 1  # they did share calls
+
+
+def test_rows_over_the_bucket_are_400_and_other_jobs_finish(live, sd15_pipe):
+    s = live(ServeSettings(batch_invariant=True, bucket_rows=2), sd15_pipe)
+    results = {}
+
+    def go(name, body):
+        results[name] = s.client.post("/v1/images/generations", json=body, timeout=60)
+
+    threads = [threading.Thread(target=go, args=("ok", {"prompt": "x", "steps": 20})),
+               threading.Thread(target=go, args=("big", {"prompt": "x", "steps": 2, "n": 3}))]  # 6 rows with CFG
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["ok"].status_code == 200
+    assert error_of(results["big"], 400)["code"] == "too_many_rows"  # it used to hang, failing the others
+
+
+def test_a_client_that_leaves_cancels_its_running_job(server):
+    import httpx
+
+    batcher = server.state.batcher
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", "steps": 900, "n": 4, "size": "96x96"},
+                   timeout=1.5)
+    job = max(batcher.jobs.values(), key=lambda j: j.order)
+    _wait(lambda: job.finished, timeout=20)
+    assert job.status == "cancelled"  # step events came faster than the old idle-only check ever saw
+    assert batcher.loop.rows == 0
+    assert len([e for e in job.events if e["type"] == "step"]) < 900
+
+
+def test_one_failed_image_of_n_cancels_the_others(server):
+    batcher = server.state.batcher
+    first = []
+
+    def inject(programs):  # a bug that hits the first job of the request only
+        for p in programs:
+            job = batcher.programs[id(p)][0]
+            first.append(first[0] if first else job)
+            if job is first[0]:
+                raise RuntimeError("injected")
+
+    batcher.loop.before_call = inject
+    r = server.client.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
+                           data=edit_form(method="ddpm", steps="40", n="3"))
+    assert error_of(r, 500)["code"] == "internal_error"
+    jobs = [j for j in batcher.jobs.values() if j.route == "images/edits"]
+    _wait(lambda: all(j.finished for j in jobs))
+    assert sorted(j.status for j in jobs) == ["cancelled", "cancelled", "failed"]  # none left running
+    assert batcher.loop.rows == 0
+
+
+def test_output_formats(server):
+    c = server.client
+    for fmt, magic in (("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")):
+        r = c.post("/v1/images/generations", json={"prompt": "x", "steps": 1, "output_format": fmt,
+                                                   "output_compression": 50})
+        assert r.status_code == 200, r.text
+        assert base64.b64decode(r.json()["data"][0]["b64_json"])[:len(magic)] == magic
 
 
 def test_serve_refuses_an_open_host_without_a_key(capsys, monkeypatch):

@@ -1,5 +1,6 @@
-"""SIGTERM under load: the server stops accepting, finishes or ends every accepted job with an
-error event, and exits 0 (the real `overpaint serve` process)."""
+"""SIGTERM under load: the server stops accepting (while it still listens: new work gets 503,
+clients read their jobs), finishes or ends every accepted job with an error event, and exits 0
+(the real `overpaint serve` process)."""
 
 import json
 import os
@@ -20,7 +21,7 @@ def test_sigterm_under_load_loses_nothing(tiny_sd15_dir, free_port, wait_ready):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, 90, alive=lambda: proc.poll() is None)
-        results, events = {}, []
+        results, events, ids = {}, [], []
 
         def request(i):
             try:
@@ -33,6 +34,7 @@ def test_sigterm_under_load_loses_nothing(tiny_sd15_dir, free_port, wait_ready):
         def stream():
             jid = httpx.post(f"{url}/v1/edits", json={"image": _png_b64(), "target_prompt": "y", "method": "ddim",
                                                       "steps": 400}, timeout=30).json()["id"]
+            ids.append(jid)
             with httpx.stream("GET", f"{url}/v1/jobs/{jid}/events", timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -43,6 +45,12 @@ def test_sigterm_under_load_loses_nothing(tiny_sd15_dir, free_port, wait_ready):
             t.start()
         time.sleep(1.5)  # all accepted and running
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # draining: still listening; new work is refused, clients still read their jobs
+        late = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "steps": 1}, timeout=10)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining", late.text
+        assert httpx.get(f"{url}/ready", timeout=10).status_code == 503
+        assert httpx.get(f"{url}/v1/jobs/{ids[0]}", timeout=10).json()["status"] in ("queued", "running")
         for t in threads:
             t.join(timeout=120)
         assert proc.wait(timeout=60) == 0
@@ -52,7 +60,6 @@ def test_sigterm_under_load_loses_nothing(tiny_sd15_dir, free_port, wait_ready):
         assert any(status == 200 for status, _ in results.values()), results  # in-flight work finished within the grace
         # the long job outlived the grace period: its stream still got a terminal event
         assert events and events[-1]["type"] == "error" and events[-1]["error"]["code"] == "shutdown", events[-3:]
-        assert httpx.get(f"{url}/health", timeout=2) if proc.poll() is None else True
     finally:
         if proc.poll() is None:
             proc.kill()

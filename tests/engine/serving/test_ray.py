@@ -51,8 +51,10 @@ def test_routes_through_ray_serve(ray_url):
     with c.stream("GET", f"/v1/jobs/{jid}/events") as stream:
         for line in stream.iter_lines():
             if line.startswith("data: "):
-                events.append(json.loads(line[6:])["type"])
-    assert "step" in events and events[-1] == "done"
+                events.append(json.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert "step" in kinds and kinds[-1] == "done" and kinds.count("queued") == 1
+    assert {e["job"] for e in events} == {jid}  # the client's job id, not the replica's
     bad = c.post("/v1/images/generations", json={"prompt": "x", "steps": 2.5})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "steps"
     long = c.post("/v1/edits", json={"image": base64.b64encode(_png()).decode(), "target_prompt": "y",

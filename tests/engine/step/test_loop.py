@@ -68,6 +68,24 @@ def test_one_model_call_per_step_and_groups_by_shape(sd15_pipe, small):
     assert loop.calls == 6  # two latent shapes: two groups, a call each per step
 
 
+def test_a_long_lived_loop_forgets_what_finished_programs_needed(sd15_pipe, small):
+    """A server's loop outlives its requests: memoised rows, plans and weights go with them."""
+    reqs = _mix(sd15_pipe, small)
+    make = lambda r: sd15_pipe._edit(dict(r)) if "inv" in r else sd15_pipe._generation(dict(r))  # noqa: E731
+    loop = Loop(sd15_pipe.denoiser)
+    a, b = make(reqs[0]), make(reqs[5])  # 5 and 4 steps
+    loop.add(a)
+    loop.add(b)
+    loop.step()
+    assert loop._conds and loop._plans
+    owners = lambda cache: set().union(*(o for _, _, o in cache.values()))  # noqa: E731
+    assert owners(loop._conds) <= {id(a), id(b)}
+    loop.remove(b)  # a cancelled request
+    assert owners(loop._conds) | owners(loop._plans) <= {id(a)}
+    loop.run()
+    assert not loop._conds and not loop._plans
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_a_request_joining_late_gets_its_result_alone(sd15_pipe, small, k):
     """Continuous batching: B joins after A has run k steps, at its own step 0."""
