@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 from .errors import UserError
-from engine.methods import TARGET_FREE, inversion_for, inversion_prompt, needs_target, split_params
+from engine.methods import (TARGET_FREE, UNSEEDED_INVERSIONS, inversion_for, inversion_prompt, needs_target,
+                            split_params)
 
 from .options import EDIT_OPTIONS
 from .outputs import check_output, check_output_folder, output_paths, writable_folder
@@ -69,7 +70,8 @@ def cmd_generate(args) -> None:
         _load_adapter(pipe, args)
         control.update(ip_adapter_image=load_image(args.ip_image), ip_adapter_scale=args.ip_scale)
     chroma = {} if args.chroma_key is None else dict(chroma_key=args.chroma_key, chroma_shift=args.chroma_shift,
-                                                     chroma_std=args.chroma_std, alpha=args.alpha)
+                                                     chroma_std=args.chroma_std, chroma_center=args.chroma_center,
+                                                     alpha=args.alpha)
     given = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance),
                                ("guidance_rescale", args.guidance_rescale),
                                ("embedded_guidance", args.embedded_guidance), ("sampler", args.sampler)) if v is not None}
@@ -131,6 +133,11 @@ def method_params(args, inv_method: str) -> tuple[dict, dict]:
             value = _mask(value)
         (inv if o.stage == "invert" else edit)[o.param] = value
     inv.pop("method", None)
+    if args.keep_size and (args.height or args.width):
+        raise UserError("--keep-size processes the image as given and --height/--width resize it: give one of them")
+    if args.target_prompt is not None and (getattr(args, "edit_prompt", None) or getattr(args, "direction", None)):
+        log.warning("--target-prompt is not used: %s gives the edit",
+                    "--edit-prompt" if getattr(args, "edit_prompt", None) else "--direction")
     if method == "ledits++":
         if not concepts:
             raise UserError("--method ledits++ needs --edit-prompt (a concept to add, or to remove with --reverse) "
@@ -165,8 +172,13 @@ def _inversion_method(args, card) -> str:
 def _image_size(pipe, x, args) -> tuple[int, int] | None:
     """The size to process the image at (None: as given), with a notice when it is resized."""
     h, w = x.shape[-2:]
-    if args.height or args.width:
-        return args.height or h, args.width or w
+    if args.height and args.width:
+        return args.height, args.width
+    if args.height or args.width:  # one side given: the other keeps the aspect, on the model's grid
+        m = pipe.size_multiple
+        if args.height:
+            return args.height, max(m, round(w * args.height / h / m) * m)
+        return max(m, round(h * args.width / w / m) * m), args.width
     if args.keep_size:
         return None
     size = pipe.fit_size(h, w)
@@ -178,10 +190,12 @@ def _image_size(pipe, x, args) -> tuple[int, int] | None:
 
 
 def _invert_request(args, image_sha: str, inv_method: str, inv_params: dict) -> dict:
-    """What this command asks of the inversion (recorded with a saved one, checked on reuse)."""
+    """What this command asks of the inversion (recorded with a saved one, checked on reuse);
+    the size it is processed at is checked once the model is read (:func:`_check_size`)."""
     request = {"image_sha256": image_sha, "method": inv_method,
-               "prompt": inversion_prompt(args.method, args.source_prompt, args.target_prompt),
-               "height": args.height, "width": args.width, "keep_size": args.keep_size, **inv_params}
+               "prompt": inversion_prompt(args.method, args.source_prompt, args.target_prompt), **inv_params}
+    if inv_method in UNSEEDED_INVERSIONS:
+        request.pop("seed", None)  # it draws nothing: any seed makes the same inversion
     return json.loads(json.dumps(request, default=str))  # as it reads back from the file
 
 
@@ -195,7 +209,7 @@ def _check_loaded(inv, inv_file: Path, image: Path, asked: dict) -> None:
     if made.get("image_sha256") != asked["image_sha256"]:
         raise UserError(f"--inversion {str(inv_file)!r} was made from another image than {str(image)!r}; give that "
                         f"image, or a new --inversion path to invert this one")
-    for k in sorted(set(made) | set(asked)):
+    for k in sorted((set(made) | set(asked)) - {"size"}):
         if made.get(k) != asked.get(k):
             raise UserError(f"--inversion {str(inv_file)!r} was made with {k}={made.get(k)!r} and this command asks "
                             f"for {asked.get(k)!r}; match it, or give a new --inversion path")
@@ -234,13 +248,18 @@ def cmd_edit(args) -> None:
     graphs = args.cuda_graphs or None
     if args.ip_adapter is not None or "image_scale" in inv_params or (inv is not None and inv.image_prompt() is not None):
         _load_adapter(pipe, args)
+    size = _image_size(pipe, x, args) or tuple(x.shape[-2:])
     if inv is not None:
         inv.check_model(pipe.identity, pipe.name)
+        made = inv.settings.get("cli_request", {}).get("size")
+        if made is not None and tuple(made) != tuple(size):
+            raise UserError(f"--inversion {str(inv_file)!r} was made at {made[1]}x{made[0]} and this command "
+                            f"processes the image at {size[1]}x{size[0]}; match the size flags, or give a new "
+                            f"--inversion path")
         print(f"loaded inversion {inv_file}")
     else:
-        size = _image_size(pipe, x, args)
-        if size is not None:
-            x = resize(x, *size)
+        asked["size"] = list(size)
+        x = resize(x, *size)
         prompt = inversion_prompt(args.method, args.source_prompt, args.target_prompt)
         inv = pipe.invert(x, prompt, method=inv_method, progress=progress, cuda_graphs=graphs, **inv_params)
         inv.settings["cli_request"] = asked  # a later --inversion FILE is checked against it

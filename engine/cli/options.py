@@ -9,6 +9,7 @@ so the model's own recipes (its ``overpaint.json``) and then the method's defaul
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 
 from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> the inversion it edits
@@ -70,6 +71,17 @@ def _chroma_key(s):
     return rgb
 
 
+def _pair(s):
+    """X,Y: two finite numbers."""
+    try:
+        x, y = (float(p) for p in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y (two numbers), got {s!r}") from None
+    if not all(map(math.isfinite, (x, y))):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {s!r}")
+    return x, y
+
+
 def _bool(s):
     if s.lower() in ("1", "true", "yes", "on"):
         return True
@@ -116,13 +128,17 @@ EDIT_OPTIONS = [
     # inversion
     Opt(("--source-guidance",), "guidance_scale", INVERTED_GUIDED + LEDITS, "invert",
         kw=dict(type=finite, help="classifier-free guidance of the inversion (default: the recipe's or method's)")),
+    Opt(("--exact",), "exact", ("ddpm",), "invert",
+        kw=dict(type=_bool, help="ddpm: the paper's one-at-a-time noise maps (true) or the batched "
+                                 "equivalent (default false)")),
     Opt(("--skip",), "skip", ("ddpm", "ledits++"), "invert",  # p2p too when it inverts with ddpm
         kw=dict(type=_fraction, help="noise-map inversions: fraction of the noisiest steps skipped")),
     Opt(("--inversion-sampler",), "sampler", LEDITS, "invert",
         kw=dict(choices=("dpmpp_2m_sde", "ddim"), help="ledits++: the inversion's sampler (default dpmpp_2m_sde)")),
     # every guided edit
     Opt(("--guidance",), "guidance_scale", GUIDED,
-        kw=dict(type=finite, help="classifier-free guidance of the edit (default: the recipe's, else the inversion's)")),
+        kw=dict(type=finite, help="classifier-free guidance of the edit (default: the recipe's, else the method's: "
+                                  "the inversion's for ddim, ddpm and p2p, 7.5 for pnp, masactrl and imagic)")),
     Opt(("--negative-prompt",), "negative_prompt", GUIDED + LEDITS, kw=dict(help="negative prompt of the edit")),
     # LEDITS++
     Opt(("--edit-prompt",), "editing_prompt", LEDITS,
@@ -210,6 +226,10 @@ EDIT_OPTIONS = [
                 help="masactrl: the mask-guided variant, masks from these words' attention maps")),
     Opt(("--mask-threshold",), "mask_threshold", MASACTRL,
         kw=dict(type=_fraction, help="masactrl: mask threshold after min-max normalisation (default 0.1)")),
+    Opt(("--end-step",), "end_step", MASACTRL,
+        kw=dict(type=_number(int, lo=0), help="masactrl: the step mutual self-attention stops at (default: none)")),
+    Opt(("--end-layer",), "end_layer", MASACTRL,
+        kw=dict(type=_number(int, lo=0), help="masactrl: the self-attention layer it stops at (default: none)")),
     # null-text inversion (also under --method p2p --invert-with null-text)
     Opt(("--inner-steps",), "inner_steps", NULLTEXT, "invert",
         kw=dict(type=positive_int, help="null-text: Adam steps per timestep on the unconditional embedding "
@@ -217,6 +237,9 @@ EDIT_OPTIONS = [
     Opt(("--early-stop",), "early_stop", NULLTEXT, "invert",
         kw=dict(type=_number(float, lo=0), help="null-text: stop a step's optimisation under this loss "
                                                  "(+ 2e-5 per step; default 1e-5)")),
+    Opt(("--null-text-lr",), "lr", NULLTEXT, "invert",
+        kw=dict(type=_number(float, positive=True), help="null-text: Adam's learning rate, decayed by "
+                                                          "1 - i/100 at step i (default 1e-2)")),
     # pix2pix-zero
     Opt(("--direction",), "direction", P2PZERO,
         kw=dict(nargs=2, metavar=("SOURCE_WORD", "TARGET_WORD"),
@@ -366,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rise of the shifted channels' share of key-signed values (paper: 0.11)")
     k.add_argument("--chroma-std", type=_number(float, positive=True), default=0.5,
                    help="std of the Gaussian object region on [-1, 1] coordinates (paper: 0.5)")
+    k.add_argument("--chroma-center", type=_pair, default=(0.0, 0.0), metavar="X,Y",
+                   help="centre of the object region on [-1, 1] coordinates (default 0,0)")
     _runtime(g)
 
     e = sub.add_parser("edit", parents=[sub_common], help="edit a real image with a sentence", **fmt,
@@ -388,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     size = e.add_argument_group("image size")
     size.add_argument("--keep-size", action="store_true",
                       help="process the image at its own size (default: resize one far from the model's size to it)")
-    size.add_argument("--height", type=positive_int, default=None, help="resize the image to this height first")
-    size.add_argument("--width", type=positive_int, default=None, help="resize the image to this width first")
+    size.add_argument("--height", type=positive_int, default=None,
+                      help="resize the image to this height first (alone: the width keeps the aspect)")
+    size.add_argument("--width", type=positive_int, default=None,
+                      help="resize the image to this width first (alone: the height keeps the aspect)")
     size.add_argument("--output-size", choices=("model", "input"), default="model",
                       help="write the result at the size it was processed at, or resized back to the input's")
     size.add_argument("--background", default="white",

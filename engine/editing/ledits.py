@@ -297,6 +297,8 @@ def edit_program(pipe, inv: Inversion, target_prompt=None, *, editing_prompt=Non
     elif editing_prompt is not None and target_prompt is not None:
         raise ValueError("ledits++ edits with editing_prompt; pass either it or target_prompt, not both")
     prompts = [] if not editing_prompt else as_list(editing_prompt)
+    if any(not p.strip() for p in prompts):
+        raise ValueError("editing_prompt has an empty concept; give each concept some words, or drop it")
     n = len(prompts)
     if use_intersect_mask is None:
         # diffusers' default (on for SD, off for SDXL), where the model has the layers it reads.

@@ -45,6 +45,7 @@ log = logging.getLogger("overpaint")
 
 MODES = ("auto", "cuda", "fake", "eager")
 MAX_GRAPHS = 32  # distinct keys per runner before new ones run eagerly (dynamic shapes)
+MAX_SHORTAGES = 3  # captures that ran out of memory before a key runs eagerly for good
 _LOGGED: set[str] = set()
 
 
@@ -79,6 +80,7 @@ class _Entry:
     writes: list[int] = field(default_factory=list)  # leaf positions copied back after a run
     bound: list = field(default_factory=list)  # (tensor, version) last copied per const leaf
     replays: int = 0
+    shortages: int = 0  # captures that ran out of memory
 
 
 class GraphRunner:
@@ -131,9 +133,19 @@ class GraphRunner:
         if mode == "fake":
             out = self._call(entry, body)
         else:
-            if entry.graph is None and not self._capture(entry, body):
-                self.cache[key] = None  # this structure runs eagerly from now on
-                return body(inputs, consts)
+            if entry.graph is None:
+                try:
+                    captured = self._capture(entry, body)
+                except torch.OutOfMemoryError:  # a passing shortage (a server under load): eager this time
+                    entry.shortages += 1
+                    if entry.shortages >= MAX_SHORTAGES:
+                        self.cache[key] = None
+                        log_once(f"capture ran out of memory {MAX_SHORTAGES} times; this step structure runs eagerly")
+                    torch.cuda.empty_cache()
+                    return body(inputs, consts)
+                if not captured:
+                    self.cache[key] = None  # this structure runs eagerly from now on
+                    return body(inputs, consts)
             entry.graph.replay()
             out = entry.outputs
         entry.replays += 1
@@ -183,7 +195,7 @@ class GraphRunner:
         except Exception as e:  # an uncapturable op (host sync, CPU tensor, ...): eager from now on
             entry.outputs = entry.graph = None
             if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-                raise  # a passing shortage, not a property of the step: the caller frees memory, a later call captures
+                raise torch.OutOfMemoryError(str(e)) from e  # not a property of the step: a later call captures
             log_once(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             return False
 

@@ -220,15 +220,22 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
     async def run_jobs(make, n: int, request: Request, out_size=None, fmt=("png", None)) -> dict:
         """Submit ``n`` jobs (``make(i)``), wait for all, answer with their images; if one fails
         or the client leaves, the others are cancelled, never left running."""
-        jobs = []
+        jobs, waits = [], []
         try:
             for i in range(n):  # building a job decodes its image: off the event loop
                 jobs.append(submit(await asyncio.to_thread(make, i)))
+            waits = [asyncio.ensure_future(finished(job, request)) for job in jobs]
+            for done in asyncio.as_completed(waits):  # the first failure, whichever image it is, ends the request
+                job = await done
+                if job.error is not None:
+                    raise job.error
             data = []
             for job in jobs:
-                data += await asyncio.to_thread(images, await finished(job, request), out_size, *fmt)
+                data += await asyncio.to_thread(images, job, out_size, *fmt)
             return {"created": int(time.time()), "data": data}
         finally:
+            for w in waits:
+                w.cancel()
             for job in jobs:
                 if not job.finished:
                     server.batcher.cancel(job.id)
@@ -240,7 +247,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
         fmt = openai_options(fields, "edits")
         n = integer(fields, "n", 1, 1, 8)
         out_size = size(fields)
-        seed = integer(fields, "seed", 0, -(2**63), 2**63 - 1)
+        seed = integer(fields, "seed", 0, -(2**127), 2**127)  # the engine reduces seeds beyond 64 bits
         if n > 1 and not seeded(fields, server.model.card):
             raise bad_request(f"n={n} asks for variations, but method '{fields.get('method', 'p2p')}' inverts and "
                               f"edits deterministically: every image would be the same; send n=1, or pick a method "

@@ -53,6 +53,7 @@ class Batcher:
         self.accepting, self.stopping = True, False
         self.jobs: dict[str, Job] = {}
         self._thread: threading.Thread | None = None
+        self._hurry = threading.Event()  # set: a drain stops waiting for running jobs
         self.steps = 0
 
     # ---- any thread -------------------------------------------------------------------
@@ -98,7 +99,7 @@ class Batcher:
             self.accepting = False
             self.cond.notify()
         end = time.monotonic() + grace_s
-        while time.monotonic() < end and (self.queue or self.programs or self.ready):
+        while time.monotonic() < end and (self.queue or self.programs or self.ready) and not self._hurry.is_set():
             time.sleep(0.02)
         with self.cond:
             self.stopping = True
@@ -107,6 +108,10 @@ class Batcher:
             self._thread.join(timeout=60)
         for job in list(self.jobs.values()):
             job.fail(unavailable("the server shut down before this job finished", "shutdown"))
+
+    def hurry(self) -> None:
+        """Cut a drain's grace period short (a second SIGTERM): what is left ends with 503 now."""
+        self._hurry.set()
 
     # ---- the engine thread ------------------------------------------------------------
     def _run(self) -> None:

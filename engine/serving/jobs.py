@@ -85,6 +85,7 @@ class Job:
     stage_steps: int = 0  # steps of the running stage's program
     order: int = field(default_factory=lambda: next(_ids))
     result_bytes: int = 0  # what the finished result holds in memory (the job table's bound counts it)
+    ended: int = -1  # when it finished, in the order jobs finish
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -111,6 +112,7 @@ class Job:
                 setattr(self, k, v)
             self.events.append(event)
             if event["type"] in ("done", "error"):
+                self.ended = next(_ids)  # the order jobs finished in (the job table forgets the oldest first)
                 self._done.set()
             subs = list(self._subscribers)
         for loop, queue in subs:
@@ -130,10 +132,13 @@ class Job:
 
     def release(self) -> None:
         """After the job ends: drop what only its stages needed (images, cached inversions, a
-        program waiting for room); the result stays for clients that fetch it."""
+        program waiting for room, an earlier stage's result); a succeeded job's result stays
+        for clients that fetch it."""
         self.pending = None
         for st in self.stages:
             st.request = {}
+        if self.status != "succeeded":  # e.g. the inversion of a job cancelled before its edit ran
+            self.result = None
 
     def subscribe(self, loop):
         """An asyncio.Queue of this job's events, past ones first (call from ``loop``)."""
@@ -179,8 +184,8 @@ def held_bytes(result) -> int:
 
 def forget_finished(jobs: dict, keep: int = 4096, max_bytes: int = 1 << 30) -> None:
     """Bound a job table: finished jobs beyond ``keep`` jobs, or whose results add up past
-    ``max_bytes``, are forgotten, oldest first (running and queued jobs always stay)."""
-    done = sorted((j for j in jobs.values() if j.finished), key=lambda j: j.order)
+    ``max_bytes``, are forgotten, the earliest finished first (running and queued jobs stay)."""
+    done = sorted((j for j in jobs.values() if j.finished), key=lambda j: j.ended)
     excess, total = len(jobs) - keep, sum(j.result_bytes for j in done)
     for j in done:
         if excess <= 0 and total <= max_bytes:

@@ -82,6 +82,8 @@ class Engine:
             if not job.finished:  # the ingress cancelled the stream
                 self.batcher.cancel(job.id)
             job.unsubscribe(queue)
+            if job.finished:  # sent on: the ingress keeps the job, not this replica
+                self.batcher.jobs.pop(job.id, None)
 
 
 def portable(result):
@@ -166,6 +168,9 @@ class RemoteBatcher:
         if task is not None:
             task.cancel()
         return job
+
+    def hurry(self) -> None:
+        """The replicas drain themselves; nothing to cut short here."""
 
     def drain(self, grace_s: float) -> None:
         self.accepting = False

@@ -7,8 +7,8 @@ import base64
 import binascii
 import json
 
-from ..methods import (DEFAULT_INVERSION, UNSEEDED_INVERSIONS, inversion_for, inversion_prompt, needs_target,
-                       split_params)
+from ..methods import (DEFAULT_INVERSION, EDIT_SHARES, EDIT_TAKES, UNSEEDED_INVERSIONS, inversion_for,
+                       inversion_prompt, needs_target, split_params)
 from .cache import inversion_id
 from .jobs import PREVIOUS, ApiError, Job, Stage, bad_request
 
@@ -137,18 +137,22 @@ def method_params(fields: dict, method: str, extra_ok: set[str]) -> tuple[dict, 
 def openai_options(fields: dict, route: str) -> tuple[str, int | None]:
     """OpenAI's output options on the image routes: (output_format, quality for JPEG / WebP);
     400 for what this server does not do (URLs, streamed partial images, a transparent edit)."""
-    if fields.get("response_format", "b64_json") != "b64_json":
+    if (fields.get("response_format") or "b64_json") != "b64_json":
         raise bad_request("only response_format=b64_json is served (no URLs)", "response_format")
-    if form_value(fields.get("stream", False)) not in (False, None):
+    stream = form_value(fields.get("stream"))
+    if stream not in (None, False, 0, "") and str(stream).lower() not in ("false", "0"):
         raise bad_request("streamed responses are not served here; send stream=false (POST /v1/edits and "
                           "GET /v1/jobs/{id}/events report progress)", "stream")
-    if integer(fields, "partial_images", 0, 0, 3):
+    if fields.get("partial_images") is not None and integer(fields, "partial_images", 0, 0, 3):
         raise bad_request("partial_images needs a streamed response, which is not served; send 0", "partial_images")
-    fmt = text(fields, "output_format", default="png")
+    fmt = text(fields, "output_format") or "png"  # absent or null: OpenAI's default
     if fmt not in ("png", "jpeg", "webp"):
         raise bad_request(f"'output_format' must be 'png', 'jpeg' or 'webp', got {fmt!r}", "output_format")
-    quality = integer(fields, "output_compression", 100, 0, 100) if fmt != "png" else None
-    background = text(fields, "background", default="auto")
+    quality = None
+    if fields.get("output_compression") is not None:
+        quality = integer(fields, "output_compression", 100, 0, 100)
+    quality = None if fmt == "png" else quality  # OpenAI's compression applies to JPEG and WebP
+    background = text(fields, "background") or "auto"
     if background not in ("auto", "opaque", "transparent"):
         raise bad_request(f"'background' must be 'transparent', 'opaque' or 'auto', got {background!r}", "background")
     if background == "transparent" and route == "edits":
@@ -161,10 +165,15 @@ def openai_options(fields: dict, route: str) -> tuple[str, int | None]:
 
 
 def seeded(fields: dict, card) -> bool:
-    """Whether the seed changes an edit with these fields (its inversion draws noise)."""
+    """Whether the seed changes an edit with these fields: its inversion draws noise (unless a
+    made one is given by id), or the edit itself reads the seed (Imagic's generation)."""
     method = fields.get("method", "p2p")
     if method not in DEFAULT_INVERSION:
         return True  # edit_job names the unknown method
+    if "seed" in EDIT_TAKES.get(method, ()) + EDIT_SHARES.get(method, ()):
+        return True
+    if fields.get("inversion") is not None:
+        return False
     inv = form_value(fields.get("inversion_method")) or inversion_for(method, card)
     return inv not in UNSEEDED_INVERSIONS
 
@@ -229,7 +238,7 @@ def generation_job(server, fields: dict) -> Job:
     n = integer(fields, "n", 1, 1, MAX_N)
     hw = size(fields)
     params = {}
-    background = text(fields, "background", default="auto")  # OpenAI's: checked by openai_options
+    background = text(fields, "background") or "auto"  # OpenAI's: checked by openai_options
     if background == "transparent":
         if fields.get("chroma_key") is None:
             raise bad_request("background='transparent' keys out a chroma background: also give chroma_key "

@@ -49,7 +49,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, in
             # The first SIGTERM / SIGINT drains: the socket stays open, so new work gets a 503 and
             # clients still read their jobs; the batcher finishes what it holds within the grace
             # period and ends the rest with error events; then uvicorn shuts down (exit 0). A
-            # second signal is uvicorn's own shutdown, a third its forced exit.
+            # second signal ends the grace period now (the rest get their error events) and
+            # starts uvicorn's shutdown; a third is uvicorn's forced exit.
             if not state.draining:
                 state.begin_drain()
 
@@ -60,6 +61,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, in
 
                 threading.Thread(target=drain_then_exit, name="overpaint-drain", daemon=True).start()
                 return
+            if state.batcher is not None:
+                state.batcher.hurry()
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # stopped on purpose: exit 0, not by re-raising the signal
 

@@ -86,7 +86,8 @@ class Loop:
         and an entry can hold a request's tuned weights (Imagic) or its plans."""
         live = {id(p) for p in self.live}
         for cache in (self._conds, self._plans):
-            for key in [k for k, (_, _, owners) in cache.items() if not owners <= live]:
+            for key in [k for k, (_, _, owners, shared) in cache.items()
+                        if not (owners & live if shared else owners <= live)]:
                 del cache[key]
 
     @property
@@ -186,7 +187,7 @@ class Loop:
         if den.key == self.denoiser.key:
             return self.denoiser
         return self._memo(self._conds, ("weights", den.key), lambda: self.denoiser.with_weights(den.weights), keep=den,
-                          owners=progs)
+                          owners=progs, shared=True)
 
     @staticmethod
     def _rows(parts: list[RowCond], pad: int) -> RowCond:
@@ -194,13 +195,18 @@ class Loop:
         return rows.pad(pad) if pad else rows
 
     @staticmethod
-    def _memo(cache: OrderedDict, key, make, keep, owners):
+    def _memo(cache: OrderedDict, key, make, keep, owners, shared: bool = False):
+        """``make()`` once per key. The keyed objects stay alive (their ids stay theirs) while the
+        programs they were made for live: all of them for a batch's rows and plan, any of them
+        for a ``shared`` entry (one tuned model's weights serve every program that brings them)."""
+        ids = frozenset(map(id, owners))
         if key in cache:
             cache.move_to_end(key)
-            return cache[key][0]
+            value, keep_, had, shared = cache[key]
+            cache[key] = (value, keep_, had | ids if shared else had, shared)
+            return value
         value = make()
-        # keep the keyed objects alive (their ids stay theirs) while the programs they serve live
-        cache[key] = (value, keep, frozenset(map(id, owners)))
+        cache[key] = (value, keep, ids, shared)
         if len(cache) > _CACHE:
             cache.popitem(last=False)
         return value

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine.cli import main
@@ -164,7 +165,14 @@ def test_a_reused_inversion_must_match_the_image_and_the_options(tiny_sd15_dir, 
     assert "was made with seed=0 and this command asks for 7" in line
     line = run(argv(photo, "c.png", "--skip", "0.5"), capsys, [photo, inv])
     assert "was made with skip=None and this command asks for 0.5" in line
-    assert not (tmp_path / "c.png").exists()
+    line = run(argv(photo, "c.png", "--height", "16"), capsys, [photo, inv])
+    assert "was made at 32x32 and this command processes the image at 16x16" in line
+    run(argv(photo, "c.png", "--height", "32", "--width", "32"), capsys, [photo, inv], code=0)  # the same size
+    ddim = tmp_path / "ddim.safetensors"
+    run(edit(tiny_sd15_dir, photo, tmp_path / "d.png", "--method", "ddim", "--inversion", str(ddim)), capsys,
+        [photo], code=0)
+    run(edit(tiny_sd15_dir, photo, tmp_path / "e.png", "--method", "ddim", "--inversion", str(ddim), "--seed", "5"),
+        capsys, [photo, ddim], code=0)  # DDIM draws nothing: the seed does not matter
 
 
 def test_an_inversion_option_its_inversion_does_not_take(tiny_sd15_dir, tmp_path, photo, capsys, no_model_load):
@@ -173,6 +181,41 @@ def test_an_inversion_option_its_inversion_does_not_take(tiny_sd15_dir, tmp_path
     with pytest.raises(SystemExit) as exit:  # argparse's own one-line error
         main(["serve", "--port", "70000"])
     assert exit.value.code == 2 and "must be at most 65535" in capsys.readouterr().err
+
+
+def test_options_once_python_only_reach_the_engine(tiny_sd15_dir, tmp_path, photo, caplog):
+    from engine.cli import build_parser
+    from engine.cli.commands import method_params
+
+    def params(*argv, inv_method):
+        return method_params(build_parser().parse_args(edit(tiny_sd15_dir, photo, tmp_path / "o.png", *argv)),
+                             inv_method)
+
+    _, e = params("--method", "masactrl", "--end-step", "20", "--end-layer", "12", inv_method="ddim")
+    assert e["end_step"] == 20 and e["end_layer"] == 12
+    i, _ = params("--method", "null-text", "--null-text-lr", "0.002", inv_method="null-text")
+    assert i["lr"] == 0.002
+    i, _ = params("--method", "ddpm", "--exact", "true", inv_method="ddpm")
+    assert i["exact"] is True
+    with caplog.at_level("WARNING", logger="overpaint"):
+        _, e = params("--method", "ledits++", "--edit-prompt", "blue", inv_method="ledits++")
+    assert e["editing_prompt"] == ["blue"] and "--target-prompt is not used: --edit-prompt gives the edit" in caplog.text
+    args = build_parser().parse_args(["generate", "--prompt", "x", "-o", "o.png", "--chroma-key", "green",
+                                      "--chroma-center", "0.5,-0.25"])
+    assert args.chroma_center == (0.5, -0.25)
+
+
+def test_size_flags(tiny_sd15_dir, tmp_path, photo, capsys, no_model_load):
+    line = run(edit(tiny_sd15_dir, photo, tmp_path / "o.png", "--keep-size", "--height", "32"), capsys, [photo])
+    assert "give one of them" in line
+    from types import SimpleNamespace
+
+    from engine.cli.commands import _image_size
+
+    pipe = SimpleNamespace(size_multiple=8)
+    x = torch.zeros(1, 3, 96, 128)
+    size = lambda h, w: _image_size(pipe, x, SimpleNamespace(height=h, width=w, keep_size=False))  # noqa: E731
+    assert size(48, None) == (48, 64) and size(None, 32) == (24, 32) and size(40, 40) == (40, 40)  # aspect kept
 
 
 def test_demo_output_checks(tmp_path, capsys, monkeypatch):

@@ -291,6 +291,8 @@ def test_bad_parameters(sd, tiny_sd15_dir):
         _edit(ours, inv, editing_prompt=["a", "b"], edit_guidance_scale=[1.0, 2.0, 3.0])
     with pytest.raises(TypeError, match="unexpected parameters: nonsense"):
         _edit(ours, inv, nonsense=1)
+    with pytest.raises(ValueError, match="empty concept"):
+        _edit(ours, inv, editing_prompt=["a", " "])
     with pytest.raises(TypeError, match="alias"):
         ours.invert(_image(), "a", method="ledits++", source_prompt="b", progress=False)
     with pytest.raises(ValueError, match="samplers"):

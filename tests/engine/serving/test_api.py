@@ -337,12 +337,12 @@ def test_one_failed_image_of_n_cancels_the_others(server):
     batcher = server.state.batcher
     first = []
 
-    def inject(programs):  # a bug that hits the first job of the request only
-        for p in programs:
-            job = batcher.programs[id(p)][0]
-            first.append(first[0] if first else job)
-            if job is first[0]:
-                raise RuntimeError("injected")
+    def inject(programs):  # a bug that hits the last job of the request only
+        jobs = [batcher.programs[id(p)][0] for p in programs]
+        if not first and len(jobs) == 3:
+            first.append(max(jobs, key=lambda j: j.order))
+        if first and first[0] in jobs:
+            raise RuntimeError("injected")
 
     batcher.loop.before_call = inject
     r = server.client.post("/v1/images/edits", files={"image": ("a.png", png(), "image/png")},
@@ -350,7 +350,7 @@ def test_one_failed_image_of_n_cancels_the_others(server):
     assert error_of(r, 500)["code"] == "internal_error"
     jobs = [j for j in batcher.jobs.values() if j.route == "images/edits"]
     _wait(lambda: all(j.finished for j in jobs))
-    assert sorted(j.status for j in jobs) == ["cancelled", "cancelled", "failed"]  # none left running
+    assert sorted(j.status for j in jobs) == ["cancelled", "cancelled", "failed"]  # answered at once, none left
     assert batcher.loop.rows == 0
 
 

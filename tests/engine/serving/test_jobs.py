@@ -1,4 +1,4 @@
-"""Jobs on their own: one terminal event whatever the threads do, and a bounded job table."""
+"""Jobs on their own: one terminal event, whichever comes first, and a bounded job table."""
 
 import torch
 from PIL import Image
@@ -22,6 +22,11 @@ def test_release_drops_what_only_the_stages_needed():
     job.release()
     assert job.pending is None and all(st.request == {} for st in job.stages)
     assert job.result is not None  # kept for clients that fetch it
+    cancelled = Job([Stage("invert", {"image": image}), Stage("edit", {})])
+    cancelled.result = "the first stage's inversion"
+    cancelled.fail(unavailable("the server shut down before this job finished", "shutdown"))
+    cancelled.release()
+    assert cancelled.result is None  # a failed job keeps nothing
 
 
 def test_held_bytes_counts_images_tensors_and_lists():
@@ -36,10 +41,11 @@ def test_forget_finished_bounds_jobs_and_bytes_oldest_first():
         job.succeed(torch.zeros(n_bytes, dtype=torch.uint8))
         return job
 
-    running = Job([Stage("generate", {})])
-    jobs = {j.id: j for j in [done(10), done(10), running, done(10), done(10)]}
+    running, late = Job([Stage("generate", {})]), Job([Stage("generate", {})])
+    jobs = {j.id: j for j in [late, done(10), done(10), running, done(10), done(10)]}
+    late.succeed(torch.zeros(10, dtype=torch.uint8))  # created first, finished last
     order = list(jobs)
-    forget_finished(jobs, keep=3, max_bytes=1 << 20)  # over the count: the two oldest finished go
-    assert list(jobs) == order[2:]
-    forget_finished(jobs, keep=100, max_bytes=15)  # over the bytes: the oldest finished goes
-    assert list(jobs) == [order[2], order[4]]  # a running job always stays
+    forget_finished(jobs, keep=4, max_bytes=1 << 20)  # over the count: the two earliest finished go
+    assert list(jobs) == [order[0], order[3], order[4], order[5]]
+    forget_finished(jobs, keep=100, max_bytes=25)  # over the bytes: the earliest finished goes
+    assert list(jobs) == [order[0], order[3], order[5]]  # a running job always stays

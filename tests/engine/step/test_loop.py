@@ -78,7 +78,7 @@ def test_a_long_lived_loop_forgets_what_finished_programs_needed(sd15_pipe, smal
     loop.add(b)
     loop.step()
     assert loop._conds and loop._plans
-    owners = lambda cache: set().union(*(o for _, _, o in cache.values()))  # noqa: E731
+    owners = lambda cache: set().union(*(o for _, _, o, _ in cache.values()))  # noqa: E731
     assert owners(loop._conds) <= {id(a), id(b)}
     loop.remove(b)  # a cancelled request
     assert owners(loop._conds) | owners(loop._plans) <= {id(a)}
