@@ -189,6 +189,18 @@ def _image_size(pipe, x, args) -> tuple[int, int] | None:
     return size
 
 
+def _check_family(method: str, root: Path) -> None:
+    """A method of another model family fails before the weights load (read from model_index.json)."""
+    from engine.loading.files import read_json
+    from engine.loading.flux import is_flux
+    from engine.methods import check_family
+
+    try:
+        check_family(method, "flux" if is_flux(read_json(root / "model_index.json", "model_index")) else "unet")
+    except ValueError as e:
+        raise UserError(str(e).replace("edit method", "--method")) from None
+
+
 def _invert_request(args, image_sha: str, inv_method: str, inv_params: dict) -> dict:
     """What this command asks of the inversion (recorded with a saved one, checked on reuse);
     the size it is processed at is checked once the model is read (:func:`_check_size`)."""
@@ -236,7 +248,9 @@ def cmd_edit(args) -> None:
     x = load_image(image, background=args.background)  # [1, 3, H, W]
     input_size = tuple(x.shape[-2:])
     inv = Inversion.load(inv_file) if inv_file is not None and inv_file.exists() else None  # checksum verified
-    card = ModelCard.read(resolve(args.model))
+    root = resolve(args.model)
+    card = ModelCard.read(root)
+    _check_family(args.method, root)
     inv_method = inv.method if inv is not None else _inversion_method(args, card)
     inv_params, edit_params = method_params(args, inv_method)
     asked = _invert_request(args, hashlib.sha256(image.read_bytes()).hexdigest(), inv_method, inv_params)

@@ -7,7 +7,7 @@ import json
 def test_serve_benchmark_and_soak(tmp_path):
     from benchmarks import serve
 
-    assert serve.main(["--clients", "1", "2", "--duration", "6", "--soak", "30", "--requests", "3",
+    assert serve.main(["--clients", "1", "2", "--duration", "3", "--soak", "30", "--requests", "3",
                        "--out", str(tmp_path)]) == 0  # nonzero when a request failed or was lost
     (path,) = tmp_path.glob("serve-*.json")
     res = json.loads(path.read_text())["results"][0]

@@ -178,6 +178,8 @@ def test_a_reused_inversion_must_match_the_image_and_the_options(tiny_sd15_dir, 
 def test_an_inversion_option_its_inversion_does_not_take(tiny_sd15_dir, tmp_path, photo, capsys, no_model_load):
     line = run(edit(tiny_sd15_dir, photo, tmp_path / "o.png", "--method", "p2p", "--skip", "0.3"), capsys, [photo])
     assert "--skip applies to --method ddpm, ledits++, not p2p (whose edit here inverts with ddim)" in line
+    line = run(edit(tiny_sd15_dir, photo, tmp_path / "o.png", "--method", "flow"), capsys, [photo])
+    assert "--method 'flow' runs on FLUX models; this is a UNet (SD, SDXL) model" in line
     with pytest.raises(SystemExit) as exit:  # argparse's own one-line error
         main(["serve", "--port", "70000"])
     assert exit.value.code == 2 and "must be at most 65535" in capsys.readouterr().err
