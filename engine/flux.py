@@ -64,6 +64,10 @@ class FluxPipeline(Pipeline):
         return self.vae_scale_factor * 2  # latents are packed in 2 x 2 patches
 
     @property
+    def size_step(self) -> int:
+        return self.size_multiple
+
+    @property
     def max_sequence_length(self) -> int:
         return min(MAX_T5_TOKENS, int(self.tokenizers[1].model_max_length))
 

@@ -93,6 +93,11 @@ class Pipeline:
         return self.unet.config.in_channels
 
     @property
+    def size_step(self) -> int:
+        """Image sides must be multiples of this (the VAE's factor)."""
+        return self.vae_scale_factor
+
+    @property
     def size_multiple(self) -> int:
         """Image sides that are multiples of this go through the UNet without padding or rounding."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)

@@ -174,8 +174,8 @@ def _image_size(pipe, x, args) -> tuple[int, int] | None:
     h, w = x.shape[-2:]
     if args.height and args.width:
         return args.height, args.width
-    if args.height or args.width:  # one side given: the other keeps the aspect, on the model's grid
-        m = pipe.size_multiple
+    if args.height or args.width:  # one side given: the other keeps the aspect, on the sides the model takes
+        m = pipe.size_step
         if args.height:
             return args.height, max(m, round(w * args.height / h / m) * m)
         return max(m, round(h * args.width / w / m) * m), args.width
@@ -203,7 +203,7 @@ def _check_family(method: str, root: Path) -> None:
 
 def _invert_request(args, image_sha: str, inv_method: str, inv_params: dict) -> dict:
     """What this command asks of the inversion (recorded with a saved one, checked on reuse);
-    the size it is processed at is checked once the model is read (:func:`_check_size`)."""
+    the size it is processed at ("size") is added and checked once the model is read."""
     request = {"image_sha256": image_sha, "method": inv_method,
                "prompt": inversion_prompt(args.method, args.source_prompt, args.target_prompt), **inv_params}
     if inv_method in UNSEEDED_INVERSIONS:
@@ -221,7 +221,7 @@ def _check_loaded(inv, inv_file: Path, image: Path, asked: dict) -> None:
     if made.get("image_sha256") != asked["image_sha256"]:
         raise UserError(f"--inversion {str(inv_file)!r} was made from another image than {str(image)!r}; give that "
                         f"image, or a new --inversion path to invert this one")
-    for k in sorted((set(made) | set(asked)) - {"size"}):
+    for k in sorted((set(made) | set(asked)) - {"size", "height", "width", "keep_size"}):  # sizes: after loading
         if made.get(k) != asked.get(k):
             raise UserError(f"--inversion {str(inv_file)!r} was made with {k}={made.get(k)!r} and this command asks "
                             f"for {asked.get(k)!r}; match it, or give a new --inversion path")

@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--chroma-std", type=_number(float, positive=True), default=0.5,
                    help="std of the Gaussian object region on [-1, 1] coordinates (paper: 0.5)")
     k.add_argument("--chroma-center", type=_pair, default=(0.0, 0.0), metavar="X,Y",
-                   help="centre of the object region on [-1, 1] coordinates (default 0,0)")
+                   help="centre of the object region on [-1, 1] coordinates (default 0,0; a negative X: "
+                        "--chroma-center=-0.5,0)")
     _runtime(g)
 
     e = sub.add_parser("edit", parents=[sub_common], help="edit a real image with a sentence", **fmt,

@@ -80,7 +80,6 @@ class _Entry:
     writes: list[int] = field(default_factory=list)  # leaf positions copied back after a run
     bound: list = field(default_factory=list)  # (tensor, version) last copied per const leaf
     replays: int = 0
-    shortages: int = 0  # captures that ran out of memory
 
 
 class GraphRunner:
@@ -93,6 +92,7 @@ class GraphRunner:
         self.cache: dict[tuple, _Entry | None] = {}  # None: this key runs eagerly
         self.pool = None
         self.captures = 0  # graphs captured (for tests and benchmarks)
+        self.shortages: dict[tuple, int] = {}  # captures of a key that ran out of memory
 
     # ---- keys -----------------------------------------------------------------------------
     @staticmethod
@@ -137,8 +137,9 @@ class GraphRunner:
                 try:
                     captured = self._capture(entry, body)
                 except torch.OutOfMemoryError:  # a passing shortage (a server under load): eager this time
-                    entry.shortages += 1
-                    if entry.shortages >= MAX_SHORTAGES:
+                    del self.cache[key]  # its static copies go too; a later call captures afresh
+                    self.shortages[key] = self.shortages.get(key, 0) + 1
+                    if self.shortages[key] >= MAX_SHORTAGES:
                         self.cache[key] = None
                         log_once(f"capture ran out of memory {MAX_SHORTAGES} times; this step structure runs eagerly")
                     torch.cuda.empty_cache()

@@ -26,7 +26,7 @@ from .jobs import ApiError, Job, bad_request
 from .limits import BodyTooLarge, Guard
 from .metrics import Metrics
 from .requests import (INVERT_FIELDS, b64_image, edit_job, generation_job, integer, inversion_stage, method_params,
-                       openai_options, seeded, size, text)
+                       openai_options, size, text, unseeded)
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -248,10 +248,10 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
         n = integer(fields, "n", 1, 1, 8)
         out_size = size(fields)
         seed = integer(fields, "seed", 0, -(2**127), 2**127)  # the engine reduces seeds beyond 64 bits
-        if n > 1 and not seeded(fields, server.model.card):
-            raise bad_request(f"n={n} asks for variations, but method '{fields.get('method', 'p2p')}' inverts and "
-                              f"edits deterministically: every image would be the same; send n=1, or pick a method "
-                              f"whose inversion draws noise (ddpm, ledits++)", "n")
+        why = unseeded(fields, server.model.card) if n > 1 else None
+        if why is not None:
+            raise bad_request(f"n={n} asks for variations, but every image would be the same: {why}; or send n=1",
+                              "n")
         if image is not None:
             image = bytes(image)
         return await run_jobs(lambda i: edit_job(server, dict(fields, seed=str(seed + i)), image, "images/edits"),

@@ -82,8 +82,7 @@ class Engine:
             if not job.finished:  # the ingress cancelled the stream
                 self.batcher.cancel(job.id)
             job.unsubscribe(queue)
-            if job.finished:  # sent on: the ingress keeps the job, not this replica
-                self.batcher.jobs.pop(job.id, None)
+            self.batcher.jobs.pop(job.id, None)  # the ingress keeps the job, not this replica
 
 
 def portable(result):

@@ -148,10 +148,10 @@ def openai_options(fields: dict, route: str) -> tuple[str, int | None]:
     fmt = text(fields, "output_format") or "png"  # absent or null: OpenAI's default
     if fmt not in ("png", "jpeg", "webp"):
         raise bad_request(f"'output_format' must be 'png', 'jpeg' or 'webp', got {fmt!r}", "output_format")
-    quality = None
+    quality = 100  # OpenAI's default; its compression applies to JPEG and WebP
     if fields.get("output_compression") is not None:
         quality = integer(fields, "output_compression", 100, 0, 100)
-    quality = None if fmt == "png" else quality  # OpenAI's compression applies to JPEG and WebP
+    quality = None if fmt == "png" else quality
     background = text(fields, "background") or "auto"
     if background not in ("auto", "opaque", "transparent"):
         raise bad_request(f"'background' must be 'transparent', 'opaque' or 'auto', got {background!r}", "background")
@@ -164,18 +164,20 @@ def openai_options(fields: dict, route: str) -> tuple[str, int | None]:
     return fmt, quality
 
 
-def seeded(fields: dict, card) -> bool:
-    """Whether the seed changes an edit with these fields: its inversion draws noise (unless a
-    made one is given by id), or the edit itself reads the seed (Imagic's generation)."""
+def unseeded(fields: dict, card) -> str | None:
+    """Why the seed cannot change an edit with these fields (every one of ``n`` images would be
+    the same), or None: its inversion draws noise (unless a made one is given by id), or the
+    edit itself reads the seed (Imagic's generation)."""
     method = fields.get("method", "p2p")
-    if method not in DEFAULT_INVERSION:
-        return True  # edit_job names the unknown method
-    if "seed" in EDIT_TAKES.get(method, ()) + EDIT_SHARES.get(method, ()):
-        return True
+    if method not in DEFAULT_INVERSION or "seed" in EDIT_TAKES.get(method, ()) + EDIT_SHARES.get(method, ()):
+        return None  # edit_job names an unknown method
     if fields.get("inversion") is not None:
-        return False
+        return (f"a given inversion is fixed and the '{method}' edit draws no noise; send the image instead of "
+                f"'inversion'")
     inv = form_value(fields.get("inversion_method")) or inversion_for(method, card)
-    return inv not in UNSEEDED_INVERSIONS
+    if inv in UNSEEDED_INVERSIONS:
+        return f"method '{method}' inverts with {inv}, which draws no noise; pick ddpm or ledits++"
+    return None
 
 
 def edit_job(server, fields: dict, image: bytes | None, route: str) -> Job:

@@ -50,7 +50,7 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, in
             # clients still read their jobs; the batcher finishes what it holds within the grace
             # period and ends the rest with error events; then uvicorn shuts down (exit 0). A
             # second signal ends the grace period now (the rest get their error events) and
-            # starts uvicorn's shutdown; a third is uvicorn's forced exit.
+            # starts uvicorn's shutdown; a third Ctrl-C (SIGINT) is uvicorn's forced exit.
             if not state.draining:
                 state.begin_drain()
 

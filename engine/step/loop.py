@@ -86,9 +86,12 @@ class Loop:
         and an entry can hold a request's tuned weights (Imagic) or its plans."""
         live = {id(p) for p in self.live}
         for cache in (self._conds, self._plans):
-            for key in [k for k, (_, _, owners, shared) in cache.items()
-                        if not (owners & live if shared else owners <= live)]:
-                del cache[key]
+            for key, (value, keep, owners, shared) in list(cache.items()):
+                alive = owners & live
+                if not (alive if shared else alive == owners):
+                    del cache[key]
+                elif shared:  # forget the ids of programs gone: a new program may reuse one
+                    cache[key] = (value, keep, alive, shared)
 
     @property
     def rows(self) -> int:

@@ -384,11 +384,17 @@ def test_interp_suite_in_subprocess():
     procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", k,
                                str(Path(__file__))], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k in groups]
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        tail = out[-4000:] + err[-2000:]
-        assert proc.returncode == 0, tail
-        assert " passed" in out and " skipped" not in out, tail
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            tail = out[-4000:] + err[-2000:]
+            assert proc.returncode == 0, tail
+            assert " passed" in out and " skipped" not in out, tail
+    finally:  # a failure or a timeout leaves no interpreter process behind
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 # ------------------------------------------------------------------ torch CPU path

@@ -214,10 +214,11 @@ def test_size_flags(tiny_sd15_dir, tmp_path, photo, capsys, no_model_load):
 
     from engine.cli.commands import _image_size
 
-    pipe = SimpleNamespace(size_multiple=8)
-    x = torch.zeros(1, 3, 96, 128)
+    pipe = SimpleNamespace(size_step=8)
+    x = torch.zeros(1, 3, 768, 1024)
     size = lambda h, w: _image_size(pipe, x, SimpleNamespace(height=h, width=w, keep_size=False))  # noqa: E731
-    assert size(48, None) == (48, 64) and size(None, 32) == (24, 32) and size(40, 40) == (40, 40)  # aspect kept
+    assert size(480, None) == (480, 640) and size(None, 200) == (152, 200)  # aspect kept, sides the model takes
+    assert size(40, 40) == (40, 40)
 
 
 def test_demo_output_checks(tmp_path, capsys, monkeypatch):

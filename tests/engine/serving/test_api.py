@@ -155,6 +155,7 @@ def test_bad_input_corpus(server):
         (post(img(good), edit_form(response_format="url")), 400, "response_format"),
         (post(img(good), edit_form(seed="--3")), 400, "seed"),  # passed a digits check, then int() failed: 500
         (post(img(good), edit_form(n="2")), 400, "n"),  # ddim: n identical images
+        (post(img(good), edit_form(n="2", method="ddpm", inversion="inv_" + "0" * 32)), 400, "n"),  # a fixed inversion
         (post(img(good), edit_form(stream="true")), 400, "stream"),
         (post(img(good), edit_form(partial_images="2")), 400, "partial_images"),
         (post(img(good), edit_form(output_format="gif")), 400, "output_format"),
@@ -354,6 +355,17 @@ def test_one_failed_image_of_n_cancels_the_others(server):
     assert batcher.loop.rows == 0
 
 
+def test_which_edits_the_seed_changes(sd15_pipe):
+    from engine.serving.requests import unseeded
+
+    card = sd15_pipe.card
+    assert unseeded({"method": "ddim"}, card) is not None  # DDIM inversion draws nothing
+    assert unseeded({"method": "p2p", "inversion_method": "ddpm"}, card) is None
+    assert unseeded({"method": "ddpm"}, card) is None
+    assert "a given inversion is fixed" in unseeded({"method": "ddpm", "inversion": "inv_x"}, card)
+    assert unseeded({"method": "imagic", "inversion": "inv_x"}, card) is None  # its generation reads the seed
+
+
 def test_output_formats(server):
     c = server.client
     for fmt, magic in (("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")):
@@ -361,6 +373,10 @@ def test_output_formats(server):
                                                    "output_compression": 50})
         assert r.status_code == 200, r.text
         assert base64.b64decode(r.json()["data"][0]["b64_json"])[:len(magic)] == magic
+    sizes = [len(c.post("/v1/images/generations", json={"prompt": "x", "steps": 1, "seed": 3, "output_format": "jpeg",
+                                                        **q}).json()["data"][0]["b64_json"])
+             for q in ({}, {"output_compression": 100}, {"output_compression": 10})]
+    assert sizes[0] == sizes[1] > sizes[2]  # OpenAI's default quality is 100
 
 
 def test_serve_refuses_an_open_host_without_a_key(capsys, monkeypatch):
