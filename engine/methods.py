@@ -9,7 +9,7 @@ DEFAULT_INVERSION = {"p2p": "ddim", "ledits++": "ledits++", "ddim": "ddim", "ddp
                      "flow": "flow", "rf-inversion": "rf-inversion", "renoise": "renoise"}
 
 # Inversions that draw no noise: an edit from one of them is the same whatever the seed.
-UNSEEDED_INVERSIONS = frozenset({"ddim", "null-text"})
+UNSEEDED_INVERSIONS = frozenset({"ddim", "null-text", "flow"})
 
 # The model family each method runs on ("unet": SD / SDXL; "flux": FLUX.1 and the Shapes DiT).
 FLUX_METHODS = frozenset({"flow", "rf-inversion"})

@@ -203,4 +203,5 @@ class GraphRunner:
     def clear(self) -> None:
         """Drop every graph and its memory (e.g. before loading other weights)."""
         self.cache.clear()
+        self.shortages.clear()
         self.pool = None

@@ -115,7 +115,7 @@ class Server:
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # OpenAI's output_format -> PIL's
 
 
-def png_b64(image, size_hw=None, output_format: str = "png", quality: int | None = None) -> str:
+def image_b64(image, size_hw=None, output_format: str = "png", quality: int | None = None) -> str:
     """An image as base64 (PNG unless ``output_format`` says "jpeg" or "webp", at ``quality``)."""
     if size_hw is not None and image.size != (size_hw[1], size_hw[0]):
         from PIL import Image
@@ -215,7 +215,7 @@ def create_app(settings: ServeSettings | None = None, pipe=None, connect=None) -
     def images(job: Job, size_hw=None, output_format: str = "png", quality: int | None = None) -> list[dict]:
         if job.error is not None:
             raise job.error
-        return [{"b64_json": png_b64(im, size_hw, output_format, quality)} for im in job.result]
+        return [{"b64_json": image_b64(im, size_hw, output_format, quality)} for im in job.result]
 
     async def run_jobs(make, n: int, request: Request, out_size=None, fmt=("png", None)) -> dict:
         """Submit ``n`` jobs (``make(i)``), wait for all, answer with their images; if one fails

@@ -171,12 +171,12 @@ def unseeded(fields: dict, card) -> str | None:
     method = fields.get("method", "p2p")
     if method not in DEFAULT_INVERSION or "seed" in EDIT_TAKES.get(method, ()) + EDIT_SHARES.get(method, ()):
         return None  # edit_job names an unknown method
-    if fields.get("inversion") is not None:
-        return (f"a given inversion is fixed and the '{method}' edit draws no noise; send the image instead of "
-                f"'inversion'")
     inv = form_value(fields.get("inversion_method")) or inversion_for(method, card)
     if inv in UNSEEDED_INVERSIONS:
         return f"method '{method}' inverts with {inv}, which draws no noise; pick ddpm or ledits++"
+    if fields.get("inversion") is not None:
+        return (f"a given inversion is fixed and the '{method}' edit draws no noise; send the image instead of "
+                f"'inversion'")
     return None
 
 
