@@ -178,7 +178,7 @@ def load_image(image, max_pixels: int = MAX_PIXELS, background="white") -> torch
         raise ValueError(f"image tensor must be [3, H, W] or [B, 3, H, W], got {tuple(image.shape)}")
     if not torch.is_floating_point(x) or not torch.isfinite(x).all():
         raise ValueError("an image tensor must hold finite floats in [0, 1]")
-    lo, hi = x.min().item(), x.max().item()
+    lo, hi = (v.item() for v in torch.aminmax(x))
     if lo < -1e-3 or hi > 1 + 1e-3:  # [-1, 1] (diffusers' VAE range) or 0..255 would be read as garbage
         raise ValueError(f"an image tensor must hold values in [0, 1], got [{lo:.3g}, {hi:.3g}]; "
                          f"map [-1, 1] with (x + 1) / 2 and 0..255 with x / 255")

@@ -2,6 +2,6 @@
 channels-last execution (`fuse`). Nothing here changes results: every path has an eager
 twin that the tests compare it with."""
 
-from .graphs import GraphRunner, capture_blocker, log_once
+from .graphs import GraphRunner, capture_blocker, is_oom, log_once
 
-__all__ = ["GraphRunner", "capture_blocker", "log_once"]
+__all__ = ["GraphRunner", "capture_blocker", "is_oom", "log_once"]

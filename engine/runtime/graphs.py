@@ -58,6 +58,11 @@ def log_once(reason: str) -> bool:
     return True
 
 
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is the device running out of memory (a passing shortage, not a bug)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def capture_blocker(device: torch.device | str) -> str | None:
     """Why graphs cannot be captured on ``device`` (None: they can)."""
     dev = torch.device(device)
@@ -195,7 +200,7 @@ class GraphRunner:
             return True
         except Exception as e:  # an uncapturable op (host sync, CPU tensor, ...): eager from now on
             entry.outputs = entry.graph = None
-            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            if is_oom(e):
                 raise torch.OutOfMemoryError(str(e)) from e  # not a property of the step: a later call captures
             log_once(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             return False

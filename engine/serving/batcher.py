@@ -21,14 +21,11 @@ import time
 
 import torch
 
+from ..runtime import is_oom
 from ..step import Loop
 from .jobs import PREVIOUS, ApiError, Job, bad_request, forget_finished, queue_full, timed_out, unavailable
 
 log = logging.getLogger("overpaint.serving")
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 class Batcher:
@@ -281,6 +278,7 @@ class Batcher:
         log.exception("request failed", exc_info=e)
         return ApiError(500, f"internal error ({type(e).__name__}); the server keeps serving", "server_error",
                         None, "internal_error")
+
 
 def _param_of(message: str) -> str | None:
     """The argument an engine error names first ("steps must be an integer ..." -> "steps")."""

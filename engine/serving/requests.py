@@ -169,8 +169,10 @@ def unseeded(fields: dict, card) -> str | None:
     the same), or None: its inversion draws noise (unless a made one is given by id), or the
     edit itself reads the seed (Imagic's generation)."""
     method = fields.get("method", "p2p")
-    if method not in DEFAULT_INVERSION or "seed" in EDIT_TAKES.get(method, ()) + EDIT_SHARES.get(method, ()):
-        return None  # edit_job names an unknown method
+    if method not in DEFAULT_INVERSION:
+        return None  # edit_job names the unknown method
+    if "seed" in EDIT_TAKES.get(method, ()) + EDIT_SHARES.get(method, ()):
+        return None  # the edit reads the seed itself
     inv = form_value(fields.get("inversion_method")) or inversion_for(method, card)
     if inv in UNSEEDED_INVERSIONS:
         return f"method '{method}' inverts with {inv}, which draws no noise; pick ddpm or ledits++"

@@ -202,14 +202,14 @@ class Loop:
         """``make()`` once per key. The keyed objects stay alive (their ids stay theirs) while the
         programs they were made for live: all of them for a batch's rows and plan, any of them
         for a ``shared`` entry (one tuned model's weights serve every program that brings them)."""
-        ids = frozenset(map(id, owners))
         if key in cache:
             cache.move_to_end(key)
             value, keep_, had, shared = cache[key]
-            cache[key] = (value, keep_, had | ids if shared else had, shared)
+            if shared:  # another program bringing the same weights
+                cache[key] = (value, keep_, had | frozenset(map(id, owners)), shared)
             return value
         value = make()
-        cache[key] = (value, keep, ids, shared)
+        cache[key] = (value, keep, frozenset(map(id, owners)), shared)
         if len(cache) > _CACHE:
             cache.popitem(last=False)
         return value
