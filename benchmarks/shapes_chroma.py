@@ -9,8 +9,8 @@ objects, no background words) are generated from the same seeded noise, plain an
 
   key_bg      share of prompts whose background (the pixels outside the analyser's objects,
               dilated 1 px) is at least 90% the key colour (nearest named colour in the
-              analyser's palette -- the key itself for the world's background colours;
-              for green: the palette's green)
+              analyser's palette -- the key itself for the world's classic background
+              colours; for green and blue: the palette's, which the screens are painted in)
   named_ok    share of prompts whose named objects are all found (colour, shape, position)
   alpha_ok    share of pixels where the RGBA matte (``alpha=True``) agrees with the
               analyser's masks: alpha < 0.5 on the background, > 0.5 on objects (prompts
@@ -41,10 +41,11 @@ from engine.matte import chroma_matte  # noqa: E402
 from engine.shapes import analyser, world  # noqa: E402
 from engine.shapes import evaluate as E  # noqa: E402
 
-# The keys: green (the method's purpose; the Shapes world has no green backgrounds) and the
-# world's own background colours as (r, g, b), which the model can paint.
-KEYS = {"green": "green", **{name: rgb for name, rgb in world.BACKGROUNDS.items()}}
-PALETTE = {"green": "green", **{name: name for name in world.BACKGROUNDS}}  # the analyser's name of each key
+# The keys: green and blue by name (the method's purpose: broadcast chroma green (0, 177, 64) and
+# blue (0, 71, 187); a model trained with screens, world.SCREENS, paints them) and the world's
+# classic background colours as (r, g, b).
+KEYS = {"green": "green", "blue": "blue", **{name: rgb for name, rgb in world.BACKGROUNDS.items()}}
+PALETTE = {name: name for name in KEYS}  # the analyser's name of each key's colour
 
 
 def objects_prompt(scene: world.Scene) -> str:
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     plain, _ = run()
     results = {"plain": dict(backgrounds={b: float(np.mean([analyser.detect_background(im) == b for im in plain]))
-                                          for b in world.BACKGROUNDS},
+                                          for b in world.ALL_BACKGROUNDS},
                              named_ok=float(np.mean([E.named_ok(im, s) for im, s in zip(plain, scenes)])))}
     samples = {}
     for k in keys:

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/shapes_generate-<device>.json)")
     a = p.parse_args(argv)
+    if not 0 <= a.screens <= 1:
+        p.error(f"--screens is a share between 0 and 1, got {a.screens}")
     if a.threads:
         torch.set_num_threads(a.threads)
     import engine

@@ -30,7 +30,11 @@ __all__ = [
 ]
 
 # Names of the models that ship inside the package (an existing local folder of that name wins).
+# "shapes-v2": the same recipe with a third of its scenes on green or blue screens (engine.shapes.
+# world.SCREENS), which chroma-key generation needs; it replaces "shapes" once every figure measured
+# on "shapes" is measured on it.
 BUNDLED = {"shapes": Path(__file__).parent / "shapes" / "model",
+           "shapes-v2": Path(__file__).parent / "shapes" / "model_v2",
            "shapes-dit": Path(__file__).parent / "shapes" / "dit_model"}
 
 
@@ -38,6 +42,11 @@ def resolve(path_or_id: str | Path) -> Path:
     """A pipeline folder: a bundled model's name, a local folder or a cached hub id."""
     name = str(path_or_id)
     if name in BUNDLED and not Path(name).is_dir():
+        if not (BUNDLED[name] / "model_index.json").is_file():
+            raise files.ModelNotFoundError(
+                f"the bundled model {name!r} is not in this install ({BUNDLED[name]} has no model_index.json); "
+                f"use {', '.join(repr(n) for n in BUNDLED if (BUNDLED[n] / 'model_index.json').is_file())} "
+                f"or a pipeline folder")
         return files.resolve(BUNDLED[name])
     return files.resolve(path_or_id)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from engine.methods import DEFAULT_INVERSION as EDIT_METHODS  # edit method -> the inversion it edits
 from engine.methods import IMAGE_EDITS, IMAGE_INVERSIONS
 
-MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or 'shapes' (bundled)"
+MODEL_HELP = "a diffusers pipeline folder, a hub id in the local cache, or a bundled model: 'shapes', 'shapes-v2', 'shapes-dit'"
 SAMPLERS = ("ddim", "ddpm", "euler", "dpmpp_2m", "dpmpp_2m_sde")
 LEDITS, P2P = ("ledits++",), ("p2p",)
 FLOW = ("flow", "rf-inversion")  # FLUX models

@@ -6,6 +6,7 @@ metrics.py  PSNR, SSIM, masked PSNR
 train.py    trains a tiny diffusers-format text-to-image pipeline from scratch
 scene_code.py  the text encoder's supervised pretraining: decode the scene from the caption's tokens
 model/      the trained pipeline shipped with the package: engine.load("shapes")
+model_v2/   the same recipe with a third of its scenes on green or blue screens: engine.load("shapes-v2")
 evaluate.py generation quality of a model, judged by the analyser
 recipes.py  each editing method's settings for this model (benchmark and demo)
 demo.py     ``overpaint demo``: a bundled red -> blue circle edit

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.shapes.world import BACKGROUNDS, COLOURS, SIZE, Obj, Scene
+from engine.shapes.world import ALL_BACKGROUNDS, COLOURS, SIZE, Obj, Scene
 
 _FACTORS = (0.9, 0.95, 1.0, 1.05)  # brightness variants the shading/gradient can produce
-_NAMES = list(dict.fromkeys(list(COLOURS) + list(BACKGROUNDS)))
+_NAMES = list(dict.fromkeys(list(COLOURS) + list(ALL_BACKGROUNDS)))
 MIN_PIXELS = 12  # smaller components are noise, not objects
 LARGE_EXTENT = 15  # bounding boxes are 12 px (small) or 18 px (large)
 
@@ -43,7 +43,7 @@ class Detected:
 
 def _palette() -> tuple[np.ndarray, np.ndarray]:
     """Reference colours [K, 3] and their name indices [K]."""
-    table = {**COLOURS, **BACKGROUNDS}
+    table = {**COLOURS, **ALL_BACKGROUNDS}
     refs, ids = [], []
     for i, name in enumerate(_NAMES):
         for f in _FACTORS:
@@ -91,7 +91,7 @@ def detect_background(image, labels: np.ndarray | None = None) -> str:
     lab = label_pixels(image) if labels is None else labels
     border = np.concatenate([lab[:2].ravel(), lab[-2:].ravel(), lab[:, :2].ravel(), lab[:, -2:].ravel()])
     counts = np.bincount(border, minlength=len(_NAMES))
-    bg_ids = [_NAMES.index(b) for b in BACKGROUNDS]
+    bg_ids = [_NAMES.index(b) for b in ALL_BACKGROUNDS]
     return _NAMES[bg_ids[int(np.argmax(counts[bg_ids]))]]
 
 
@@ -180,7 +180,7 @@ def _detect(a: np.ndarray) -> tuple[str, list[Detected]]:
     background = detect_background(None, lab)
     bg = _NAMES.index(background)
     bg_pixels = a[lab == bg]
-    bg_rgb = np.median(bg_pixels, 0) if len(bg_pixels) else np.asarray(BACKGROUNDS[background], np.float32)
+    bg_rgb = np.median(bg_pixels, 0) if len(bg_pixels) else np.asarray(ALL_BACKGROUNDS[background], np.float32)
     comp = components(lab != bg)
     found = []
     for k in range(1, comp.max() + 1):
@@ -191,7 +191,7 @@ def _detect(a: np.ndarray) -> tuple[str, list[Detected]]:
         obj_votes = votes[: len(COLOURS)]  # COLOURS come first in _NAMES
         colour = _NAMES[int(np.argmax(obj_votes if obj_votes.any() else votes))]
         core = m & (lab == _NAMES.index(colour))
-        rgb = np.median(a[core], 0) if core.any() else np.asarray({**COLOURS, **BACKGROUNDS}[colour], np.float32)
+        rgb = np.median(a[core], 0) if core.any() else np.asarray({**COLOURS, **ALL_BACKGROUNDS}[colour], np.float32)
         m = _refine(a, m, rgb, bg_rgb)
         if int(m.sum()) < MIN_PIXELS:
             continue

@@ -2,6 +2,7 @@
 
     python -m engine.shapes.evaluate --model shapes                 # 100 prompts, JSON to stdout
     python -m engine.shapes.evaluate --model shapes --n 20 --steps 20 --guidance 5
+    python -m engine.shapes.evaluate --model shapes-v2 --screens 1      # every scene on a green or blue screen
 
 A fixed, seeded set of prompts (scenes of one or two objects, captions from the world
 generator) is generated, one seeded starting latent per prompt. A prompt counts as a
@@ -21,13 +22,15 @@ import torch
 
 from engine.shapes import analyser, world
 
-DEFAULTS = dict(n=100, seed=1234, steps=20, guidance=5.0, sampler=None, batch=25)  # sampler None: the model's
+# sampler None: the model's; screens: the share of scenes on green or blue screens (world.sample_scene)
+DEFAULTS = dict(n=100, seed=1234, steps=20, guidance=5.0, sampler=None, batch=25, screens=0.0)
 
 
-def prompts(n: int, seed: int) -> list[world.Scene]:
-    """``n`` scenes with one or two objects (alternating), fixed by ``seed``."""
+def prompts(n: int, seed: int, screens: float = 0.0) -> list[world.Scene]:
+    """``n`` scenes with one or two objects (alternating), fixed by ``seed``, a ``screens`` share
+    of them on green or blue screens (0: the same scenes as before screens existed)."""
     rng = np.random.default_rng([seed, 11])
-    return [world.sample_scene(rng, n_objects=1 + i % 2) for i in range(n)]
+    return [world.sample_scene(rng, n_objects=1 + i % 2, screens=screens) for i in range(n)]
 
 
 def named_ok(image, scene: world.Scene) -> bool:
@@ -74,9 +77,11 @@ def generate(pipe, scenes: list[world.Scene], seed: int, steps: int, guidance: f
 
 def evaluate(pipe, n: int = DEFAULTS["n"], seed: int = DEFAULTS["seed"], steps: int = DEFAULTS["steps"],
              guidance: float = DEFAULTS["guidance"], sampler: str = DEFAULTS["sampler"],
-             batch: int = DEFAULTS["batch"]) -> dict:
+             batch: int = DEFAULTS["batch"], screens: float = DEFAULTS["screens"]) -> dict:
     """Generate ``n`` seeded prompts and score them; returns a JSON-ready dict."""
-    scenes = prompts(n, seed)
+    if not 0 <= screens <= 1:
+        raise ValueError(f"screens is a share between 0 and 1, got {screens}")
+    scenes = prompts(n, seed, screens)
     sampler = sampler or pipe.default_sampler
     t0 = time.time()
     images = generate(pipe, scenes, seed, steps, guidance, sampler, batch)
@@ -88,7 +93,7 @@ def evaluate(pipe, n: int = DEFAULTS["n"], seed: int = DEFAULTS["seed"], steps: 
     failures = [{"prompt": world.caption(s), "seen": analyser.describe(im)}
                 for im, s, ok in zip(images, scenes, named) if not ok]
     return {
-        "n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance,
+        "n": n, "seed": seed, "sampler": sampler, "steps": steps, "guidance": guidance, "screens": screens,
         "named_rate": float(np.mean(named)), "exact_rate": float(np.mean(exact)),
         "named_rate_by_objects": by_count, "attributes": attribute_rates(images, scenes), "generate_s": round(wall, 1), "failures": failures[:10],
     }
@@ -103,14 +108,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=DEFAULTS["guidance"])
     p.add_argument("--sampler", default=DEFAULTS["sampler"])
     p.add_argument("--batch", type=int, default=DEFAULTS["batch"])
+    p.add_argument("--screens", type=float, default=DEFAULTS["screens"],
+                   help="share of the scenes on green or blue screens (default 0)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result here")
     a = p.parse_args(argv)
+    if not 0 <= a.screens <= 1:
+        p.error(f"--screens is a share between 0 and 1, got {a.screens}")
     if a.threads:
         torch.set_num_threads(a.threads)
     import engine
 
-    res = {"model": a.model, **evaluate(engine.load(a.model), a.n, a.seed, a.steps, a.guidance, a.sampler, a.batch)}
+    res = {"model": a.model, **evaluate(engine.load(a.model), a.n, a.seed, a.steps, a.guidance, a.sampler, a.batch,
+                                           a.screens)}
     text = json.dumps(res, indent=2)
     print(text)
     if a.json:

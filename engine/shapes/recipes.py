@@ -131,9 +131,10 @@ def methods_for(pipe) -> tuple[str, ...]:
 IP_ADAPTER = "ip_adapter/ip-adapter-plus_shapes.safetensors"
 
 
-def model_card(methods: tuple[str, ...] = METHODS, generate: dict | None = None) -> dict:
+def model_card(methods: tuple[str, ...] = METHODS, generate: dict | None = None, ip_adapter: bool = True) -> dict:
     """The model folder's ``overpaint.json`` (:class:`engine.loading.card.ModelCard`): the
-    recipes of ``methods`` as per-method defaults, generation defaults, and the world's vocabulary."""
+    recipes of ``methods`` as per-method defaults, generation defaults, the world's vocabulary
+    and, with ``ip_adapter``, where the UNet model's IP-Adapter lies (:data:`IP_ADAPTER`)."""
     from engine.loading.card import FORMAT
 
     invert: dict[str, dict] = {}
@@ -147,7 +148,7 @@ def model_card(methods: tuple[str, ...] = METHODS, generate: dict | None = None)
             "vocabulary": world.vocabulary()}
     if generate:
         card["generate"] = generate
-    if methods == METHODS:
+    if methods == METHODS and ip_adapter:
         card["ip_adapter"] = IP_ADAPTER
     return card
 

@@ -26,9 +26,16 @@ from engine.shapes import world
 
 # Label groups decoded from the caption: (name, number of classes). Class 0 of a slot group is "empty".
 SLOT_ATTRS = (("colour", len(world.COLOURS)), ("shape", len(world.SHAPES)), ("size", len(world.SIZES)))
-GROUPS: tuple[tuple[str, int], ...] = tuple(
-    (f"{pos}.{attr}", n + 1) for pos in world.POSITIONS for attr, n in SLOT_ATTRS
-) + (("background", len(world.BACKGROUNDS)),)
+_SLOT_GROUPS = tuple((f"{pos}.{attr}", n + 1) for pos in world.POSITIONS for attr, n in SLOT_ATTRS)
+
+
+def groups(screens: bool = False) -> tuple[tuple[str, int], ...]:
+    """The label groups; the background group counts the screens only for a world that has them
+    (so a run without screens builds the same head, from the same seed, as before they existed)."""
+    return _SLOT_GROUPS + (("background", len(world.ALL_BACKGROUNDS if screens else world.BACKGROUNDS)),)
+
+
+GROUPS = groups()
 N_LOGITS = sum(n for _, n in GROUPS)
 HELD_OUT = 10**9  # the step index of the held-out captions (training never gets there)
 
@@ -41,7 +48,7 @@ def labels(scene: world.Scene) -> list[int]:
         o = by_pos.get(pos)
         out += [0] * len(SLOT_ATTRS) if o is None else [
             1 + list(world.COLOURS).index(o.colour), 1 + world.SHAPES.index(o.shape), 1 + world.SIZES.index(o.size)]
-    return out + [list(world.BACKGROUNDS).index(scene.background)]
+    return out + [list(world.ALL_BACKGROUNDS).index(scene.background)]  # classic backgrounds first
 
 
 def token_labels(scene: world.Scene, length: int, objects: Sequence[int] | None = None,
@@ -76,14 +83,15 @@ def token_labels(scene: world.Scene, length: int, objects: Sequence[int] | None 
     return torch.where(idx >= known.view(1, -1), torch.tensor(full).view(1, -1), torch.tensor(-100))  # [L, G]
 
 
-def code_loss(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor) -> torch.Tensor:
+def code_loss(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor,
+              label_groups: Sequence[tuple[str, int]] = GROUPS) -> torch.Tensor:
     """Mean cross-entropy of the scene labels decoded from every token that has them.
 
     hidden [B, L, D] last hidden states; target [B, L, G] class indices, -100 where unknown.
     """
-    logits = head(hidden.float())  # [B, L, N_LOGITS]
+    logits = head(hidden.float())  # [B, L, sum of the groups' classes]
     total, count, lo = hidden.new_zeros((), dtype=torch.float32), 0, 0
-    for g, (_, n) in enumerate(GROUPS):
+    for g, (_, n) in enumerate(label_groups):
         t = target[..., g]  # [B, L]
         total = total + F.cross_entropy(logits[..., lo:lo + n].reshape(-1, n), t.reshape(-1), reduction="sum")
         count += int((t >= 0).sum())
@@ -92,23 +100,24 @@ def code_loss(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor)
 
 
 def accuracy(hidden: torch.Tensor, ids: torch.Tensor, eos_id: int, head: torch.nn.Module,
-             target: torch.Tensor) -> float:
+             target: torch.Tensor, label_groups: Sequence[tuple[str, int]] = GROUPS) -> float:
     """Share of (caption, group) labels decoded right from the caption's end token."""
     end = (ids == eos_id).float().argmax(1)  # [B]: first end token
-    logits = head(hidden[torch.arange(len(ids)), end].float())  # [B, N_LOGITS]
+    logits = head(hidden[torch.arange(len(ids)), end].float())  # [B, sum of the groups' classes]
     right, lo = [], 0
-    for g, (_, n) in enumerate(GROUPS):
+    for g, (_, n) in enumerate(label_groups):
         right.append(logits[:, lo:lo + n].argmax(1) == target[:, g])
         lo += n
     return torch.stack(right).float().mean().item()
 
 
 def caption_batch(seed: int, step: int, n: int, length: int, partial: float = 0.0,
-                  first: int = 1) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+                  first: int = 1, screens: float = 0.0) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """``n`` captions, their scenes' labels [n, G] and per-token targets [n, length, G], fixed by
-    (seed, step); a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`)."""
+    (seed, step); a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`),
+    a ``screens`` share of the scenes on green or blue screens."""
     rng = np.random.default_rng([seed, 4, step])
-    scenes = [world.sample_scene(rng) for _ in range(n)]
+    scenes = [world.sample_scene(rng, screens=screens) for _ in range(n)]
     parts = [world.sample_fragment(s, rng, partial) for s in scenes]
     caps = [world.fragment(s, o, b) for s, (o, b) in zip(scenes, parts)]
     return (caps, torch.tensor([labels(s) for s in scenes]),
@@ -117,21 +126,22 @@ def caption_batch(seed: int, step: int, n: int, length: int, partial: float = 0.
 
 def pretrain(text_encoder, tokens, eos_id: int, seed: int, steps: int, batch: int = 64, lr: float = 1e-3,
              device: str = "cpu", bar=None, log=None, partial: float = 0.0, length: int | None = None,
-             first: int = 1) -> float:
+             first: int = 1, screens: float = 0.0) -> float:
     """Train ``text_encoder`` (in place) to decode the scene from its tokens, a ``partial`` share of
     them fragments; returns the held-out accuracy of the labels decoded from whole captions' end
     tokens. ``tokens`` maps captions to padded ids [B, L] (``length``: L, default the encoder's
-    positions); ``first`` as in :func:`token_labels`."""
+    positions); ``first`` as in :func:`token_labels`; ``screens`` as in :func:`world.sample_scene`."""
+    groups_ = groups(screens > 0)
     with torch.random.fork_rng(devices=[]):  # seed the head's init without touching the caller's RNG
         torch.manual_seed(seed)
-        head = torch.nn.Linear(text_encoder.config.hidden_size, N_LOGITS).to(device)
+        head = torch.nn.Linear(text_encoder.config.hidden_size, sum(n for _, n in groups_)).to(device)
     params = [*text_encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     length = length or text_encoder.config.max_position_embeddings
     text_encoder.train()
     for step in range(steps):
-        caps, _, target = caption_batch(seed, step, batch, length, partial, first)
-        loss = code_loss(text_encoder(tokens(caps).to(device)).last_hidden_state, head, target.to(device))
+        caps, _, target = caption_batch(seed, step, batch, length, partial, first, screens)
+        loss = code_loss(text_encoder(tokens(caps).to(device)).last_hidden_state, head, target.to(device), groups_)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -141,7 +151,7 @@ def pretrain(text_encoder, tokens, eos_id: int, seed: int, steps: int, batch: in
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if log is not None and ((step + 1) % 10 == 0 or step + 1 == steps):
             log(step + 1, loss.item())
-    caps, target, _ = caption_batch(seed, HELD_OUT, 256, length, first=first)
+    caps, target, _ = caption_batch(seed, HELD_OUT, 256, length, first=first, screens=screens)
     with torch.no_grad():
         ids = tokens(caps).to(device)
-        return accuracy(text_encoder(ids).last_hidden_state, ids, eos_id, head, target.to(device))
+        return accuracy(text_encoder(ids).last_hidden_state, ids, eos_id, head, target.to(device), groups_)

@@ -1,6 +1,8 @@
 """Train the Shapes text-to-image model from scratch and save it as a diffusers pipeline.
 
     python -m engine.shapes.train --out /tmp/shapes-run --seed 0 --export engine/shapes/model   # the shipped model
+    python -m engine.shapes.train --out /tmp/v2-run --seed 0 --screens 0.3333 --time-budget-min 150 \
+        --export engine/shapes/model_v2                                                         # "shapes-v2"
     python -m engine.shapes.train --out /tmp/s --smoke          # ~1 minute, tiny widths
 
 Three stages, on scenes rendered on the fly (batch ``b`` of stage ``k`` at step
@@ -13,6 +15,8 @@ same data as an uninterrupted one):
            from its tokens (engine.shapes.scene_code); seconds, captions only.
            In stages 2 and 3, 20% of captions are fragments that name only some objects or only
            the background (world.fragment), the phrases LEDITS++ uses as concepts.
+           ``--screens p``: a share p of all stages' scenes is on a green or blue screen
+           (world.SCREENS), so the model can paint the backdrop chroma keying needs.
   3. unet  UNet on the frozen text encoder, v-prediction (Salimans & Ho 2022) on SD's
            scaled_linear schedule with Min-SNR-5 weights, 10% empty captions for classifier-free
            guidance, AdamW with warmup and cosine decay, gradient clipping, EMA of the weights,
@@ -72,6 +76,10 @@ class TrainConfig:
     # concepts ("a small blue circle on the left"); a model that only ever saw whole captions drew
     # a fragment's object as a new scene, and colour swaps succeeded 43% of the time.
     partial_captions: float = 0.2
+    # Share of scenes (every stage) on a green or blue screen (engine.shapes.world.SCREENS): a model
+    # that never saw one cannot paint the backdrop a chroma key (TKG-DM) asks for. 0: the classic
+    # world only (the model shipped before screens were added was trained so).
+    screens: float = 0.0
     text_steps: int = 250  # scene-code pretraining of the text encoder (engine.shapes.scene_code); 0 skips it
     text_batch_size: int = 64
     freeze_text: bool = True  # keep the scene-coded text encoder fixed in the UNet stage (as SD keeps CLIP)
@@ -105,12 +113,14 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def scene_batch(seed: int, stage: int, step: int, n: int, masks: bool = False, partial: float = 0.0):
+def scene_batch(seed: int, stage: int, step: int, n: int, masks: bool = False, partial: float = 0.0,
+                screens: float = 0.0):
     """Rendered scenes in [-1, 1] as [n, 3, 64, 64] and their captions, fixed by (seed, stage, step);
-    a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`); with
-    ``masks`` also the union of each scene's object masks as [n, 1, 64, 64] floats."""
+    a ``partial`` share of the captions are fragments (:func:`world.sample_fragment`), a ``screens``
+    share of the scenes on green or blue screens; with ``masks`` also the union of each scene's
+    object masks as [n, 1, 64, 64] floats."""
     rng = np.random.default_rng([seed, stage, step])
-    scenes = [world.sample_scene(rng) for _ in range(n)]
+    scenes = [world.sample_scene(rng, screens=screens) for _ in range(n)]
     imgs = np.stack([world.render(s) for s in scenes])  # [n, 64, 64, 3] uint8
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [n, 3, 64, 64]
     caps = [world.fragment(s, *world.sample_fragment(s, rng, partial)) for s in scenes]
@@ -257,7 +267,7 @@ def train_vae(cfg, m, opt, start: int, deadline: float, t0: float, logger, check
     vae, step = m.vae.train(), start
     bar = _bar(cfg, start, cfg.vae_steps, "vae")
     while step < cfg.vae_steps and time.time() < deadline:
-        x, _, mask = scene_batch(cfg.seed, 0, step, cfg.vae_batch_size, masks=True)
+        x, _, mask = scene_batch(cfg.seed, 0, step, cfg.vae_batch_size, masks=True, screens=cfg.screens)
         gen = _generator(cfg.seed, 0, step)
         xm = random_crops(torch.cat([x, mask], 1), cfg.vae_crop, gen).to(cfg.device)  # 4x cheaper than 64x64
         x, w = xm[:, :3], 1.0 + cfg.vae_object_weight * xm[:, 3:]  # [B, 3, crop, crop], [B, 1, crop, crop]
@@ -288,7 +298,7 @@ def normalise_latents(cfg, vae, n: int = 256) -> dict:
     mean and unit variance while the checkpoint stays a plain diffusers ``AutoencoderKL``.
     """
     vae.eval()
-    x, _ = scene_batch(cfg.seed, 2, 0, n)
+    x, _ = scene_batch(cfg.seed, 2, 0, n, screens=cfg.screens)
     z = torch.cat([vae.encode(c.to(cfg.device)).latent_dist.mean for c in x.split(64)])  # [n, 4, h, w]
     mu, sigma = z.mean((0, 2, 3)), z.std((0, 2, 3))  # [4], [4]
     c = len(mu)
@@ -309,7 +319,7 @@ def vae_match_rate(cfg, vae, n: int = 64) -> float:
 
     vae.eval()
     rng = np.random.default_rng([cfg.seed, 3])
-    scenes = [world.sample_scene(rng) for _ in range(n)]
+    scenes = [world.sample_scene(rng, screens=cfg.screens) for _ in range(n)]
     x = torch.from_numpy(np.stack([world.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     rec = vae.decode(vae.encode(x.to(cfg.device)).latent_dist.mean).sample.clamp(-1, 1)  # [n, 3, 64, 64]
     imgs = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [n, 64, 64, 3]
@@ -327,7 +337,7 @@ def train_text(cfg, m, t0: float, logger) -> dict:
                                      elapsed_s=f"{time.time() - t0:.1f}")
     acc = scene_code.pretrain(m.text_encoder, TokenCache(m.tokenizer), m.tokenizer.eos_token_id, cfg.seed,
                               cfg.text_steps, cfg.text_batch_size, cfg.lr, cfg.device, bar, log,
-                              cfg.partial_captions)
+                              cfg.partial_captions, screens=cfg.screens)
     bar.close()
     print(f"text: {cfg.text_steps} steps, end tokens decode {acc:.1%} of held-out scene labels")
     return {"text_s": round(time.time() - ts, 1), "text_code_accuracy": round(acc, 4)}
@@ -346,7 +356,7 @@ def train_unet(cfg, m, opt, ema, start: int, deadline: float, t0: float, logger,
     step = start
     bar = _bar(cfg, start, cfg.steps, "unet")
     while step < cfg.steps and time.time() < deadline:
-        x, caps = scene_batch(cfg.seed, 1, step, cfg.batch_size, partial=cfg.partial_captions)
+        x, caps = scene_batch(cfg.seed, 1, step, cfg.batch_size, partial=cfg.partial_captions, screens=cfg.screens)
         g = _generator(cfg.seed, 1, step)
         drop = torch.rand(len(caps), generator=g) < cfg.cfg_drop
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
@@ -450,7 +460,13 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.export:  # the shippable folder: the pipeline plus how it was made
         export = Path(cfg.export)
         save_pipeline(m, export, prediction_type=cfg.prediction)
-        recipes.write_card(export)  # the editing recipes and vocabulary that ship with it
+        # the editing recipes and vocabulary that ship with it; the IP-Adapter if the folder has one
+        # (engine.shapes.train_ip adds it to the card when it exports one there)
+        kept = (export / recipes.IP_ADAPTER).is_file()
+        recipes.write_card(export, recipes.model_card(ip_adapter=kept))
+        if kept:
+            print(f"note: {export / recipes.IP_ADAPTER} was trained for the UNet this run replaced; retrain it: "
+                  f"python -m engine.shapes.train_ip --model {export} --out RUN --export {export / 'ip_adapter'}")
         for name in ("train_summary.json", "train_config.json"):
             (export / name).write_text((out / name).read_text())
     print(json.dumps(summary))
@@ -525,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help=f"scene-code pretraining steps of the text encoder (default {d.text_steps}; 0 skips)")
     p.add_argument("--partial-captions", type=float, default=d.partial_captions,
                    help="share of training captions that name only part of the scene")
+    p.add_argument("--screens", type=float, default=d.screens,
+                   help="share of training scenes on a green or blue screen (default 0: the classic world)")
     p.add_argument("--train-text", action="store_true", help="train the text encoder jointly in the UNet stage")
     p.add_argument("--min-snr", type=float, default=d.min_snr, help="Min-SNR-gamma loss weighting (0: off)")
     p.add_argument("--fp32", action="store_true", help="no bfloat16 autocast")
@@ -537,7 +555,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     a = p.parse_args(argv)
     cfg = TrainConfig(out=a.out, seed=a.seed, lr=a.lr, vae_lr=a.vae_lr, vae_crop=a.vae_crop, vae_object_weight=a.vae_object_weight, device=a.device,
                       ema_decay=a.ema_decay, prediction=a.prediction, noisy_frac=a.noisy_frac, min_snr=a.min_snr,
-                      partial_captions=a.partial_captions, freeze_text=not a.train_text, bf16=not a.fp32,
+                      partial_captions=a.partial_captions, screens=a.screens, freeze_text=not a.train_text, bf16=not a.fp32,
                       threads=a.threads, resume=a.resume, smoke=a.smoke, progress=not a.no_progress,
                       lr_decay=not (a.no_lr_decay or a.smoke), export=a.export)
     if a.smoke:  # small enough for a unit test; still exercises every code path
@@ -552,8 +570,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         ("--text-steps", cfg.text_steps)):
         if not math.isfinite(value) or value < 0:
             p.error(f"{flag} must be 0 or more (0 turns it off), got {value}")
-    if not 0 <= cfg.partial_captions <= 1:
-        p.error(f"--partial-captions is a share between 0 and 1, got {cfg.partial_captions}")
+    for flag, value in (("--partial-captions", cfg.partial_captions), ("--screens", cfg.screens)):
+        if not 0 <= value <= 1:
+            p.error(f"{flag} is a share between 0 and 1, got {value}")
     return cfg
 
 

@@ -1,10 +1,16 @@
-"""Train an IP-Adapter ("plus") for the bundled Shapes model, with its image encoder, and save both in
+"""Train an IP-Adapter ("plus") for a Shapes UNet model (the bundled one by default), with its image encoder, and save both in
 h94/IP-Adapter's layout, so Tight Inversion (image-conditioned inversion) is measurable offline.
 
     python -m engine.shapes.train_ip --out /tmp/ip-run --export engine/shapes/model/ip_adapter   # the shipped one
     python -m engine.shapes.train_ip --out /tmp/ip --smoke                                 # seconds
+    python -m engine.shapes.train_ip --model /tmp/shapes/export --out /tmp/ip-run          # another Shapes model
 
-The Shapes pipeline (UNet, VAE, text encoder) stays frozen, loaded through ``engine.load("shapes")``:
+The scenes' share on green or blue screens follows the model's own training (its
+``train_config.json``'s ``screens``) unless ``--screens`` says otherwise. Exported into the
+model's own ``ip_adapter/`` folder, the adapter is named in the model's card (``overpaint.json``),
+so ``pipe.load_ip_adapter()`` finds it.
+
+The Shapes pipeline (UNet, VAE, text encoder) stays frozen, loaded through ``engine.load(--model)``:
 the adapter is trained on our own executor, its image tokens entering every cross-attention
 layer through the attention seam (:meth:`engine.models.ip_adapter.IPAdapter.plan`), the same
 path inference takes. Trained: a small CLIP vision tower (no pretrained encoder knows this world;
@@ -37,6 +43,8 @@ ADAPTER_FILE = Path(IP_ADAPTER).name
 
 @dataclass
 class IPTrainConfig(RunSettings):
+    model: str = "shapes"  # the Shapes pipeline the adapter is for (a name or a folder)
+    screens: float | None = None  # share of scenes on screens; None: as the model was trained
     seed: int = 0
     steps: int = 2500
     batch_size: int = 16
@@ -71,6 +79,14 @@ def build(cfg: IPTrainConfig, pipe):
     return encoder, adapter
 
 
+def model_screens(model: str) -> float:
+    """The share of screen scenes the Shapes model ``model`` was trained on (0 if it does not say)."""
+    from engine.loader import resolve
+
+    path = resolve(model) / "train_config.json"
+    return float(json.loads(path.read_text()).get("screens", 0.0)) if path.exists() else 0.0
+
+
 def train(cfg: IPTrainConfig, pipe, encoder, adapter, opt, ema, start: int, deadline: float, t0: float, logger,
           checkpoint) -> int:
     from engine.image_prompt import ImageEncoder
@@ -82,7 +98,8 @@ def train(cfg: IPTrainConfig, pipe, encoder, adapter, opt, ema, start: int, dead
     encoder.train(), adapter.train()
     step, bar = start, _bar(cfg, start, cfg.steps, "ip-adapter")
     while step < cfg.steps and time.time() < deadline:
-        x, caps = scene_batch(cfg.seed, IP_STAGE, step, cfg.batch_size, partial=cfg.partial_captions)
+        x, caps = scene_batch(cfg.seed, IP_STAGE, step, cfg.batch_size, partial=cfg.partial_captions,
+                              screens=cfg.screens)
         g = _generator(cfg.seed, IP_STAGE, step)
         r = torch.rand(len(caps), generator=g)  # [B]
         no_text = (r < cfg.drop) | ((r >= 2 * cfg.drop) & (r < 3 * cfg.drop))
@@ -113,8 +130,10 @@ def train(cfg: IPTrainConfig, pipe, encoder, adapter, opt, ema, start: int, dead
     return step
 
 
-def export(folder: Path, pipe, encoder, adapter, out: Path | None = None) -> Path:
-    """Write the adapter file and ``image_encoder/`` (config, weights, preprocessing) into ``folder``."""
+def export(folder: Path, pipe, encoder, adapter, out: Path | None = None, model: Path | None = None) -> Path:
+    """Write the adapter file and ``image_encoder/`` (config, weights, preprocessing) into ``folder``;
+    when ``folder`` is the ``ip_adapter/`` of ``model`` (the pipeline folder it was trained for),
+    name it in that model's card."""
     from safetensors.torch import save_file
 
     from engine.models.ip_adapter import to_state_dict
@@ -129,6 +148,11 @@ def export(folder: Path, pipe, encoder, adapter, out: Path | None = None) -> Pat
     for name in ("train_summary.json", "train_config.json"):
         if out is not None and (out / name).exists():
             (folder / name).write_text((out / name).read_text())
+    card = folder.parent / "overpaint.json"  # exported into its model's folder: the card now names the adapter
+    if model is not None and folder.resolve() == (model / Path(IP_ADAPTER).parent).resolve() and card.is_file():
+        data = json.loads(card.read_text())
+        if data.get("ip_adapter") != IP_ADAPTER:
+            card.write_text(json.dumps({**data, "ip_adapter": IP_ADAPTER}, indent=2) + "\n")
     return folder / ADAPTER_FILE
 
 
@@ -137,7 +161,12 @@ def run(cfg: IPTrainConfig) -> Path:
     import engine
 
     out, ckpt_path, t0, budget = _start(cfg)
-    pipe = engine.load("shapes", device=cfg.device)
+    pipe = engine.load(cfg.model, device=cfg.device)
+    if getattr(pipe, "unet", None) is None:
+        raise SystemExit(f"train_ip trains IP-Adapters for UNet Shapes models; {cfg.model!r} is not one "
+                         f"(use --model shapes, shapes-v2 or such a pipeline folder)")
+    if cfg.screens is None:
+        cfg.screens = model_screens(cfg.model)
     pipe.unet.requires_grad_(False)
     encoder, adapter = build(cfg, pipe)
     encoder.to(cfg.device), adapter.to(cfg.device)
@@ -172,7 +201,9 @@ def run(cfg: IPTrainConfig) -> Path:
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     file = export(out, pipe, encoder, adapter)
     if cfg.export:
-        file = export(Path(cfg.export), pipe, encoder, adapter, out)
+        from engine.loader import resolve
+
+        file = export(Path(cfg.export), pipe, encoder, adapter, out, resolve(cfg.model))
     print(json.dumps(summary))
     return file
 
@@ -181,8 +212,11 @@ def parse_args(argv: list[str] | None = None) -> IPTrainConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = IPTrainConfig(out="")
     trainer_args(p, d, "adapter")
+    p.add_argument("--model", default=d.model, help="the Shapes pipeline to train for (default: the bundled one)")
+    p.add_argument("--screens", type=float, default=None,
+                   help="share of scenes on green or blue screens (default: the model's own training share)")
     a = p.parse_args(argv)
-    cfg = IPTrainConfig(out=a.out, seed=a.seed, lr=a.lr, ema_decay=a.ema_decay, threads=a.threads, device=a.device,
+    cfg = IPTrainConfig(out=a.out, model=a.model, screens=a.screens, seed=a.seed, lr=a.lr, ema_decay=a.ema_decay, threads=a.threads, device=a.device,
                         resume=a.resume, smoke=a.smoke, progress=not a.no_progress, export=a.export)
     if a.smoke:
         cfg.steps, cfg.batch_size, cfg.encoder_width, cfg.encoder_layers, cfg.tokens = 4, 4, 64, 2, 4
@@ -190,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> IPTrainConfig:
     explicit_flags(cfg, a, ("steps", "batch_size", "time_budget_min", "ckpt_every"))
     if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.time_budget_min > 0:
         p.error("--steps and --batch-size must be at least 1, --time-budget-min positive")
+    if cfg.screens is not None and not 0 <= cfg.screens <= 1:
+        p.error(f"--screens is a share between 0 and 1, got {cfg.screens}")
     return cfg
 
 

@@ -30,6 +30,13 @@ COLOURS = {
     "orange": (245, 135, 25), "purple": (135, 55, 175), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20), "beige": (225, 205, 165)}
+# Green and blue screens: backgrounds in the objects' green and blue (near broadcast chroma green
+# (0, 177, 64) and blue (0, 71, 187)), so a model trained with them can paint a keyable backdrop
+# (TKG-DM). Training draws them with probability ``screens`` (sample_scene); edits, and evaluation
+# scenes unless asked for (evaluate.py --screens), keep to BACKGROUNDS, so benchmark cases are the
+# same whichever model is measured.
+SCREENS = {"green": COLOURS["green"], "blue": COLOURS["blue"]}
+ALL_BACKGROUNDS = {**BACKGROUNDS, **SCREENS}  # every background a scene can have, classic ones first
 POSITIONS = ("left", "center", "right")
 SIZES = ("small", "large")
 CENTER_X = {"left": 11.0, "center": 32.0, "right": 53.0}  # slots 21 px apart: large objects keep a 3 px gap
@@ -114,7 +121,7 @@ def sample_fragment(scene: Scene, rng: np.random.Generator,
 def vocabulary() -> list[str]:
     """Every word any caption can contain (punctuation excluded), in a fixed order."""
     fixed = ["a", "on", "the", "in", "and", "background"]
-    words = fixed + list(SIZES) + list(COLOURS) + list(SHAPES) + list(POSITIONS) + list(BACKGROUNDS)
+    words = fixed + list(SIZES) + list(COLOURS) + list(SHAPES) + list(POSITIONS) + list(ALL_BACKGROUNDS)
     return list(dict.fromkeys(words))
 
 
@@ -140,10 +147,15 @@ def word_swap(source: str, target: str) -> list[tuple[int, str, str]]:
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
-    """A random scene: 1-3 objects in distinct slots, listed left to right."""
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None, screens: float = 0.0) -> Scene:
+    """A random scene: 1-3 objects in distinct slots, listed left to right; its background is a
+    screen (SCREENS) with probability ``screens``, else one of BACKGROUNDS (``screens`` 0 draws
+    exactly what the world drew before screens existed)."""
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects
-    background = str(rng.choice(list(BACKGROUNDS)))
+    if screens and rng.random() < screens:
+        background = str(rng.choice(list(SCREENS)))
+    else:
+        background = str(rng.choice(list(BACKGROUNDS)))
     slots = sorted(rng.choice(len(POSITIONS), size=n, replace=False))
     objs = []
     for s in slots:
@@ -167,7 +179,8 @@ def possible_kinds(scene: Scene) -> list[str]:
 
 
 def sample_edit(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> Edit:
-    """A random valid edit of ``scene`` (of ``kind`` if given)."""
+    """A random valid edit of ``scene`` (of ``kind`` if given); a background edit picks one of the
+    classic BACKGROUNDS, from a screen scene too."""
     kinds = possible_kinds(scene)
     kind = str(rng.choice(kinds)) if kind is None else kind
     if kind not in kinds:
@@ -206,6 +219,8 @@ def apply(scene: Scene, edit: Edit) -> Scene:
             raise ValueError("an object cannot take the background colour")
         return replace(scene, objects=tuple(objs))
     if k == "background":
+        if edit.value not in ALL_BACKGROUNDS:
+            raise ValueError(f"unknown background {edit.value!r}; choose one of {list(ALL_BACKGROUNDS)}")
         if any(o.colour == edit.value for o in objs):
             raise ValueError("the background cannot take an object's colour")
         return replace(scene, background=str(edit.value))
@@ -282,7 +297,7 @@ def _texture(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def render(scene: Scene) -> np.ndarray:
     """The scene as uint8 [64, 64, 3]."""
     grad, noise = _texture(scene.seed)
-    base = np.asarray(BACKGROUNDS[scene.background], np.float32)
+    base = np.asarray(ALL_BACKGROUNDS[scene.background], np.float32)
     img = base[None, None, :] * (1.0 + 0.05 * grad[..., None])  # [64, 64, 3] gentle gradient
     for obj in scene.objects:
         cov = coverage(obj)[..., None]  # [64, 64, 1]

@@ -345,3 +345,11 @@ def test_bad_arguments(tiny_sd15_dir):
             load_components(tiny_sd15_dir, device="cuda")
     with pytest.raises(ValueError, match="variant"):
         read_state_dict(tiny_sd15_dir / "unet", UNET_W, variant="../x")
+
+
+def test_a_bundled_name_missing_from_the_install_says_so(monkeypatch, tmp_path):
+    import engine.loader as L
+
+    monkeypatch.setitem(L.BUNDLED, "shapes-next", tmp_path / "absent")
+    with pytest.raises(L.files.ModelNotFoundError, match="the bundled model 'shapes-next' is not in this install"):
+        L.resolve("shapes-next")

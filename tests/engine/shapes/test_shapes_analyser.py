@@ -75,3 +75,13 @@ def test_components_counts():
     m[5:7, 5:7] = True
     lab = A.components(m)
     assert lab.max() == 2 and lab[0, 0] == lab[1, 1] != lab[5, 5]
+
+
+def test_screens_are_read_as_backgrounds():
+    rng = np.random.default_rng(5)
+    scenes = [w.sample_scene(rng, screens=1.0) for _ in range(100)]
+    imgs = [w.render(s) for s in scenes]
+    assert all(A.detect_background(i) == s.background for i, s in zip(imgs, scenes))
+    clean = sum(A.matches(i, s) for i, s in zip(imgs, scenes))
+    noisy = sum(A.matches(degrade(i, rng), s) for i, s in zip(imgs, scenes))
+    assert clean >= 98 and noisy >= 98, (clean, noisy)

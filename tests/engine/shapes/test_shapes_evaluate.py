@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from engine.shapes import evaluate as E
 from engine.shapes import world
@@ -29,3 +30,15 @@ def test_wrong_attributes_are_counted_where_they_are_wrong():
     assert not E.named_ok(images[0], scene) and not E.named_ok(images[1], scene)
     assert E.attribute_rates(images, [scene, scene]) == {"background": 0.5, "colour": 1.0, "colour+shape": 0.5,
                                                          "colour+position": 0.5}
+
+
+def test_screens_share_of_the_prompts():
+    # the scenes every earlier figure used (pinned from before screens existed)
+    assert [world.caption(s) for s in E.prompts(3, 3, screens=0.0)] == [
+        "a large yellow circle on the right, on a gray background",
+        "a small red square in the center and a large purple diamond on the right, on a gray background",
+        "a small green circle on the left, on a beige background"]
+    on = E.prompts(20, 3, screens=1.0)
+    assert {s.background for s in on} <= set(world.SCREENS) and [len(s.objects) for s in on][:2] == [1, 2]
+    with pytest.raises(ValueError, match="screens is a share between 0 and 1"):
+        E.evaluate(None, n=1, screens=1.5)

@@ -1,6 +1,8 @@
 """The Shapes IP-Adapter: its trainer (smoke, resume), its files in the published layout (our loader
 and diffusers' read them), and the bundled adapter through the model's card."""
 
+import json
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from engine.shapes import world
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("ip") / "run"
     T.main(["--out", str(out), "--smoke", "--no-progress"])
+    assert json.loads((out / "train_config.json").read_text())["screens"] == 0.0  # as the bundled model's training
     return out
 
 
@@ -62,3 +65,41 @@ def test_bundled_adapter_tightens_a_guided_inversion():
         inv = pipe.invert(src, world.caption(scene), method="ddim", steps=30, guidance_scale=7.5, progress=False, **kw)
         psnr[name] = metrics.psnr(_u8(pipe.edit(inv, "ddim", None, output_type="pt", progress=False)), src)
     assert psnr["tight"] > psnr["plain"] + 10, psnr
+
+
+def test_screens_follow_the_model_unless_given(tmp_path, capsys):
+    assert T.model_screens("shapes") == 0.0  # trained before screens existed: its config does not say
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    (folder / "train_config.json").write_text('{"screens": 0.25}')
+    assert T.model_screens(str(folder)) == 0.25
+    assert T.parse_args(["--out", "unused", "--model", str(folder)]).screens is None  # read when the run starts
+    assert T.parse_args(["--out", "unused", "--screens", "0.5"]).screens == 0.5
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "unused", "--screens", "2"])
+    assert "--screens is a share between 0 and 1" in capsys.readouterr().err
+
+
+def test_export_into_its_model_folder_names_the_adapter_in_the_card(tmp_path):
+    import json
+    import shutil
+
+    from engine.loader import resolve
+    from engine.shapes import recipes
+
+    folder = tmp_path / "pipe"  # a Shapes model without an adapter
+    shutil.copytree(resolve("shapes"), folder, ignore=shutil.ignore_patterns("ip_adapter"))
+    recipes.write_card(folder, recipes.model_card(ip_adapter=False))
+    before = (folder / "overpaint.json").read_text()
+    smoke = ["--smoke", "--no-progress", "--export", str(folder / "ip_adapter")]
+    T.main(["--out", str(tmp_path / "other"), "--model", "shapes"] + smoke)  # trained for another UNet
+    assert (folder / recipes.IP_ADAPTER).is_file() and (folder / "overpaint.json").read_text() == before
+    T.main(["--out", str(tmp_path / "own"), "--model", str(folder)] + smoke)
+    assert json.loads((folder / "overpaint.json").read_text()) == recipes.model_card()
+    assert engine.load(str(folder)).load_ip_adapter().tokens == 4  # found through the card
+
+
+def test_a_flux_model_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="UNet Shapes models; 'shapes-dit' is not one"):
+        T.main(["--out", str(tmp_path / "run"), "--smoke", "--no-progress", "--model", "shapes-dit"])

@@ -92,3 +92,20 @@ def test_min_snr_weights():
     torch.testing.assert_close(snr_weight(abar, "v_prediction", 5.0), snr.clamp(max=5) / (snr + 1), rtol=1e-12, atol=0)
     torch.testing.assert_close(snr_weight(abar, "epsilon", 5.0), snr.clamp(max=5) / snr, rtol=1e-12, atol=0)
     torch.testing.assert_close(snr_weight(abar, "v_prediction", 0.0), torch.ones_like(abar), rtol=0, atol=0)
+
+
+def test_screens_widen_only_the_background_group(models):
+    assert C.GROUPS[-1] == ("background", len(world.BACKGROUNDS)) == ("background", 4)
+    assert C.groups(True)[:-1] == C.GROUPS[:-1] and C.groups(True)[-1] == ("background", len(world.ALL_BACKGROUNDS))
+    scene = world.Scene((world.Obj("circle", "red", "left", "small"),), "green", 0)
+    assert C.labels(scene)[-1] == list(world.ALL_BACKGROUNDS).index("green") == len(world.BACKGROUNDS)
+    caps, target, per_token = C.caption_batch(0, 0, 16, 77, screens=1.0)
+    assert all(c.endswith(("on a green background", "on a blue background")) for c in caps)
+    assert (target[:, -1] >= len(world.BACKGROUNDS)).all()
+    # pretraining with screens sizes its head for their classes: with GROUPS' head the screens'
+    # labels would fall outside the background logits and cross-entropy would raise
+    with pytest.raises(IndexError):
+        C.code_loss(torch.zeros(16, 77, 128), torch.nn.Linear(128, C.N_LOGITS), per_token)
+    acc = C.pretrain(models.text_encoder, TokenCache(models.tokenizer), models.tokenizer.eos_token_id, seed=0,
+                     steps=2, batch=8, screens=0.5)
+    assert 0.0 <= acc <= 1.0

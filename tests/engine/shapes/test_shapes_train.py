@@ -1,6 +1,7 @@
 """Trainer smoke test: a few steps of the tiny config, a loadable folder, exact resume."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ def _unet(folder):
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes") / "straight"
     T.main(["--out", str(out), "--smoke", "--steps", "4", "--vae-steps", "3", "--batch-size", "2",
-            "--vae-batch-size", "2", "--ckpt-every", "2", "--time-budget-min", "5", "--no-progress"])
+            "--vae-batch-size", "2", "--ckpt-every", "2", "--time-budget-min", "5", "--screens", "0.5", "--no-progress",
+            "--export", str(out.parent / "export")])
     return out
 
 
@@ -45,12 +47,21 @@ def test_log_and_summary(straight):
     assert {r["stage"] for r in rows} == {"vae", "text", "unet"}
     assert rows[-1]["stage"] == "unet" and int(rows[-1]["step"]) == 4
     assert (straight / "checkpoint.pt").exists() and (straight / "train_summary.json").exists()
+    assert json.loads((straight / "train_config.json").read_text())["screens"] == 0.5
+
+
+def test_export_card_names_an_adapter_only_if_the_folder_has_one(straight):
+    from engine.shapes import recipes
+
+    export = straight.parent / "export"
+    assert json.loads((export / "overpaint.json").read_text()) == recipes.model_card(ip_adapter=False)
+    assert json.loads((export / "train_config.json").read_text())["screens"] == 0.5
 
 
 def test_resume_matches_uninterrupted_run(straight, tmp_path):
     out = tmp_path / "resumed"
     common = ["--out", str(out), "--smoke", "--vae-steps", "3", "--batch-size", "2", "--vae-batch-size", "2",
-              "--ckpt-every", "2", "--time-budget-min", "5", "--no-progress"]
+              "--ckpt-every", "2", "--time-budget-min", "5", "--screens", "0.5", "--no-progress"]
     T.main(common + ["--steps", "2"])
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
     T.main(common + ["--steps", "4", "--resume"])
@@ -120,11 +131,12 @@ def test_ema_follows_only_what_the_unet_stage_trains():
     assert T.trained_modules(cfg, m) == [m.unet, m.text_encoder]
 
 
+@pytest.mark.parametrize("flag", ["--partial-captions", "--screens"])
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])
-def test_partial_caption_share_is_checked(value, capsys):
+def test_shares_are_checked(flag, value, capsys):
     with pytest.raises(SystemExit):
-        T.parse_args(["--out", "unused", "--partial-captions", value])
-    assert "--partial-captions is a share between 0 and 1" in capsys.readouterr().err
+        T.parse_args(["--out", "unused", flag, value])
+    assert f"{flag} is a share between 0 and 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--min-snr", "--vae-object-weight", "--text-steps"])

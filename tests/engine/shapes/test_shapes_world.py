@@ -133,3 +133,38 @@ def test_invalid_edits_raise():
         w.apply(s, w.Edit("colour", 0, "white"))
     with pytest.raises(ValueError):
         w.sample_edit(w.Scene(s.objects[:1], "white", 0), np.random.default_rng(0), "remove")
+
+
+def test_screens_off_draws_the_classic_stream():
+    # pinned from the world before screens existed (seed 11): same scenes, same randomness left
+    rng = np.random.default_rng(11)
+    got = [w.sample_scene(rng, screens=0.0) for _ in range(2)]
+    assert got == [w.Scene((w.Obj("triangle", "yellow", "right", "large"),), "white", 1529378280),
+                   w.Scene((w.Obj("diamond", "yellow", "left", "large"),), "gray", 151227035)]
+    assert int(rng.integers(1000)) == 542
+
+
+def test_screens_share_and_invariants():
+    rng = np.random.default_rng(3)
+    every = [w.sample_scene(rng, screens=1.0) for _ in range(200)]
+    assert {s.background for s in every} == set(w.SCREENS)
+    assert all(o.colour != s.background for s in every for o in s.objects)
+    some = [w.sample_scene(rng, screens=1 / 3) for _ in range(3000)]
+    share = np.mean([s.background in w.SCREENS for s in some])
+    assert abs(share - 1 / 3) < 0.03, share
+    assert {s.background for s in some} == set(w.ALL_BACKGROUNDS)
+    img = w.render(every[0])  # the screen's colour fills what the objects leave
+    far = ~w.render_masks(every[0]).any(0)
+    assert np.abs(np.median(img[far], 0) - np.asarray(w.SCREENS[every[0].background])).max() < 8
+    assert "on a green background" in [w.caption(s).split(", ")[-1] for s in every]
+
+
+def test_background_edits_name_a_background():
+    s = scenes(1)[0]
+    with pytest.raises(ValueError, match="unknown background 'teal'"):
+        w.apply(s, w.Edit("background", -1, "teal"))
+    free = [b for b in w.SCREENS if all(o.colour != b for o in s.objects)]
+    screen = w.apply(s, w.Edit("background", -1, free[0]))
+    assert screen.background == free[0]
+    rng = np.random.default_rng(0)  # edits of a screen scene go back to the classic backgrounds
+    assert {w.sample_edit(screen, rng, "background").value for _ in range(50)} <= set(w.BACKGROUNDS)
