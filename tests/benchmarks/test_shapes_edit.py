@@ -133,6 +133,24 @@ def test_chroma_benchmark_keys_a_background_the_world_has(tmp_path):
     assert json.loads(out.read_text())["meta"]["device"]
 
 
+V2 = BUNDLED["shapes-v2"]
+
+
+@pytest.mark.skipif(not (V2 / "model_index.json").is_file(), reason="bundled shapes-v2 not present")
+def test_chroma_benchmark_green_key_on_the_model_with_screens(tmp_path):
+    """TKG-DM with a green key on shapes-v2 (trained with green and blue screens), 4 prompts:
+    green backgrounds with the named objects kept, and a matte that agrees with the analyser."""
+    import json
+
+    from benchmarks import shapes_chroma
+
+    out = tmp_path / "chroma.json"
+    shapes_chroma.main(["--model", "shapes-v2", "--prompts", "4", "--keys", "green", "--batch", "4",
+                        "--figure-prompts", "2", "--out", str(out)])
+    r = json.loads(out.read_text())["results"][0]
+    assert r["green"]["key_bg"] >= 0.75 and r["green"]["alpha_ok"] >= 0.95, r
+
+
 DIT = BUNDLED["shapes-dit"]
 
 
