@@ -46,3 +46,24 @@ def test_cli_demo_writes_four_images(tmp_path):
     for name in ("input", "reconstruction", "edited", "side_by_side"):
         img = Image.open(out / f"{name}.png")
         assert img.width >= 256 and img.height >= 256
+
+
+V2 = BUNDLED["shapes-v2"]
+
+
+@pytest.mark.skipif(not (V2 / "model_index.json").is_file(), reason="bundled shapes-v2 not present")
+def test_v2_is_the_recipe_with_screens_and_its_card_names_no_adapter():
+    import json
+
+    import engine
+    from engine.shapes import analyser, recipes
+
+    assert resolve("shapes-v2") == V2.resolve()
+    assert sum(p.stat().st_size for p in V2.rglob("*") if p.is_file()) <= 30 * 2**20
+    cfg = json.loads((V2 / "train_config.json").read_text())
+    assert cfg["screens"] > 0.3 and cfg["seed"] == 0
+    assert json.loads((V2 / "overpaint.json").read_text()) == recipes.model_card(ip_adapter=(V2 / recipes.IP_ADAPTER).is_file())
+    pipe = engine.load("shapes-v2")
+    img = pipe.generate("a large red circle in the center, on a green background", steps=10, guidance_scale=5.0,
+                        seed=0, output_type="np", progress=False)[0]
+    assert analyser.detect_background((img * 255).round().astype(np.uint8)) == "green"
