@@ -43,10 +43,10 @@ def resolve(path_or_id: str | Path) -> Path:
     name = str(path_or_id)
     if name in BUNDLED and not Path(name).is_dir():
         if not (BUNDLED[name] / "model_index.json").is_file():
+            present = [repr(n) for n in BUNDLED if (BUNDLED[n] / "model_index.json").is_file()]
+            use = f"use {', '.join(present)} or a pipeline folder" if present else "pass a pipeline folder"
             raise files.ModelNotFoundError(
-                f"the bundled model {name!r} is not in this install ({BUNDLED[name]} has no model_index.json); "
-                f"use {', '.join(repr(n) for n in BUNDLED if (BUNDLED[n] / 'model_index.json').is_file())} "
-                f"or a pipeline folder")
+                f"the bundled model {name!r} is not in this install ({BUNDLED[name]} has no model_index.json); {use}")
         return files.resolve(BUNDLED[name])
     return files.resolve(path_or_id)
 

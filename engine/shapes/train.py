@@ -1,8 +1,8 @@
 """Train the Shapes text-to-image model from scratch and save it as a diffusers pipeline.
 
     python -m engine.shapes.train --out /tmp/shapes-run --seed 0 --export engine/shapes/model   # the shipped model
-    python -m engine.shapes.train --out /tmp/v2-run --seed 0 --screens 0.3333 --time-budget-min 150 \
-        --export engine/shapes/model_v2                                                         # "shapes-v2"
+    python -m engine.shapes.train --out /tmp/v2-run --seed 0 --screens 0.3333 --steps 5000 --fp32 \
+        --time-budget-min 150 --export engine/shapes/model_v2                                    # "shapes-v2"
     python -m engine.shapes.train --out /tmp/s --smoke          # ~1 minute, tiny widths
 
 Three stages, on scenes rendered on the fly (batch ``b`` of stage ``k`` at step
@@ -403,9 +403,10 @@ def run(cfg: TrainConfig) -> Path:
     """Train (or resume) and write the pipeline to ``cfg.out``; returns that folder."""
     out, ckpt_path, t0, budget = _start(cfg)
     if cfg.bf16 and torch.device(cfg.device).type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
-        # measured on a 2-core AVX2 EPYC: UNet steps 6.7 s with bfloat16 autocast, 0.78 s in float32
-        print("note: this CPU has no AVX-512, so bfloat16 autocast is emulated and the UNet stage runs ~9x "
-              "slower than in float32; pass --fp32 (the VAE and text stages are the same either way)")
+        # measured on a 2-core AVX2 EPYC: UNet steps 6.7 s with bfloat16 autocast, 0.75-0.78 s in float32
+        print(f"note: torch reports this CPU's vector capability as {torch.backends.cpu.get_cpu_capability()} (no "
+              f"AVX-512), where bfloat16 autocast is emulated: the UNet stage can run ~9x slower than in float32; "
+              f"consider --fp32 (the VAE and text stages are the same either way)")
     m = build(cfg.sizes(), out / "tokenizer")
     m.vae.to(cfg.device), m.unet.to(cfg.device), m.text_encoder.to(cfg.device)
     vae_opt = torch.optim.AdamW(m.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -464,13 +465,14 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.export:  # the shippable folder: the pipeline plus how it was made
         export = Path(cfg.export)
         save_pipeline(m, export, prediction_type=cfg.prediction)
-        # the editing recipes and vocabulary that ship with it; the IP-Adapter if the folder has one
-        # (engine.shapes.train_ip adds it to the card when it exports one there)
-        kept = (export / recipes.IP_ADAPTER).is_file()
-        recipes.write_card(export, recipes.model_card(ip_adapter=kept))
-        if kept:
-            print(f"note: {export / recipes.IP_ADAPTER} was trained for the UNet this run replaced; retrain it: "
-                  f"python -m engine.shapes.train_ip --model {export} --out RUN --export {export / 'ip_adapter'}")
+        # the editing recipes and vocabulary that ship with it; no IP-Adapter: one already in the
+        # folder was trained for the UNet this run replaced (engine.shapes.train_ip names its own
+        # in the card when it exports one there)
+        recipes.write_card(export, recipes.model_card(ip_adapter=False))
+        if (export / recipes.IP_ADAPTER).is_file():
+            print(f"note: {export / recipes.IP_ADAPTER} was trained for the UNet this run replaced, so the card no "
+                  f"longer names it; retrain it: python -m engine.shapes.train_ip --model {export} --out RUN "
+                  f"--export {export / 'ip_adapter'}")
         for name in ("train_summary.json", "train_config.json"):
             (export / name).write_text((out / name).read_text())
     print(json.dumps(summary))

@@ -52,7 +52,7 @@ V2 = BUNDLED["shapes-v2"]
 
 
 @pytest.mark.skipif(not (V2 / "model_index.json").is_file(), reason="bundled shapes-v2 not present")
-def test_v2_is_the_recipe_with_screens_and_its_card_names_no_adapter():
+def test_v2_is_the_recipe_with_screens_and_paints_a_screen_by_caption():
     import json
 
     import engine

@@ -106,6 +106,5 @@ def test_screens_widen_only_the_background_group(models):
     # labels would fall outside the background logits and cross-entropy would raise
     with pytest.raises(IndexError):
         C.code_loss(torch.zeros(16, 77, 128), torch.nn.Linear(128, C.N_LOGITS), per_token)
-    acc = C.pretrain(models.text_encoder, TokenCache(models.tokenizer), models.tokenizer.eos_token_id, seed=0,
-                     steps=2, batch=8, screens=0.5)
-    assert 0.0 <= acc <= 1.0
+    C.pretrain(models.text_encoder, TokenCache(models.tokenizer), models.tokenizer.eos_token_id, seed=0,
+               steps=2, batch=8, screens=0.5)  # completes: its head has the screens' classes

@@ -50,7 +50,7 @@ def test_log_and_summary(straight):
     assert json.loads((straight / "train_config.json").read_text())["screens"] == 0.5
 
 
-def test_export_card_names_an_adapter_only_if_the_folder_has_one(straight):
+def test_export_card_names_no_adapter_and_records_the_screens(straight):
     from engine.shapes import recipes
 
     export = straight.parent / "export"
