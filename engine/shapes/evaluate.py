@@ -79,9 +79,7 @@ def evaluate(pipe, n: int = DEFAULTS["n"], seed: int = DEFAULTS["seed"], steps: 
              guidance: float = DEFAULTS["guidance"], sampler: str = DEFAULTS["sampler"],
              batch: int = DEFAULTS["batch"], screens: float = DEFAULTS["screens"]) -> dict:
     """Generate ``n`` seeded prompts and score them; returns a JSON-ready dict."""
-    if not 0 <= screens <= 1:
-        raise ValueError(f"screens is a share between 0 and 1, got {screens}")
-    scenes = prompts(n, seed, screens)
+    scenes = prompts(n, seed, screens)  # a screens share outside [0, 1] is refused there
     sampler = sampler or pipe.default_sampler
     t0 = time.time()
     images = generate(pipe, scenes, seed, steps, guidance, sampler, batch)

@@ -151,8 +151,9 @@ def export(folder: Path, pipe, encoder, adapter, out: Path | None = None, model:
     card = folder.parent / "overpaint.json"  # exported into its model's folder: the card now names the adapter
     if model is not None and folder.resolve() == (model / Path(IP_ADAPTER).parent).resolve() and card.is_file():
         data = json.loads(card.read_text())
-        if data.get("ip_adapter") != IP_ADAPTER:
+        if data.get("ip_adapter") != IP_ADAPTER:  # the card's other entries are kept as they were
             card.write_text(json.dumps({**data, "ip_adapter": IP_ADAPTER}, indent=2) + "\n")
+            print(f"{card}: now names the adapter ({IP_ADAPTER}), so pipe.load_ip_adapter() finds it")
     return folder / ADAPTER_FILE
 
 

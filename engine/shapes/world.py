@@ -151,6 +151,8 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, screens
     """A random scene: 1-3 objects in distinct slots, listed left to right; its background is a
     screen (SCREENS) with probability ``screens``, else one of BACKGROUNDS (``screens`` 0 draws
     exactly what the world drew before screens existed)."""
+    if not 0 <= screens <= 1:
+        raise ValueError(f"screens is a share between 0 and 1, got {screens}")
     n = int(rng.integers(1, 4)) if n_objects is None else n_objects
     if screens and rng.random() < screens:
         background = str(rng.choice(list(SCREENS)))

@@ -153,6 +153,8 @@ def test_screens_share_and_invariants():
     share = np.mean([s.background in w.SCREENS for s in some])
     assert abs(share - 1 / 3) < 0.03, share
     assert {s.background for s in some} == set(w.ALL_BACKGROUNDS)
+    with pytest.raises(ValueError, match="screens is a share between 0 and 1, got 1.5"):
+        w.sample_scene(rng, screens=1.5)
     img = w.render(every[0])  # the screen's colour fills what the objects leave
     far = ~w.render_masks(every[0]).any(0)
     assert np.abs(np.median(img[far], 0) - np.asarray(w.SCREENS[every[0].background])).max() < 8
