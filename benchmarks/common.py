@@ -218,6 +218,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def uncommitted() -> list[str]:
+    """Code and bundled models that differ from ``git_commit`` when the figures were taken
+    (changed or untracked files under engine/, kernels/ and benchmarks/, results excepted):
+    empty when the commit alone reproduces them."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "engine", "kernels",
+                              "benchmarks", ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    except Exception:
+        return ["unknown"]
+    return [line[3:] for line in out.splitlines()]
+
+
 # ---- measuring --------------------------------------------------------------------------------
 
 
@@ -320,7 +333,7 @@ def meta(device: str, settings: dict) -> dict:
     cap = ".".join(map(str, torch.cuda.get_device_capability())) if device.startswith("cuda") else None
     return dict(device=device_name(device), capability=cap,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                git_commit=git_commit(), versions=versions(), settings=settings)
+                git_commit=git_commit(), uncommitted=uncommitted(), versions=versions(), settings=settings)
 
 
 def plot_or_warn(plot, *args) -> None:

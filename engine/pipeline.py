@@ -65,6 +65,7 @@ class Pipeline:
         self.card = getattr(c, "card", None) or ModelCard()
         self.name, self.identity = getattr(c, "name", "") or str(c.root), getattr(c, "identity", "")
         self._warned: set = set()
+        self._chroma_directions: dict = {}  # TKG-DM key colour -> its direction, measured on the VAE once
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def __repr__(self) -> str:
@@ -519,7 +520,9 @@ class Pipeline:
         if (isinstance(key, str) and key.strip().lower() == "green" and cfg.latent_channels == 4
                 and cfg.scaling_factor in SD_SCALING_FACTORS):
             return [1.0 if c in SD_CHANNELS else 0.0 for c in range(4)]
-        return key_direction(self.encode_image, rgb, size=self.default_size)
+        if rgb not in self._chroma_directions:
+            self._chroma_directions[rgb] = key_direction(self.encode_image, rgb, size=self.default_size)
+        return list(self._chroma_directions[rgb])
 
     def _generation(self, r: dict) -> SamplerProgram:
         r.pop("progress", None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.matte import chroma_matte, key_rgb
-from engine.sampling.chroma import channel_mean_shift, gaussian_mask, shift_channel, tkg_noise
+from engine.sampling.chroma import channel_mean_shift, gaussian_mask, key_direction, shift_channel, tkg_noise
 
 
 def _paper_shift(channel: torch.Tensor, target_shift=0.11):
@@ -116,3 +116,39 @@ def test_generate_with_a_chroma_key(sd15_pipe):
     assert sd15_pipe.chroma_direction("green") == [0.0, 1.0, 1.0, 0.0]  # SD's VAE: the paper's channels
     with pytest.raises(ValueError, match="chroma_key"):
         sd15_pipe.generate("a cat", alpha=True, **kw)
+
+
+# ---- the key's direction, measured on a VAE -----------------------------------------------------
+
+# Channel means of solid colours on the Shapes-v2 VAE (measured): green and black share every
+# channel's sign and differ most on channel 2, brightness.
+_LATENTS = {(0.0, 0.0, 0.0): (-0.72, 0.8, -1.27, 0.69), (0.5, 0.5, 0.5): (0.11, 0.28, 0.06, 0.34),
+            (1.0, 1.0, 1.0): (0.83, -1.17, 1.4, -1.06), (0.0, 0.7, 0.25): (-0.9, 0.94, -0.87, 0.89),
+            (0.95, 0.95, 0.95): (0.8, -1.1, 1.3, -1.0), (0.7, 0.7, 0.7): (0.05, 0.1, 0.03, 0.2)}
+
+
+def _encode(seen):
+    def encode(image):  # [1, 3, s, s] -> [1, 4, s/8, s/8], the colour's latent everywhere
+        assert image.shape == (1, 3, 16, 16) and torch.equal(image, image[:, :, :1, :1].expand_as(image))
+        rgb = tuple(round(float(v), 4) for v in image[0, :, 0, 0])
+        seen.append(rgb)
+        return torch.tensor(_LATENTS[rgb]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    return encode
+
+
+def test_key_direction_leaves_channels_its_nearest_neutral_shares_unshifted():
+    seen = []
+    d = key_direction(_encode(seen), (0.0, 0.7, 0.25), size=16)
+    # nearest neutral: black, which lies beyond green on channel 2 -> channel 2 unshifted
+    torch.testing.assert_close(torch.tensor(d), torch.tensor([-0.9 / 0.94, 1.0, 0.0, 0.89 / 0.94]),
+                               rtol=1e-6, atol=1e-6)
+    assert seen == [(0.0, 0.7, 0.25), (0.0, 0.0, 0.0), (0.5, 0.5, 0.5), (1.0, 1.0, 1.0)]
+    # a near-white key: white is the key itself, so gray is its neutral; every channel separates
+    seen.clear()
+    d = key_direction(_encode(seen), (0.95, 0.95, 0.95), size=16)
+    assert (1.0, 1.0, 1.0) not in seen
+    torch.testing.assert_close(torch.tensor(d), torch.tensor([0.8, -1.1, 1.3, -1.0]) / 1.3, rtol=1e-6, atol=1e-6)
+    # a light gray whose nearest neutral (gray) reaches further on every channel: no channel
+    # separates them, so the key's own latent is the direction (channel 2 under the 0.2 floor)
+    d = key_direction(_encode([]), (0.7, 0.7, 0.7), size=16)
+    torch.testing.assert_close(torch.tensor(d), torch.tensor([0.25, 0.5, 0.0, 1.0]), rtol=1e-6, atol=1e-6)
