@@ -12,6 +12,9 @@ objects, no background words) are generated from the same seeded noise, plain an
               analyser's palette -- the key itself for the world's classic background
               colours; for green and blue: the palette's, which the screens are painted in)
   named_ok    share of prompts whose named objects are all found (colour, shape, position)
+  both_ok     share of prompts with both (keyed background and every named object)
+  *_clear     the same over the prompts that name no object in the key's colour (a green
+              object on a green screen disappears into it; n_clear counts them)
   alpha_ok    share of pixels where the RGBA matte (``alpha=True``) agrees with the
               analyser's masks: alpha < 0.5 on the background, > 0.5 on objects (prompts
               with a keyed background)
@@ -73,7 +76,13 @@ def score(images: np.ndarray, rgba: np.ndarray, scenes, key_name: str) -> dict:
         if ok and a is not None:
             alpha = a[..., 3]
             agree.append(float(np.mean(np.where(obj, alpha > 0.5, alpha < 0.5))))
-    return dict(key_bg=float(np.mean(keyed)), named_ok=float(np.mean(named)),
+    keyed, named = np.array(keyed), np.array(named)
+    # Prompts that name no object in the key's colour: a green object on a green screen is
+    # invisible to the analyser (and keyed out by any matte), so users keep it off the key.
+    clear = np.array([all(o.colour != PALETTE[key_name] for o in s.objects) for s in scenes])
+    return dict(key_bg=float(keyed.mean()), named_ok=float(named.mean()), both_ok=float((keyed & named).mean()),
+                n_clear=int(clear.sum()), named_ok_clear=float(named[clear].mean()) if clear.any() else None,
+                both_ok_clear=float((keyed & named)[clear].mean()) if clear.any() else None,
                 alpha_ok=float(np.mean(agree)) if agree else None, n=len(scenes))
 
 
@@ -161,9 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
         images, rgba = run(chroma_key=KEYS[k])
         results[k] = dict(score(images, rgba, scenes, k), seconds=round(time.time() - tic, 1))
         samples[k] = (images[:a.figure_prompts] / 255.0, rgba[:a.figure_prompts])
-        print(f"{k:>6}: key background {results[k]['key_bg']:.0%}  named objects {results[k]['named_ok']:.0%}  "
-              f"alpha agrees {results[k]['alpha_ok'] if results[k]['alpha_ok'] is None else round(results[k]['alpha_ok'], 3)}",
-              flush=True)
+        r = results[k]
+        clear = (f"  no {k} object named ({r['n_clear']}): named {r['named_ok_clear']:.0%}, both {r['both_ok_clear']:.0%}"
+                 if r["n_clear"] else "")
+        print(f"{k:>6}: key background {r['key_bg']:.0%}  named objects {r['named_ok']:.0%}  both {r['both_ok']:.0%}"
+              f"{clear}  alpha agrees {r['alpha_ok'] if r['alpha_ok'] is None else round(r['alpha_ok'], 3)}", flush=True)
     meta = common.meta("cpu", dict(model=a.model, prompts=a.prompts, seed=a.seed, steps=a.steps, guidance=a.guidance,
                                    keys={k: KEYS[k] for k in keys}, chroma_shift=0.11, chroma_std=0.5,
                                    threads=torch.get_num_threads(), wall_s=round(time.time() - t0, 1)))
