@@ -6,10 +6,10 @@ Generation Diffusion Model", Sec. 3): a background of one key colour, by editing
   ``target_shift`` (the paper's 0.11): z*_c = z_c + sign_c · delta_c. The paper shifts SD's
   channels 1 and 2 upwards for green (``direction = (0, 1, 1, 0)``). Other colours and
   other VAEs: :func:`key_direction` measures the direction on the VAE (the channel means of
-  a solid key-colour image's latent: where the key sits relative to the noise's zero mean,
-  without the channels on which the nearest of black, gray and white lies as far out), and a
-  channel with weight d_c (|d_c| <= 1) has its share rise by ``target_shift · |d_c|``; ±1
-  weights are the paper's rule.
+  a solid key-colour image's latent: where the key sits relative to the noise's zero mean; for
+  a coloured key, without the channels on which the nearest of black, gray and white lies as
+  far out), and a channel with weight d_c (|d_c| <= 1) has its share rise by
+  ``target_shift · |d_c|``; ±1 weights are the paper's rule.
 * Init noise selection (Sec. 3.3): a 2D Gaussian G on [-1, 1] coordinates (std 0.5, centre
   0; both adjustable) keeps the original noise where the object goes and the shifted noise
   around it: z = G · z_T + (1 − G) · z*_T.
@@ -76,29 +76,33 @@ def tkg_noise(z: Tensor, direction, *, target_shift: float = TARGET_SHIFT, std=0
 
 
 NEUTRALS = ((0.0, 0.0, 0.0), (0.5, 0.5, 0.5), (1.0, 1.0, 1.0))  # black, gray, white
-SAME = 0.15  # a neutral within this of the key on every RGB channel is the key's own colour
+ACHROMATIC = 0.15  # a key whose RGB channels all lie within this of each other is a neutral itself
 
 
 def key_direction(encode, colour_rgb, size: int = 64, floor: float = 0.2) -> list[float]:
     """Per-channel weights in [-1, 1] that move the noise towards ``colour_rgb`` (floats in
-    [0, 1]) and away from the achromatic colour nearest it. ``encode`` maps images
-    [1, 3, size, size] in [0, 1] to latents [1, C, h, w]; only the VAE is used.
+    [0, 1]) and, for a coloured key, away from the achromatic colour nearest it. ``encode``
+    maps images [1, 3, size, size] in [0, 1] to latents [1, C, h, w]; only the VAE is used.
 
     The key's latent k (the channel means of a solid key image, in scaled latents, whose centre
-    is the noise's zero mean) gives the direction the paper shifts towards. A channel on which
-    the nearest neutral n (black, gray or white, other than the key itself) lies as far out as
-    the key, sign(k_c - n_c) != sign(k_c), pulls the noise towards n as much as towards the key,
-    so it is left unshifted: keeping it made green backgrounds black on the Shapes VAE, where
-    green and black share every channel's sign and differ on the brightness channel. The kept
-    channels are weighted by k_c over the largest kept |k_c|; weights under ``floor`` are 0.
-    Where no channel separates the key from its neutral, every channel of k is kept."""
-    rgbs = [tuple(float(v) for v in colour_rgb)] + [n for n in NEUTRALS
-                                                     if max(abs(a - b) for a, b in zip(n, colour_rgb)) > SAME]
+    is the noise's zero mean) gives the direction the paper shifts towards. For a coloured key,
+    a channel on which the nearest neutral n (black, gray or white) lies as far out as the key,
+    sign(k_c - n_c) != sign(k_c), pulls the noise towards n as much as towards the key, so it is
+    left unshifted: keeping it made green backgrounds black on the Shapes VAE, where green and
+    black share every channel's sign and differ on the brightness channel. A neutral key lies on
+    that axis itself and keeps every channel. The kept channels are weighted by k_c over the
+    largest kept |k_c|; weights under ``floor`` are 0. Where no channel separates the key from
+    its neutral, every channel of k is kept."""
+    rgb = tuple(float(v) for v in colour_rgb)
+    coloured = max(rgb) - min(rgb) > ACHROMATIC
     means = torch.stack([encode(torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size))
-                         .float().mean((0, 2, 3)).cpu() for c in rgbs])  # [1 + neutrals, C]
-    k, neutral = means[0], means[1:]  # [C], [n, C]
-    near = neutral[(neutral - k).norm(dim=1).argmin()]  # [C]
-    keep = torch.sign(k - near) == torch.sign(k)
-    d = torch.where(keep, k, torch.zeros_like(k)) if keep.any() else k
+                         .float().mean((0, 2, 3)).cpu()
+                         for c in (rgb, *(NEUTRALS if coloured else ()))])  # [1 (+ 3 neutrals), C]
+    k, d = means[0], means[0]  # [C]
+    if coloured:
+        neutral = means[1:]  # [3, C]
+        near = neutral[(neutral - k).norm(dim=1).argmin()]  # [C]
+        keep = torch.sign(k - near) == torch.sign(k)
+        d = torch.where(keep, k, torch.zeros_like(k)) if keep.any() else k
     d = d / d.abs().max().clamp_min(1e-12)
     return [float(x) if abs(float(x)) >= floor else 0.0 for x in d]
