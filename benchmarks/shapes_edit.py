@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes")
     p.add_argument("--cases", type=int, default=210, help="number of edit cases (kinds in turn)")
+    p.add_argument("--kinds", default=None, help=f"comma separated edit kinds to keep (default: all of {', '.join(KINDS)}); "
+                   "the cases are the first --cases of those kinds in the same stream")
     p.add_argument("--methods", default=None, help="comma separated (default: every recipe of the model)")
     p.add_argument("--sweep-cases", type=int, default=28, help="colour/shape cases for the sweeps (0: none)")
     p.add_argument("--seed", type=int, default=SEED)
@@ -226,7 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [m for m in methods if m not in known]
     if bad:
         p.error(f"unknown methods {bad} for this model; choose from {known}")
-    cases = make_cases(a.cases, a.seed)
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()] if a.kinds else list(KINDS)
+    if not kinds or set(kinds) - set(KINDS):
+        p.error(f"unknown edit kinds {sorted(set(kinds) - set(KINDS)) or kinds}; choose from {', '.join(KINDS)}")
+    # Kinds come in turn, so the first len(KINDS)·n cases hold n of each kind.
+    cases = ([c for c in make_cases(a.cases * len(KINDS), a.seed) if c[1].kind in kinds][:a.cases]
+             if a.kinds else make_cases(a.cases, a.seed))
     t0 = time.time()
     results = {"vae": {"recon_psnr": vae_psnr(pipe, [world.render(s) for s, _ in cases])}}
     per_case = {m: [] for m in methods}
@@ -248,9 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
     path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"shapes_edit-{common.slug(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, threads=torch.get_num_threads(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                git_commit=common.git_commit(), model=a.model, wall_s=round(time.time() - t0, 1),
+                git_commit=common.git_commit(), uncommitted=common.uncommitted(), model=a.model, wall_s=round(time.time() - t0, 1),
                 versions={"torch": torch.__version__, "python": platform.python_version()},
-                settings=dict(cases=a.cases, seed=a.seed, methods=methods, sweep_cases=len(pool), invert=recipes.INVERT,
+                settings=dict(cases=a.cases, kinds=kinds, seed=a.seed, methods=methods, sweep_cases=len(pool), invert=recipes.INVERT,
                               edit=recipes.EDIT, sweep={k: list(v[1]) for k, v in recipes.SWEEP.items()},
                               sweep_param={k: v[0] for k, v in recipes.SWEEP.items()}))
     data = dict(meta=meta, results=results, sweeps=sweeps,

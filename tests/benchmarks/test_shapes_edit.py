@@ -172,3 +172,22 @@ def test_dit_colour_swaps_with_rf_inversion():
         r = by_method["rf-inversion"]
         assert r["success"] and r["bg_psnr"] >= MIN_BG_PSNR, (edit, r)
 
+
+
+@needs_model
+def test_edit_benchmark_keeps_the_kinds_asked_for(tmp_path, capsys):
+    """``--kinds colour``: the first colour cases of the usual stream, and the JSON records them."""
+    import json
+
+    from benchmarks import shapes_edit as se
+
+    out = tmp_path / "e.json"
+    data = se.main(["--cases", "2", "--kinds", "colour", "--methods", "ddim", "--sweep-cases", "0", "--out", str(out)])
+    want = _colour_cases(2)
+    assert [c["caption"] for c in data["cases"]] == [world.caption(s) for s, _ in want]
+    assert [c["kind"] for c in data["cases"]] == ["colour", "colour"] and len(data["per_case"]["ddim"]) == 2
+    saved = json.loads(out.read_text())["meta"]
+    assert saved["settings"]["kinds"] == ["colour"] and isinstance(saved["uncommitted"], list)
+    with pytest.raises(SystemExit):
+        se.main(["--cases", "1", "--kinds", "recolour", "--out", str(out)])
+    assert "unknown edit kinds ['recolour']" in capsys.readouterr().err
