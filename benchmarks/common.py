@@ -223,12 +223,18 @@ def uncommitted() -> list[str]:
     (changed or untracked files under engine/, kernels/ and benchmarks/, results excepted):
     empty when the commit alone reproduces them."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "engine", "kernels",
+        out = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all", "--", "engine", "kernels",
                               "benchmarks", ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout
     except Exception:
         return ["unknown"]
-    return [line[3:] for line in out.splitlines()]
+    entries, paths = iter(out.split("\0")), []
+    for e in entries:  # "XY path"; a rename or copy is followed by its old path, which is skipped
+        if e:
+            paths.append(e[3:])
+            if e[0] in "RC":
+                next(entries, None)
+    return paths
 
 
 # ---- measuring --------------------------------------------------------------------------------

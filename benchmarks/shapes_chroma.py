@@ -14,7 +14,10 @@ objects, no background words) are generated from the same seeded noise, plain an
   named_ok    share of prompts whose named objects are all found (colour, shape, position)
   both_ok     share of prompts with both (keyed background and every named object)
   *_clear     the same over the prompts that name no object in the key's colour (a green
-              object on a green screen disappears into it; n_clear counts them)
+              object on a green screen disappears into it; n_clear counts them), with the
+              plain generation's named rate over them (plain_named_ok_clear)
+  direction   the latent direction the key shifted (``pipe.chroma_direction``)
+  per_prompt  each prompt's keyed / named / clear outcome
   alpha_ok    share of pixels where the RGBA matte (``alpha=True``) agrees with the
               analyser's masks: alpha < 0.5 on the background, > 0.5 on objects (prompts
               with a keyed background)
@@ -63,7 +66,10 @@ def object_mask(image: np.ndarray) -> np.ndarray:
     return m
 
 
-def score(images: np.ndarray, rgba: np.ndarray, scenes, key_name: str) -> dict:
+def score(images: np.ndarray, rgba: np.ndarray, scenes, key_name: str, plain_named=None) -> dict:
+    """One key's figures (see the module's docstring); ``plain_named`` (per prompt, from the
+    plain generation) adds the plain rate over the same clear prompts, and per_prompt holds
+    each prompt's outcome."""
     key_id = analyser.names().index(PALETTE[key_name])
     keyed, named, agree = [], [], []
     for im, a, s in zip(images, rgba, scenes):
@@ -80,10 +86,14 @@ def score(images: np.ndarray, rgba: np.ndarray, scenes, key_name: str) -> dict:
     # Prompts that name no object in the key's colour: a green object on a green screen is
     # invisible to the analyser (and keyed out by any matte), so users keep it off the key.
     clear = np.array([all(o.colour != PALETTE[key_name] for o in s.objects) for s in scenes])
-    return dict(key_bg=float(keyed.mean()), named_ok=float(named.mean()), both_ok=float((keyed & named).mean()),
-                n_clear=int(clear.sum()), named_ok_clear=float(named[clear].mean()) if clear.any() else None,
-                both_ok_clear=float((keyed & named)[clear].mean()) if clear.any() else None,
-                alpha_ok=float(np.mean(agree)) if agree else None, n=len(scenes))
+    over_clear = lambda v: float(np.asarray(v)[clear].mean()) if clear.any() else None  # noqa: E731
+    out = dict(key_bg=float(keyed.mean()), named_ok=float(named.mean()), both_ok=float((keyed & named).mean()),
+               n_clear=int(clear.sum()), named_ok_clear=over_clear(named), both_ok_clear=over_clear(keyed & named),
+               alpha_ok=float(np.mean(agree)) if agree else None, n=len(scenes),
+               per_prompt=dict(keyed=keyed.tolist(), named=named.tolist(), clear=clear.tolist()))
+    if plain_named is not None:
+        out["plain_named_ok_clear"] = over_clear(plain_named)
+    return out
 
 
 def checkerboard(h: int, w: int, cell: int = 4) -> np.ndarray:
@@ -161,17 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     plain, _ = run()
+    plain_named = [E.named_ok(im, s) for im, s in zip(plain, scenes)]
     results = {"plain": dict(backgrounds={b: float(np.mean([analyser.detect_background(im) == b for im in plain]))
                                           for b in world.ALL_BACKGROUNDS},
-                             named_ok=float(np.mean([E.named_ok(im, s) for im, s in zip(plain, scenes)])))}
+                             named_ok=float(np.mean(plain_named)), per_prompt=dict(named=plain_named))}
     samples = {}
     for k in keys:
         tic = time.time()
         images, rgba = run(chroma_key=KEYS[k])
-        results[k] = dict(score(images, rgba, scenes, k), seconds=round(time.time() - tic, 1))
+        results[k] = dict(score(images, rgba, scenes, k, plain_named), direction=pipe.chroma_direction(KEYS[k]),
+                          seconds=round(time.time() - tic, 1))
         samples[k] = (images[:a.figure_prompts] / 255.0, rgba[:a.figure_prompts])
         r = results[k]
-        clear = (f"  no {k} object named ({r['n_clear']}): named {r['named_ok_clear']:.0%}, both {r['both_ok_clear']:.0%}"
+        clear = (f"  no {k} object named ({r['n_clear']}): named {r['named_ok_clear']:.0%} "
+                 f"(plain {r['plain_named_ok_clear']:.0%}), both {r['both_ok_clear']:.0%}"
                  if r["n_clear"] else "")
         print(f"{k:>6}: key background {r['key_bg']:.0%}  named objects {r['named_ok']:.0%}  both {r['both_ok']:.0%}"
               f"{clear}  alpha agrees {r['alpha_ok'] if r['alpha_ok'] is None else round(r['alpha_ok'], 3)}", flush=True)

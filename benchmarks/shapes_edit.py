@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="shapes")
     p.add_argument("--cases", type=int, default=210, help="number of edit cases (kinds in turn)")
     p.add_argument("--kinds", default=None, help=f"comma separated edit kinds to keep (default: all of {', '.join(KINDS)}); "
-                   "the cases are the first --cases of those kinds in the same stream")
+                   "the cases are the first --cases of those kinds in the same stream (the sweeps keep their own "
+                   "colour and shape cases; --sweep-cases 0 drops them)")
     p.add_argument("--methods", default=None, help="comma separated (default: every recipe of the model)")
     p.add_argument("--sweep-cases", type=int, default=28, help="colour/shape cases for the sweeps (0: none)")
     p.add_argument("--seed", type=int, default=SEED)
@@ -228,9 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [m for m in methods if m not in known]
     if bad:
         p.error(f"unknown methods {bad} for this model; choose from {known}")
-    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()] if a.kinds else list(KINDS)
-    if not kinds or set(kinds) - set(KINDS):
-        p.error(f"unknown edit kinds {sorted(set(kinds) - set(KINDS)) or kinds}; choose from {', '.join(KINDS)}")
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()] if a.kinds is not None else list(KINDS)
+    if not kinds:
+        p.error(f"--kinds needs at least one of {', '.join(KINDS)}")
+    if set(kinds) - set(KINDS):
+        p.error(f"unknown edit kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
     # Kinds come in turn, so the first len(KINDS)·n cases hold n of each kind.
     cases = ([c for c in make_cases(a.cases * len(KINDS), a.seed) if c[1].kind in kinds][:a.cases]
              if a.kinds else make_cases(a.cases, a.seed))
@@ -252,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   for k in ("bg_psnr", "success", "edit_psnr")}}
                   for j, v in enumerate(recipes.SWEEP[m][1])] for m in swept if sweep_rows}
     device = common.device_name("cuda" if torch.cuda.is_available() else "cpu")
-    path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"shapes_edit-{common.slug(device)}.json"
+    tag = f"-{'-'.join(kinds)}" if a.kinds else ""  # a run of some kinds never overwrites the full run's file
+    path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"shapes_edit{tag}-{common.slug(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, threads=torch.get_num_threads(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 git_commit=common.git_commit(), uncommitted=common.uncommitted(), model=a.model, wall_s=round(time.time() - t0, 1),

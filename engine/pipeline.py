@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 from tqdm.auto import tqdm
@@ -65,7 +66,7 @@ class Pipeline:
         self.card = getattr(c, "card", None) or ModelCard()
         self.name, self.identity = getattr(c, "name", "") or str(c.root), getattr(c, "identity", "")
         self._warned: set = set()
-        self._chroma_directions: dict = {}  # TKG-DM key colour -> its direction, measured on the VAE once
+        self._chroma_directions = weakref.WeakKeyDictionary()  # TKG-DM: VAE -> key colour -> direction
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def __repr__(self) -> str:
@@ -513,16 +514,17 @@ class Pipeline:
                               output_type=output_type, progress=progress, cuda_graphs=cuda_graphs)[0]
 
     def chroma_direction(self, key) -> list[float]:
-        """The latent direction of a chroma key: the paper's (channels 1 and 2 up) for green on
-        SD-family VAEs, else measured on this pipeline's VAE (:func:`key_direction`)."""
+        """The latent direction of a chroma key: the paper's (channels 1 and 2 up) for broadcast
+        green (by name or as its RGB) on SD-family VAEs, else measured on this pipeline's VAE
+        (:func:`key_direction`; once per key colour and VAE)."""
         rgb = key_rgb(key)
         cfg = self.vae.config
-        if (isinstance(key, str) and key.strip().lower() == "green" and cfg.latent_channels == 4
-                and cfg.scaling_factor in SD_SCALING_FACTORS):
+        if rgb == key_rgb("green") and cfg.latent_channels == 4 and cfg.scaling_factor in SD_SCALING_FACTORS:
             return [1.0 if c in SD_CHANNELS else 0.0 for c in range(4)]
-        if rgb not in self._chroma_directions:
-            self._chroma_directions[rgb] = key_direction(self.encode_image, rgb, size=self.default_size)
-        return list(self._chroma_directions[rgb])
+        measured = self._chroma_directions.setdefault(self.vae, {})  # a VAE assigned later measures its own
+        if rgb not in measured:
+            measured[rgb] = key_direction(self.encode_image, rgb, size=self.default_size)
+        return list(measured[rgb])
 
     def _generation(self, r: dict) -> SamplerProgram:
         r.pop("progress", None)

@@ -21,8 +21,12 @@ batch neighbours; with one image they agree).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 TARGET_SHIFT = 0.11  # the paper's rise of the positive-value ratio
 STEP = 0.01  # the paper's shift increment
@@ -75,34 +79,48 @@ def tkg_noise(z: Tensor, direction, *, target_shift: float = TARGET_SHIFT, std=0
     return g * z + (1 - g) * channel_mean_shift(z, direction, target_shift)
 
 
-NEUTRALS = ((0.0, 0.0, 0.0), (0.5, 0.5, 0.5), (1.0, 1.0, 1.0))  # black, gray, white
+NEUTRALS = {"black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "white": (1.0, 1.0, 1.0)}
 ACHROMATIC = 0.15  # a key whose RGB channels all lie within this of each other is a neutral itself
+
+
+def solid_latent_mean(encode, rgb, size: int) -> Tensor:
+    """The channel means [C] of encode(a solid size x size image of ``rgb``)."""
+    image = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size)  # [1, 3, s, s]
+    return encode(image).float().mean((0, 2, 3)).cpu()  # [C]
 
 
 def key_direction(encode, colour_rgb, size: int = 64, floor: float = 0.2) -> list[float]:
     """Per-channel weights in [-1, 1] that move the noise towards ``colour_rgb`` (floats in
     [0, 1]) and, for a coloured key, away from the achromatic colour nearest it. ``encode``
-    maps images [1, 3, size, size] in [0, 1] to latents [1, C, h, w]; only the VAE is used.
+    maps images [1, 3, size, size] in [0, 1] to latents [1, C, h, w]; only the VAE is used
+    (one image at a time, so an SDXL-sized VAE's memory stays that of one encode).
 
     The key's latent k (the channel means of a solid key image, in scaled latents, whose centre
     is the noise's zero mean) gives the direction the paper shifts towards. For a coloured key,
-    a channel on which the nearest neutral n (black, gray or white) lies as far out as the key,
-    sign(k_c - n_c) != sign(k_c), pulls the noise towards n as much as towards the key, so it is
-    left unshifted: keeping it made green backgrounds black on the Shapes VAE, where green and
-    black share every channel's sign and differ on the brightness channel. A neutral key lies on
-    that axis itself and keeps every channel. The kept channels are weighted by k_c over the
-    largest kept |k_c|; weights under ``floor`` are 0. Where no channel separates the key from
-    its neutral, every channel of k is kept."""
+    a channel on which the nearest neutral n (black, gray or white; nearest in latent space)
+    lies at least as far out as the key, sign(k_c - n_c) != sign(k_c), pulls the noise towards
+    n as much as towards the key, so it is left unshifted: keeping it made green backgrounds
+    black on the shapes-v2 VAE, where green and black share every channel's sign and differ on
+    the brightness channel. A neutral key lies on that axis itself and keeps every channel. The
+    kept channels are weighted by k_c over the largest kept |k_c|; weights under ``floor`` are
+    0. Where no channel separates the key from its neutral, every channel of k is kept (with a
+    warning: the background may come out as that neutral)."""
     rgb = tuple(float(v) for v in colour_rgb)
     coloured = max(rgb) - min(rgb) > ACHROMATIC
-    means = torch.stack([encode(torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, size, size))
-                         .float().mean((0, 2, 3)).cpu()
-                         for c in (rgb, *(NEUTRALS if coloured else ()))])  # [1 (+ 3 neutrals), C]
-    k, d = means[0], means[0]  # [C]
+    k = solid_latent_mean(encode, rgb, size)  # [C]
+    if float(k.abs().max()) < 1e-6:
+        raise ValueError(f"the chroma key {rgb} encodes to the noise's centre on this VAE, so no shift moves "
+                         "towards it: pass chroma_direction= (one weight in [-1, 1] per latent channel)")
+    d = k
     if coloured:
-        neutral = means[1:]  # [3, C]
-        near = neutral[(neutral - k).norm(dim=1).argmin()]  # [C]
-        keep = torch.sign(k - near) == torch.sign(k)
-        d = torch.where(keep, k, torch.zeros_like(k)) if keep.any() else k
-    d = d / d.abs().max().clamp_min(1e-12)
+        neutral = torch.stack([solid_latent_mean(encode, n, size) for n in NEUTRALS.values()])  # [3, C]
+        i = int((neutral - k).norm(dim=1).argmin())
+        name = list(NEUTRALS)[i]
+        keep = torch.sign(k - neutral[i]) == torch.sign(k)  # [C]
+        if keep.any():
+            d = torch.where(keep, k, torch.zeros_like(k))
+        else:
+            log.warning("the chroma key %s lies no further out than %s on any latent channel of this VAE: the "
+                        "background may come out %s; chroma_direction= chooses the channels", rgb, name, name)
+    d = d / d.abs().max()
     return [float(x) if abs(float(x)) >= floor else 0.0 for x in d]

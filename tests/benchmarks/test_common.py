@@ -17,7 +17,8 @@ def _git(root: Path, *args: str) -> None:
 
 
 def test_uncommitted_names_changed_code_and_models_but_not_results(tmp_path, monkeypatch):
-    for rel in ("engine/a.py", "engine/shapes/model/w.safetensors", "benchmarks/results/r.json", "README.md"):
+    for rel in ("engine/a.py", "engine/b.py", "engine/shapes/model/w.safetensors", "benchmarks/results/r.json",
+                "README.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("0")
     _git(tmp_path, "init", "-q")
@@ -29,5 +30,9 @@ def test_uncommitted_names_changed_code_and_models_but_not_results(tmp_path, mon
     (tmp_path / "engine/shapes/model/new.safetensors").write_text("w")  # weights not yet committed
     (tmp_path / "benchmarks/results/r.json").write_text("1")  # results are what is being written
     (tmp_path / "README.md").write_text("1")  # prose does not make figures
-    assert sorted(common.uncommitted()) == ["engine/a.py", "engine/shapes/model/new.safetensors"]
-    assert set(common.meta("cpu", dict(n=1))["uncommitted"]) == {"engine/a.py", "engine/shapes/model/new.safetensors"}
+    (tmp_path / "engine/a dir").mkdir()
+    (tmp_path / "engine/a dir/c.py").write_text("2")  # a name git would quote without -z
+    _git(tmp_path, "mv", "engine/b.py", "engine/renamed.py")  # a rename lists the new path only
+    want = ["engine/a dir/c.py", "engine/a.py", "engine/renamed.py", "engine/shapes/model/new.safetensors"]
+    assert sorted(common.uncommitted()) == want
+    assert sorted(common.meta("cpu", dict(n=1))["uncommitted"]) == want

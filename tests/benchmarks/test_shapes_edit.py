@@ -117,43 +117,6 @@ def test_generate_benchmark_writes_json_with_device(tmp_path):
     assert data["results"][0]["named_rate"] == res["named_rate"] and set(res["attributes"]) >= {"background"}
 
 
-@needs_model
-def test_chroma_benchmark_keys_a_background_the_world_has(tmp_path):
-    """TKG-DM on the Shapes model, 4 prompts: a black key gives black backgrounds (99% of 100
-    prompts in the committed run) and the matte agrees with the analyser's masks."""
-    import json
-
-    from benchmarks import shapes_chroma
-
-    out = tmp_path / "chroma.json"
-    shapes_chroma.main(["--prompts", "4", "--keys", "black", "--batch", "4", "--figure-prompts", "2",
-                        "--out", str(out)])
-    r = json.loads(out.read_text())["results"][0]
-    assert r["black"]["key_bg"] >= 0.75 and r["black"]["alpha_ok"] >= 0.95, r
-    assert json.loads(out.read_text())["meta"]["device"]
-
-
-V2 = BUNDLED["shapes-v2"]
-
-
-@pytest.mark.skipif(not (V2 / "model_index.json").is_file(), reason="bundled shapes-v2 not present")
-def test_chroma_benchmark_green_and_blue_keys_on_the_model_with_screens(tmp_path):
-    """TKG-DM with green and blue keys on shapes-v2 (trained with green and blue screens; 93% and
-    91% of 100 prompts in the committed run; on these first 4, 4 and 2 against 1 and 0 without a
-    key): the keys move backgrounds to their colour, and the matte agrees with the analyser."""
-    import json
-
-    from benchmarks import shapes_chroma
-
-    out = tmp_path / "chroma.json"
-    shapes_chroma.main(["--model", "shapes-v2", "--prompts", "4", "--keys", "green,blue", "--batch", "4",
-                        "--figure-prompts", "2", "--out", str(out)])
-    r = json.loads(out.read_text())["results"][0]
-    for key, least in (("green", 0.75), ("blue", 0.5)):
-        assert r[key]["key_bg"] >= least > r["plain"]["backgrounds"][key] and r[key]["alpha_ok"] >= 0.95, r
-        assert r[key]["both_ok"] <= min(r[key]["key_bg"], r[key]["named_ok"]), r
-
-
 DIT = BUNDLED["shapes-dit"]
 
 
@@ -188,6 +151,13 @@ def test_edit_benchmark_keeps_the_kinds_asked_for(tmp_path, capsys):
     assert [c["kind"] for c in data["cases"]] == ["colour", "colour"] and len(data["per_case"]["ddim"]) == 2
     saved = json.loads(out.read_text())["meta"]
     assert saved["settings"]["kinds"] == ["colour"] and isinstance(saved["uncommitted"], list)
-    with pytest.raises(SystemExit):
-        se.main(["--cases", "1", "--kinds", "recolour", "--out", str(out)])
-    assert "unknown edit kinds ['recolour']" in capsys.readouterr().err
+    # kinds come in turn (colour, shape, position, size, background, add, remove): cases 1, 5, 8
+    mixed = se.main(["--cases", "3", "--kinds", "shape,add", "--methods", "ddim", "--sweep-cases", "0",
+                     "--out", str(out)])
+    stream = se.make_cases(9)
+    assert [c["caption"] for c in mixed["cases"]] == [world.caption(stream[i][0]) for i in (1, 5, 8)]
+    assert [c["kind"] for c in mixed["cases"]] == ["shape", "add", "shape"]
+    for bad, says in ((["--kinds", "recolour"], "unknown edit kinds ['recolour']"), (["--kinds", ","], "at least one")):
+        with pytest.raises(SystemExit):
+            se.main(["--cases", "1", *bad, "--out", str(out)])
+        assert says in capsys.readouterr().err

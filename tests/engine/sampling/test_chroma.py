@@ -1,6 +1,7 @@
 """TKG-DM initial noise (engine.sampling.chroma) against the paper's formulas, and the matte."""
 
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -120,11 +121,13 @@ def test_generate_with_a_chroma_key(sd15_pipe):
 
 # ---- the key's direction, measured on a VAE -----------------------------------------------------
 
-# Channel means of solid colours on the Shapes-v2 VAE (measured): green and black share every
-# channel's sign and differ most on channel 2, brightness.
+# Channel means of solid colours, approximately those of the shapes-v2 VAE (rounded; the key
+# (0, 0.7, 0.25) stands for broadcast green): green and black share every channel's sign and
+# differ most on channel 2, brightness. The last three are made up for the other branches.
 _LATENTS = {(0.0, 0.0, 0.0): (-0.72, 0.8, -1.27, 0.69), (0.5, 0.5, 0.5): (0.11, 0.28, 0.06, 0.34),
             (1.0, 1.0, 1.0): (0.83, -1.17, 1.4, -1.06), (0.0, 0.7, 0.25): (-0.9, 0.94, -0.87, 0.89),
-            (0.95, 0.95, 0.95): (0.8, -1.1, 1.3, -1.0), (0.5, 0.6, 0.7): (0.05, 0.1, 0.03, 0.2)}
+            (0.95, 0.95, 0.95): (0.8, -1.1, 1.3, -1.0), (0.5, 0.6, 0.7): (0.05, 0.1, 0.03, 0.2),
+            (0.95, 0.9, 0.6): (0.9, -0.8, 1.0, -1.2), (0.2, 0.4, 0.9): (0.0, 0.0, 0.0, 0.0)}
 
 
 def _encode(seen):
@@ -136,7 +139,7 @@ def _encode(seen):
     return encode
 
 
-def test_key_direction_leaves_channels_its_nearest_neutral_shares_unshifted():
+def test_key_direction_leaves_unshifted_the_channels_where_its_nearest_neutral_reaches_as_far(caplog):
     seen = []
     d = key_direction(_encode(seen), (0.0, 0.7, 0.25), size=16)
     # nearest neutral: black, which lies beyond green on channel 2 -> channel 2 unshifted
@@ -150,5 +153,27 @@ def test_key_direction_leaves_channels_its_nearest_neutral_shares_unshifted():
     torch.testing.assert_close(torch.tensor(d), torch.tensor([0.8, -1.1, 1.3, -1.0]) / 1.3, rtol=1e-6, atol=1e-6)
     # a pale blue whose nearest neutral (gray) reaches further on every channel: no channel
     # separates them, so the key's own latent is the direction (channel 2 under the 0.2 floor)
-    d = key_direction(_encode([]), (0.5, 0.6, 0.7), size=16)
+    with caplog.at_level("WARNING", logger="engine.sampling.chroma"):
+        d = key_direction(_encode([]), (0.5, 0.6, 0.7), size=16)
     torch.testing.assert_close(torch.tensor(d), torch.tensor([0.25, 0.5, 0.0, 1.0]), rtol=1e-6, atol=1e-6)
+    assert "may come out gray" in caplog.text
+    # a cream whose nearest neutral is white: white lies further out on channels 1 and 2
+    d = key_direction(_encode([]), (0.95, 0.9, 0.6), size=16)
+    torch.testing.assert_close(torch.tensor(d), torch.tensor([0.75, 0.0, 0.0, -1.0]), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chroma_direction="):  # a key at the noise's centre
+        key_direction(_encode([]), (0.2, 0.4, 0.9), size=16)
+
+
+def test_pipeline_measures_a_key_once_and_keeps_the_papers_green_for_sd(sd15_pipe, monkeypatch):
+    calls = []
+    encode = sd15_pipe.encode_image
+    monkeypatch.setattr(sd15_pipe, "_chroma_directions", weakref.WeakKeyDictionary())  # restored after
+    monkeypatch.setattr(sd15_pipe, "encode_image", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    first = sd15_pipe.chroma_direction("blue")
+    assert len(calls) == 4  # the key and black, gray, white
+    first[0] = 99.0  # the caller's copy
+    again = sd15_pipe.chroma_direction((0, 71, 187))  # blue by its RGB: the same colour, measured once
+    assert len(calls) == 4 and again[0] != 99.0 and len(again) == 4
+    # broadcast green by name or RGB: the paper's channels 1 and 2, nothing measured
+    assert sd15_pipe.chroma_direction((0, 177, 64)) == sd15_pipe.chroma_direction("green") == [0.0, 1.0, 1.0, 0.0]
+    assert len(calls) == 4
