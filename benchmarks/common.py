@@ -232,7 +232,7 @@ def uncommitted() -> list[str]:
     for e in entries:  # "XY path"; a rename or copy is followed by its old path, which is skipped
         if e:
             paths.append(e[3:])
-            if e[0] in "RC":
+            if "R" in e[:2] or "C" in e[:2]:
                 next(entries, None)
     return paths
 

@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--kinds needs at least one of {', '.join(KINDS)}")
     if set(kinds) - set(KINDS):
         p.error(f"unknown edit kinds {sorted(set(kinds) - set(KINDS))}; choose from {', '.join(KINDS)}")
+    kinds = [k for k in KINDS if k in kinds]  # one order, so the same kinds name the same file
     # Kinds come in turn, so the first len(KINDS)·n cases hold n of each kind.
     cases = ([c for c in make_cases(a.cases * len(KINDS), a.seed) if c[1].kind in kinds][:a.cases]
              if a.kinds else make_cases(a.cases, a.seed))

@@ -116,7 +116,7 @@ def key_direction(encode, colour_rgb, size: int = 64, floor: float = 0.2) -> lis
         neutral = torch.stack([solid_latent_mean(encode, n, size) for n in NEUTRALS.values()])  # [3, C]
         i = int((neutral - k).norm(dim=1).argmin())
         name = list(NEUTRALS)[i]
-        keep = torch.sign(k - neutral[i]) == torch.sign(k)  # [C]
+        keep = (torch.sign(k - neutral[i]) == torch.sign(k)) & (k != 0)  # [C]
         if keep.any():
             d = torch.where(keep, k, torch.zeros_like(k))
         else:

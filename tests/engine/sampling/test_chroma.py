@@ -123,7 +123,7 @@ def test_generate_with_a_chroma_key(sd15_pipe):
 
 # Channel means of solid colours, approximately those of the shapes-v2 VAE (rounded; the key
 # (0, 0.7, 0.25) stands for broadcast green): green and black share every channel's sign and
-# differ most on channel 2, brightness. The last three are made up for the other branches.
+# differ most on channel 2, brightness. The last four are made up for the other branches.
 _LATENTS = {(0.0, 0.0, 0.0): (-0.72, 0.8, -1.27, 0.69), (0.5, 0.5, 0.5): (0.11, 0.28, 0.06, 0.34),
             (1.0, 1.0, 1.0): (0.83, -1.17, 1.4, -1.06), (0.0, 0.7, 0.25): (-0.9, 0.94, -0.87, 0.89),
             (0.95, 0.95, 0.95): (0.8, -1.1, 1.3, -1.0), (0.5, 0.6, 0.7): (0.05, 0.1, 0.03, 0.2),
