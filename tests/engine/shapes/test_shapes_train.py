@@ -1,6 +1,8 @@
 """Trainer smoke test: a few steps of the tiny config, a loadable folder, exact resume."""
 
+import contextlib
 import csv
+import io
 import json
 
 import pytest
@@ -14,12 +16,23 @@ def _unet(folder):
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+STALE_ADAPTER = b"an adapter trained for an earlier UNet"
+PRINTED = {}
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
+    from engine.shapes import recipes
+
     out = tmp_path_factory.mktemp("shapes") / "straight"
-    T.main(["--out", str(out), "--smoke", "--steps", "4", "--vae-steps", "3", "--batch-size", "2",
-            "--vae-batch-size", "2", "--ckpt-every", "2", "--time-budget-min", "5", "--screens", "0.5", "--no-progress",
-            "--export", str(out.parent / "export")])
+    stale = out.parent / "export" / recipes.IP_ADAPTER  # exporting over a folder that holds an adapter
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(STALE_ADAPTER)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        T.main(["--out", str(out), "--smoke", "--steps", "4", "--vae-steps", "3", "--batch-size", "2",
+                "--vae-batch-size", "2", "--ckpt-every", "2", "--time-budget-min", "5", "--screens", "0.5",
+                "--no-progress", "--export", str(out.parent / "export")])
+    PRINTED["export"] = printed.getvalue()
     return out
 
 
@@ -51,11 +64,15 @@ def test_log_and_summary(straight):
 
 
 def test_export_card_names_no_adapter_and_records_the_screens(straight):
+    """The export folder held an adapter trained for the UNet it replaces: the card stops naming
+    it, the file is left as it was (the user's), and the retrain command is printed."""
     from engine.shapes import recipes
 
     export = straight.parent / "export"
     assert json.loads((export / "overpaint.json").read_text()) == recipes.model_card(ip_adapter=False)
     assert json.loads((export / "train_config.json").read_text())["screens"] == 0.5
+    assert (export / recipes.IP_ADAPTER).read_bytes() == STALE_ADAPTER
+    assert f"python -m engine.shapes.train_ip --model {export} --out RUN" in PRINTED["export"]
 
 
 def test_resume_matches_uninterrupted_run(straight, tmp_path):
