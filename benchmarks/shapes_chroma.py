@@ -86,7 +86,10 @@ def score(images: np.ndarray, rgba: np.ndarray, scenes, key_name: str, plain_nam
     # Prompts that name no object in the key's colour: a green object on a green screen is
     # invisible to the analyser (and keyed out by any matte), so users keep it off the key.
     clear = np.array([all(o.colour != PALETTE[key_name] for o in s.objects) for s in scenes])
-    over_clear = lambda v: float(np.asarray(v)[clear].mean()) if clear.any() else None  # noqa: E731
+
+    def over_clear(v):
+        return float(np.asarray(v)[clear].mean()) if clear.any() else None
+
     out = dict(key_bg=float(keyed.mean()), named_ok=float(named.mean()), both_ok=float((keyed & named).mean()),
                n_clear=int(clear.sum()), named_ok_clear=over_clear(named), both_ok_clear=over_clear(keyed & named),
                alpha_ok=float(np.mean(agree)) if agree else None, n=len(scenes),

@@ -46,6 +46,8 @@ def cmd_generate(args) -> None:
 
     if args.alpha and args.chroma_key is None:
         raise UserError("--alpha keys out a chroma background: also give --chroma-key green (or blue, or R,G,B)")
+    if args.chroma_direction is not None and args.chroma_key is None:
+        raise UserError("--chroma-direction sets how a chroma key shifts the noise: also give --chroma-key")
     if args.alpha and Path(args.output).suffix.lower() not in (".png", ".webp"):
         raise UserError(f"--alpha writes transparency, which {Path(args.output).suffix or 'this format'} cannot "
                         f"hold: write a .png or .webp")
@@ -71,7 +73,7 @@ def cmd_generate(args) -> None:
         control.update(ip_adapter_image=load_image(args.ip_image), ip_adapter_scale=args.ip_scale)
     chroma = {} if args.chroma_key is None else dict(chroma_key=args.chroma_key, chroma_shift=args.chroma_shift,
                                                      chroma_std=args.chroma_std, chroma_center=args.chroma_center,
-                                                     alpha=args.alpha)
+                                                     chroma_direction=args.chroma_direction, alpha=args.alpha)
     given = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance),
                                ("guidance_rescale", args.guidance_rescale),
                                ("embedded_guidance", args.embedded_guidance), ("sampler", args.sampler)) if v is not None}

@@ -71,6 +71,17 @@ def _chroma_key(s):
     return rgb
 
 
+def _weights(s):
+    """W,W,...: one finite number in [-1, 1] per latent channel."""
+    try:
+        w = tuple(float(p) for p in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [-1, 1], got {s!r}") from None
+    if not all(-1.0 <= v <= 1.0 for v in w):
+        raise argparse.ArgumentTypeError(f"expected numbers in [-1, 1], got {s!r}")
+    return w
+
+
 def _pair(s):
     """X,Y: two finite numbers."""
     try:
@@ -392,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--chroma-center", type=_pair, default=(0.0, 0.0), metavar="X,Y",
                    help="centre of the object region on [-1, 1] coordinates (default 0,0; a negative X: "
                         "--chroma-center=-0.5,0)")
+    k.add_argument("--chroma-direction", type=_weights, default=None, metavar="W,W,...",
+                   help="the latent shift's weight per channel, in [-1, 1], instead of the one measured for the "
+                        "key on the model's VAE (e.g. --chroma-direction=-1,1,0,1)")
     _runtime(g)
 
     e = sub.add_parser("edit", parents=[sub_common], help="edit a real image with a sentence", **fmt,

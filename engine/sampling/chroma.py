@@ -22,6 +22,7 @@ batch neighbours; with one image they agree).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor
@@ -52,11 +53,18 @@ def channel_mean_shift(z: Tensor, direction, target_shift: float = TARGET_SHIFT,
     its share of values of the sign of direction[c] rising by target_shift · |direction[c]|."""
     if len(direction) != z.shape[1]:
         raise ValueError(f"the chroma direction has {len(direction)} entries for {z.shape[1]} latent channels")
+    try:
+        weights = [float(d) for d in direction]
+    except (TypeError, ValueError):
+        weights = [math.nan]
+    if not all(-1.0 <= d <= 1.0 for d in weights):  # NaN fails too
+        raise ValueError(f"the chroma direction's entries are weights in [-1, 1], one per latent channel; got "
+                         f"{list(direction)}")
     out = z.clone()
     for b in range(z.shape[0]):
-        for c, d in enumerate(direction):
+        for c, d in enumerate(weights):
             if d:
-                out[b, c] = shift_channel(z[b, c], 1.0 if d > 0 else -1.0, target_shift * min(abs(float(d)), 1.0), step)
+                out[b, c] = shift_channel(z[b, c], 1.0 if d > 0 else -1.0, target_shift * abs(d), step)
     return out
 
 
@@ -106,11 +114,13 @@ def key_direction(encode, colour_rgb, size: int = 64, floor: float = 0.2) -> lis
     0. Where no channel separates the key from its neutral, every channel of k is kept (with a
     warning: the background may come out as that neutral)."""
     rgb = tuple(float(v) for v in colour_rgb)
+    shown = ",".join(str(round(v * 255)) for v in rgb)  # as the user gives it: R,G,B in 0..255
     coloured = max(rgb) - min(rgb) > ACHROMATIC
     k = solid_latent_mean(encode, rgb, size)  # [C]
     if float(k.abs().max()) < 1e-6:
-        raise ValueError(f"the chroma key {rgb} encodes to the noise's centre on this VAE, so no shift moves "
-                         "towards it: pass chroma_direction= (one weight in [-1, 1] per latent channel)")
+        raise ValueError(f"the chroma key {shown} encodes to the noise's centre on this VAE, so no shift moves "
+                         f"towards it: give the direction yourself, one weight in [-1, 1] per latent channel "
+                         f"(chroma_direction=[...], CLI --chroma-direction W,W,...)")
     d = k
     if coloured:
         neutral = torch.stack([solid_latent_mean(encode, n, size) for n in NEUTRALS.values()])  # [3, C]
@@ -121,6 +131,7 @@ def key_direction(encode, colour_rgb, size: int = 64, floor: float = 0.2) -> lis
             d = torch.where(keep, k, torch.zeros_like(k))
         else:
             log.warning("the chroma key %s lies no further out than %s on any latent channel of this VAE: the "
-                        "background may come out %s; chroma_direction= chooses the channels", rgb, name, name)
+                        "background may come out %s; chroma_direction= (CLI --chroma-direction) chooses the channels",
+                        shown, name, name)
     d = d / d.abs().max()
     return [float(x) if abs(float(x)) >= floor else 0.0 for x in d]

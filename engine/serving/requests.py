@@ -37,7 +37,7 @@ EDIT_FIELDS = {
     "rf-inversion": {"eta", "start", "stop", "decay_eta", "eta_decay_power", "embedded_guidance"},
 }
 GENERATE_FIELDS = {"steps", "seed", "guidance_scale", "negative_prompt", "sampler", "guidance_rescale", "eta",
-                   "chroma_key", "chroma_shift", "chroma_std", "chroma_center", "embedded_guidance"}
+                   "chroma_key", "chroma_shift", "chroma_std", "chroma_center", "chroma_direction", "embedded_guidance"}
 OPENAI_IGNORED = {"model", "user", "response_format", "n", "size", "quality", "style", "background", "moderation",
                   "output_format", "output_compression", "input_fidelity", "partial_images", "stream"}
 MAX_N = 8

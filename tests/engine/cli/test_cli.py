@@ -51,10 +51,17 @@ def test_generate_chroma_key_with_alpha(tiny_sd15_dir, tmp_path):
     assert main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", str(out), "--steps", "1",
                  "--chroma-key", "green", "--alpha", "--no-progress"]) == 0
     assert Image.open(out).mode == "RGBA"
+    steered = tmp_path / "steered.png"  # the shift's direction given, not measured
+    assert main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", str(steered), "--steps", "1",
+                 "--chroma-key", "0,180,60", "--chroma-direction=-1,1,0,1", "--no-progress"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(steered)), np.asarray(Image.open(out).convert("RGB")))
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "x", "-o", "o.png", "--alpha"], "also give --chroma-key"),
+    (["--prompt", "x", "-o", "o.png", "--chroma-direction", "1,1,0,0"], "also give --chroma-key"),
+    (["--prompt", "x", "-o", "o.png", "--chroma-key", "green", "--chroma-direction", "1,1", "--steps", "1",
+      "--no-progress"], "2 entries for 4 latent channels"),
     (["--prompt", "x", "-o", "o.png", "--controlnet", "cn"], "go together"),
     (["--prompt", "x", "-o", "o.png", "--controlnet", "cn", "--control-image", "missing.png"], "missing.png"),
     (["--prompt", "x", "-o", "o.jpg", "--chroma-key", "green", "--alpha"], "write a .png or .webp"),
@@ -87,6 +94,10 @@ def test_bad_arguments_exit_through_argparse(tiny_sd15_dir, photo, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", "o.png", "--chroma-key", "0,300,0"])
     assert "R,G,B with values in 0..255" in _err(capsys)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_sd15_dir), "--prompt", "x", "-o", "o.png", "--chroma-key", "green",
+              "--chroma-direction", "2,0,0,0"])
+    assert "numbers in [-1, 1]" in _err(capsys)
 
 
 @pytest.mark.parametrize("method,extra", [

@@ -44,6 +44,9 @@ def test_negative_and_partial_directions_mirror_the_rule():
     torch.testing.assert_close(half, _paper_shift(z, 0.055)[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="latent channels"):
         channel_mean_shift(z[None, None], [1, 1])
+    for bad in ([1.5], ["up"], [float("nan")]):
+        with pytest.raises(ValueError, match=r"weights in \[-1, 1\]"):
+            channel_mean_shift(z[None, None], bad)
     with pytest.raises(ValueError, match="smaller shift"):
         shift_channel(torch.ones(4, 4), 1.0)
 

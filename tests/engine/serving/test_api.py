@@ -170,6 +170,8 @@ def test_bad_input_corpus(server):
         (c.post("/v1/images/generations", json={"prompt": "x", "steps": -1}), 400, "steps"),
         (c.post("/v1/images/generations", json={"prompt": "x", "background": "transparent"}), 400, "background"),
         (c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "chroma_key": "purple"}), 400, None),
+        (c.post("/v1/images/generations", json={"prompt": "x", "steps": 2, "chroma_key": "green",
+                                                "chroma_direction": [1, "up", 0, 0]}), 400, None),
         (c.post("/v1/images/generations", json={"prompt": "x", "frobnicate": 1}), 400, "frobnicate"),
         (c.post("/v1/images/generations", json={"prompt": "x", "chroma_key": "green", "background": "transparent",
                                                 "output_format": "jpeg"}), 400, "output_format"),
